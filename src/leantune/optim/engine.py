@@ -1,0 +1,537 @@
+"""The in-backward engine: one hook per trainable parameter, shared by every fused optimizer.
+
+A fused optimizer updates each parameter the moment its gradient is final during ``backward()``
+(``Tensor.register_post_accumulate_grad_hook``, which also fires once for tied weights, after both
+contributions are summed) and frees that gradient right away. Peak gradient memory is then one
+parameter's gradient instead of all of them.
+
+On top of the hooks the engine provides what earlier fused optimizers lacked:
+
+* **exact global gradient-norm clipping**: ``opt.backward(loss)`` runs backward twice; the first pass
+  only measures ``sum(g^2)`` (on the device, no host sync) and frees each gradient, the clip
+  coefficient is computed once, then the second pass updates. Cost: one extra backward.
+* **fp16 dynamic loss scaling** without corrupting weights: overflow is detected in the measuring
+  pass, before any weight changes, with a single host synchronisation per step.
+* **gradient accumulation**: the first ``k-1`` calls of ``opt.backward`` move each gradient into an
+  fp32 accumulation buffer (the memory cost: 4 bytes per trainable parameter while accumulating);
+  the ``k``-th call applies one update with the mean gradient.
+* rounding control when writing updates to bf16/fp16 weights (:mod:`leantune.optim.precision`).
+
+Subclasses implement :meth:`FusedOptimizer._update`, which receives a :class:`GradientView` and
+must write the new parameter values.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from leantune.optim.precision import ROUNDING_MODES, LossScaler, WriteBack
+
+__all__ = ["BackwardResult", "FusedOptimizer", "GradientView", "ParamsLike", "row_chunks", "as_rows"]
+
+ParamsLike = nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
+
+# Largest number of elements processed at once by an update. Bounds the fp32 temporaries of an
+# update (gradient copy, squared gradient, bf16->fp32 weight copy) to a few times 16 MiB, however
+# large the parameter (a 128k x 4096 embedding would otherwise need 2 GiB per temporary).
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+
+@dataclass(frozen=True)
+class BackwardResult:
+    """What one call of ``opt.backward(loss)`` did.
+
+    Attributes:
+        updated: the parameters were updated (False while accumulating, or when skipped).
+        skipped: the step was skipped because a gradient was inf/nan (e.g. fp16 overflow).
+        grad_norm: global L2 norm of the (unscaled, averaged) gradient, when it was measured
+            (clipping or dynamic loss scaling), else ``None``.
+        loss_scale: the loss scale used for this backward, ``None`` without loss scaling.
+    """
+
+    updated: bool
+    skipped: bool = False
+    grad_norm: float | None = None
+    loss_scale: float | None = None
+
+
+class _Phase(Enum):
+    IDLE = "idle"
+    ACCUMULATE = "accumulate"
+    MEASURE = "measure"
+    UPDATE = "update"
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """View ``t`` as a 2-D ``(rows, cols)`` tensor (vectors become one column)."""
+    if t.dim() >= 2:
+        return t.view(-1, t.shape[-1])
+    return t.view(-1, 1)
+
+
+def row_chunks(n_rows: int, n_cols: int, max_elements: int) -> Iterator[slice]:
+    """Slices of whole rows covering ``n_rows`` with at most ``max_elements`` elements each."""
+    step = max(1, max_elements // max(1, n_cols))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+class GradientView:
+    """The effective gradient of one parameter, produced chunk by chunk in fp32.
+
+    The effective gradient is ``clip_coef * clamp(grad / loss_scale + accumulated, +-clip_value)``.
+    It is never materialised whole: :meth:`chunk` builds it for a range of rows, so the update of
+    a huge matrix needs only chunk-sized temporaries.
+    """
+
+    __slots__ = ("_grad", "_acc", "inv_scale", "clip_value", "clip_coef", "shape", "numel")
+
+    def __init__(
+        self,
+        grad: Tensor | None,
+        acc: Tensor | None,
+        *,
+        inv_scale: float = 1.0,
+        clip_value: float | None = None,
+        clip_coef: float = 1.0,
+    ) -> None:
+        ref = grad if grad is not None else acc
+        if ref is None:
+            raise ValueError("GradientView needs a gradient or an accumulation buffer")
+        self._grad = as_rows(grad) if grad is not None else None
+        self._acc = as_rows(acc) if acc is not None else None
+        self.inv_scale = inv_scale
+        self.clip_value = clip_value
+        self.clip_coef = clip_coef
+        self.shape = as_rows(ref).shape
+        self.numel = ref.numel()
+
+    @property
+    def n_rows(self) -> int:
+        return self.shape[0]
+
+    def chunks(self, max_elements: int) -> Iterator[slice]:
+        return row_chunks(self.shape[0], self.shape[1], max_elements)
+
+    def chunk(self, rows: slice) -> Tensor:
+        """The effective gradient for ``rows`` as fp32. Treat it as read-only: it may alias the
+        parameter's gradient when no transformation is needed."""
+        g = self._grad[rows] if self._grad is not None else None
+        plain = (
+            self._acc is None and self.inv_scale == 1.0 and self.clip_value is None and self.clip_coef == 1.0
+        )
+        if plain:
+            return g.float()
+        if g is None:
+            out = self._acc[rows].clone()
+        else:
+            out = g.to(torch.float32, copy=True)
+            if self.inv_scale != 1.0:
+                out.mul_(self.inv_scale)
+            if self._acc is not None:
+                out.add_(self._acc[rows])
+        if self.clip_value is not None:
+            out.clamp_(-self.clip_value, self.clip_value)
+        if self.clip_coef != 1.0:
+            out.mul_(self.clip_coef)
+        return out
+
+    def full(self) -> Tensor:
+        """The whole effective gradient (fp32, shaped like rows x cols)."""
+        return self.chunk(slice(None))
+
+    def square_sum(self, max_elements: int) -> Tensor:
+        """``sum(g^2)`` of the effective gradient as an fp32 0-d tensor (no host sync)."""
+        total = None
+        for rows in self.chunks(max_elements):
+            sq = torch.linalg.vector_norm(self.chunk(rows), 2, dtype=torch.float32).square()
+            total = sq if total is None else total + sq
+        return total
+
+
+def _param_groups(params: ParamsLike) -> list[dict[str, Any]] | list[Any]:
+    if isinstance(params, nn.Module):
+        named = list(params.named_parameters())
+        if not named:
+            raise ValueError("the model has no parameters")
+        return named
+    if isinstance(params, Tensor):
+        raise TypeError("params must be a model or an iterable of tensors, not a single tensor")
+    params = list(params)
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    return params
+
+
+def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(
+            f"Invalid {name}: {value!r} (must be a number > 0{' or None' if allow_none else ''})"
+        )
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """Base class of the optimizers that update parameters inside ``backward()``.
+
+    Use ``opt.backward(loss)`` instead of ``loss.backward(); opt.step()``. ``step()`` is a no-op
+    kept so that LR schedulers and step hooks work unchanged.
+
+    Args:
+        params: a model (``nn.Module``), or an iterable of tensors, of ``(name, tensor)`` pairs or
+            of param-group dicts. Parameters with ``requires_grad=False`` are kept in the groups (so
+            indices stay stable) but get no hook and no state.
+        defaults: per-group hyperparameters (must include ``lr`` and ``weight_decay``).
+        clip_grad_norm: exact global gradient-norm clipping threshold (costs a second backward).
+        clip_grad_value: clamp every gradient element to ``[-v, v]`` (free).
+        loss_scale: ``None``, a static scale, ``"dynamic"`` or a :class:`LossScaler`; for fp16.
+            Dynamic scaling implies the measuring backward pass (overflow is detected before any
+            weight changes).
+        accumulation_steps: number of ``opt.backward`` calls per update; the update uses the mean
+            of their gradients (each call's loss should be that micro-batch's mean loss).
+        rounding: how fp32 results are written to bf16/fp16 weights: ``"nearest"``,
+            ``"stochastic"`` or ``"kahan"`` (see :mod:`leantune.optim.precision`).
+        seed: seed of the stochastic-rounding generator (saved in ``state_dict``).
+    """
+
+    def __init__(
+        self,
+        params: ParamsLike,
+        defaults: dict[str, Any],
+        *,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        loss_scale: float | str | LossScaler | None = None,
+        accumulation_steps: int = 1,
+        rounding: str = "nearest",
+        seed: int = 0,
+    ) -> None:
+        _check_positive("clip_grad_norm", clip_grad_norm)
+        _check_positive("clip_grad_value", clip_grad_value)
+        if (
+            isinstance(accumulation_steps, bool)
+            or not isinstance(accumulation_steps, int)
+            or accumulation_steps < 1
+        ):
+            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r} (must be an int >= 1)")
+        if rounding not in ROUNDING_MODES:
+            raise ValueError(f"Invalid rounding: {rounding!r} (choose from {', '.join(ROUNDING_MODES)})")
+        super().__init__(_param_groups(params), defaults)
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
+        self.loss_scaler = LossScaler.from_spec(loss_scale)
+        self.accumulation_steps = accumulation_steps
+        self.rounding = rounding
+        self.seed = int(seed)
+        self.chunk_elements = DEFAULT_CHUNK_ELEMENTS
+        self.writer = WriteBack(rounding, self._generator)
+        self._generators: dict[str, torch.Generator] = {}
+        self._micro_step = 0
+        self._phase = _Phase.IDLE
+        self._inv_scale = 1.0
+        self._clip_coef = 1.0
+        self._square_sums: dict[torch.device, Tensor] = {}
+        self._seen: set[int] = set()
+        self._hooks: dict[Tensor, Any] = {}
+        self.refresh_hooks()
+
+    # ------------------------------------------------------------------ hooks
+    def _params(self) -> Iterator[tuple[Tensor, dict[str, Any]]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield p, group
+
+    def refresh_hooks(self) -> None:
+        """(Re)register hooks so that exactly the parameters with ``requires_grad`` have one.
+
+        Call it after changing which parameters are trainable (e.g. a new HFT mask).
+        """
+        self._group_of = {p: g for p, g in self._params()}
+        for p, _ in self._params():
+            hooked = p in self._hooks
+            if p.requires_grad and not hooked:
+                owner = getattr(p, "_leantune_owner", None)
+                if owner is not None and owner() is not None and owner() is not self:
+                    raise ValueError(
+                        "a parameter is already managed by another fused optimizer; call "
+                        "remove_hooks() on the old optimizer before creating a new one"
+                    )
+                self._hooks[p] = p.register_post_accumulate_grad_hook(_make_hook(self))
+                p._leantune_owner = weakref.ref(self)
+            elif not p.requires_grad and hooked:
+                self._hooks.pop(p).remove()
+                p._leantune_owner = None
+                self.state.pop(p, None)
+
+    def remove_hooks(self) -> None:
+        """Detach the optimizer from its parameters (plain ``loss.backward()`` works again)."""
+        for p, handle in self._hooks.items():
+            handle.remove()
+            p._leantune_owner = None
+        self._hooks.clear()
+
+    def trainable_parameters(self) -> list[Tensor]:
+        """The parameters that have a hook (``requires_grad=True``)."""
+        return list(self._hooks)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        gen = self._generators.get(key)
+        if gen is None:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(self.seed)
+            self._generators[key] = gen
+        return gen
+
+    # --------------------------------------------------------------- backward
+    @contextmanager
+    def _in_phase(self, phase: _Phase) -> Iterator[None]:
+        self._phase = phase
+        try:
+            yield
+        finally:
+            self._phase = _Phase.IDLE
+
+    def _on_grad(self, p: Tensor) -> None:
+        if self._phase is _Phase.IDLE:
+            raise RuntimeError(
+                f"{type(self).__name__}: a gradient arrived outside opt.backward(loss). Fused "
+                "optimizers update inside backward: call opt.backward(loss) instead of "
+                "loss.backward(), or opt.remove_hooks() to detach the optimizer."
+            )
+        grad = self._local(p.grad)
+        p.grad = None  # the gradient is ours now and dies with this call
+        if grad is None:
+            return
+        grad = self._reduce_gradient(p, grad)
+        state = self.state[p]
+        if self._phase is _Phase.ACCUMULATE:
+            acc = state.get("grad_acc")
+            if acc is None:
+                state["grad_acc"] = grad.to(torch.float32, copy=True).mul_(self._inv_scale)
+            else:
+                acc.add_(grad, alpha=self._inv_scale)
+            return
+        self._seen.add(id(p))
+        if self._phase is _Phase.MEASURE:
+            view = GradientView(
+                grad, state.get("grad_acc"), inv_scale=self._inv_scale, clip_value=self.clip_grad_value
+            )
+            self._add_square_sum(view.square_sum(self.chunk_elements))
+            return
+        view = GradientView(
+            grad,
+            state.pop("grad_acc", None),
+            inv_scale=self._inv_scale,
+            clip_value=self.clip_grad_value,
+            clip_coef=self._clip_coef,
+        )
+        del grad
+        with torch.no_grad():
+            self._update(p, view, self._group_of[p], state)
+
+    def _add_square_sum(self, sq: Tensor) -> None:
+        current = self._square_sums.get(sq.device)
+        self._square_sums[sq.device] = sq if current is None else current + sq
+
+    def _unseen_accumulated(self) -> list[Tensor]:
+        # Parameters that received gradients in earlier micro-batches but not in this one.
+        return [p for p in self._hooks if "grad_acc" in self.state.get(p, {}) and id(p) not in self._seen]
+
+    def _global_square_sum(self) -> Tensor:
+        sums = list(self._square_sums.values())
+        if not sums:
+            return torch.zeros((), dtype=torch.float32)
+        total = sums[0]
+        for s in sums[1:]:
+            total = total + s.to(total.device)
+        return self._reduce_square_sum(total)
+
+    def backward(self, loss: Tensor, *, retain_graph: bool = False) -> BackwardResult:
+        """Run backward on ``loss`` and apply the fused update (every ``accumulation_steps`` calls).
+
+        Args:
+            loss: a scalar loss (the mean over this micro-batch).
+            retain_graph: keep the graph after the last backward pass.
+
+        Returns:
+            A :class:`BackwardResult`.
+        """
+        if self._phase is not _Phase.IDLE:
+            raise RuntimeError("opt.backward() is not re-entrant")
+        if loss.dim() != 0:
+            raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        scale_reported = self.loss_scaler.scale if self.loss_scaler is not None else None
+        factor = scale / self.accumulation_steps
+        scaled = loss * factor if factor != 1.0 else loss
+        self._inv_scale = 1.0 / scale
+        self._micro_step += 1
+        if self._micro_step < self.accumulation_steps:
+            with self._in_phase(_Phase.ACCUMULATE):
+                scaled.backward(retain_graph=retain_graph)
+            return BackwardResult(updated=False, loss_scale=scale_reported)
+
+        self._micro_step = 0
+        self._seen.clear()
+        grad_norm = None
+        self._clip_coef = 1.0
+        measure = self.clip_grad_norm is not None or (
+            self.loss_scaler is not None and self.loss_scaler.dynamic
+        )
+        if measure:
+            self._square_sums.clear()
+            with self._in_phase(_Phase.MEASURE):
+                scaled.backward(retain_graph=True)
+            for p in self._unseen_accumulated():
+                view = GradientView(None, self.state[p]["grad_acc"], clip_value=self.clip_grad_value)
+                self._add_square_sum(view.square_sum(self.chunk_elements))
+            grad_norm = math.sqrt(self._global_square_sum().item())  # the one host sync per step
+            self._square_sums.clear()
+            if not math.isfinite(grad_norm):
+                self._drop_accumulation()
+                if self.loss_scaler is not None:
+                    self.loss_scaler.update(overflow=True)
+                return BackwardResult(
+                    updated=False, skipped=True, grad_norm=grad_norm, loss_scale=scale_reported
+                )
+            if self.clip_grad_norm is not None:
+                self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
+            self._seen.clear()
+        with self._in_phase(_Phase.UPDATE):
+            scaled.backward(retain_graph=retain_graph)
+            for p in self._unseen_accumulated():
+                view = GradientView(
+                    None,
+                    self.state[p].pop("grad_acc"),
+                    clip_value=self.clip_grad_value,
+                    clip_coef=self._clip_coef,
+                )
+                with torch.no_grad():
+                    self._update(p, view, self._group_of[p], self.state[p])
+        self._seen.clear()
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow=False)
+        self.step()  # a no-op that tells LR schedulers and step hooks that an update happened
+        return BackwardResult(updated=True, grad_norm=grad_norm, loss_scale=scale_reported)
+
+    def _drop_accumulation(self) -> None:
+        for p in self._hooks:
+            st = self.state.get(p)
+            if st is not None:
+                st.pop("grad_acc", None)
+
+    # ------------------------------------------------- torch.optim interface
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:  # noqa: D401 - torch API
+        """Does nothing: the update already happened inside ``opt.backward(loss)``."""
+        if closure is not None:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() takes no closure: updates happen inside opt.backward(loss)"
+            )
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop any gradients and a partially accumulated step (the micro-step counter restarts)."""
+        for p, _ in self._params():
+            p.grad = None
+        self._drop_accumulation()
+        self._micro_step = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The torch state dict plus the engine's own state under ``"leantune"``.
+
+        Includes per-parameter state (e.g. AdaLomo statistics and step counts, accumulation
+        buffers of a partial step), the micro-step counter, the loss-scaler state and the
+        stochastic-rounding generator states.
+        """
+        sd = super().state_dict()
+        sd["leantune"] = {
+            "micro_step": self._micro_step,
+            "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
+            "generators": {dev: gen.get_state() for dev, gen in self._generators.items()},
+            "seed": self.seed,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict written by :meth:`state_dict`; tensors keep their saved dtype."""
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("leantune", None)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for p, _ in self._params()]
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; our statistics and accumulation
+        # buffers are fp32 by design, so restore the saved dtype.
+        for pid, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(pid)
+            if saved is None:
+                continue
+            for key, value in saved.items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+        if extra is not None:
+            self._micro_step = int(extra["micro_step"])
+            self.seed = int(extra.get("seed", self.seed))
+            if extra["loss_scaler"] is not None:
+                if self.loss_scaler is None:
+                    self.loss_scaler = LossScaler()
+                self.loss_scaler.load_state_dict(extra["loss_scaler"])
+            self._generators.clear()
+            for dev, gen_state in extra["generators"].items():
+                self._generator(torch.device(dev)).set_state(gen_state)
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """Hook for subclasses that keep references into ``self.state``."""
+
+    # ------------------------------------------------- for subclasses / scale-out
+    def _local(self, t: Tensor | None) -> Tensor | None:
+        """The local tensor of a (possibly sharded) tensor."""
+        if t is not None and hasattr(t, "to_local"):
+            return t.to_local()
+        return t
+
+    def _reduce_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
+        """Average a replicated gradient across data-parallel ranks (identity here)."""
+        return grad
+
+    def _reduce_square_sum(self, total: Tensor) -> Tensor:
+        """Sum per-rank partial ``sum(g^2)`` of sharded gradients (identity here)."""
+        return total
+
+    def _compensation(self, p: Tensor, state: dict[str, Any]) -> Tensor | None:
+        """The Kahan buffer of ``p`` (created on first use), or ``None`` if not needed."""
+        local = self._local(p)
+        if not self.writer.needs_compensation(local):
+            return None
+        comp = state.get("kahan")
+        if comp is None:
+            comp = torch.zeros_like(local)
+            state["kahan"] = comp
+        return comp
+
+    def _update(self, p: Tensor, grad: GradientView, group: dict[str, Any], state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+
+def _make_hook(opt: FusedOptimizer):
+    # A weak reference, so that a dropped optimizer does not keep updating through its hooks.
+    ref = weakref.ref(opt)
+
+    def hook(p: Tensor) -> None:
+        owner = ref()
+        if owner is not None:
+            owner._on_grad(p)
+
+    return hook

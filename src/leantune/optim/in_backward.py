@@ -1,0 +1,121 @@
+"""Any per-parameter ``torch.optim`` optimizer, applied inside backward by the fused engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from leantune.optim.engine import FusedOptimizer, GradientView, ParamsLike
+from leantune.optim.precision import LossScaler
+
+__all__ = ["InBackward"]
+
+_STRUCTURAL_KEYS = ("params", "param_names")
+
+
+class InBackward(FusedOptimizer):
+    """Run any per-parameter optimizer (AdamW, Adafactor, SGD, Lion, ...) inside ``backward()``.
+
+    One instance of ``optimizer_cls`` is kept per trainable parameter (as in torchtune's optimizer
+    in backward) and stepped from that parameter's gradient hook, after which the gradient is freed.
+    The optimizer's own state (e.g. AdamW's two moments, 8 bytes per parameter) is unchanged; what
+    is saved is the gradient memory, and, unlike torchtune, clipping, accumulation and loss scaling
+    keep working (see :class:`~leantune.optim.engine.FusedOptimizer`).
+
+    The outer ``param_groups`` are the ones to schedule: their hyperparameters are copied to the
+    per-parameter optimizers before each update. State lives in ``self.state`` (shared with the
+    inner optimizers), so ``state_dict`` / ``load_state_dict`` work as for any torch optimizer.
+
+    With ``rounding="stochastic"`` or ``"kahan"``, bf16/fp16 parameters are updated on an fp32 copy
+    (so the inner optimizer's state is fp32 too) and rounded back; with ``"nearest"`` the inner
+    optimizer works on the parameter directly, exactly as it would outside backward.
+
+    Args:
+        optimizer_cls: a ``torch.optim.Optimizer`` subclass that updates each parameter
+            independently (not e.g. LBFGS).
+        params: a model or an iterable of parameters / ``(name, parameter)`` pairs / param groups.
+        clip_grad_norm, clip_grad_value, loss_scale, accumulation_steps, rounding, seed: see
+            :class:`~leantune.optim.engine.FusedOptimizer`.
+        **optimizer_kwargs: hyperparameters of ``optimizer_cls`` (validated by it).
+
+    Example:
+        >>> opt = InBackward(torch.optim.AdamW, model, lr=3e-4, weight_decay=0.1)
+        >>> opt.backward(loss)
+    """
+
+    def __init__(
+        self,
+        optimizer_cls: type[torch.optim.Optimizer],
+        params: ParamsLike,
+        *,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        loss_scale: float | str | LossScaler | None = None,
+        accumulation_steps: int = 1,
+        rounding: str = "nearest",
+        seed: int = 0,
+        **optimizer_kwargs: Any,
+    ) -> None:
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
+            raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}")
+        if issubclass(optimizer_cls, (FusedOptimizer, torch.optim.LBFGS)):
+            raise TypeError(f"{optimizer_cls.__name__} cannot run inside backward")
+        # A throw-away instance validates the hyperparameters and tells us the defaults.
+        probe = optimizer_cls([torch.zeros(1, requires_grad=True)], **optimizer_kwargs)
+        defaults = {k: v for k, v in probe.defaults.items() if k not in _STRUCTURAL_KEYS}
+        self.optimizer_cls = optimizer_cls
+        self.optimizer_kwargs = dict(optimizer_kwargs)
+        self._inner: dict[Tensor, tuple[torch.optim.Optimizer, Tensor]] = {}
+        super().__init__(
+            params,
+            defaults,
+            clip_grad_norm=clip_grad_norm,
+            clip_grad_value=clip_grad_value,
+            loss_scale=loss_scale,
+            accumulation_steps=accumulation_steps,
+            rounding=rounding,
+            seed=seed,
+        )
+
+    def __repr__(self) -> str:
+        return f"InBackward({self.optimizer_cls.__name__}, {self.defaults})"
+
+    def _inner_for(self, p: Tensor, state: dict[str, Any]) -> tuple[torch.optim.Optimizer, Tensor]:
+        entry = self._inner.get(p)
+        if entry is None:
+            # ``handle`` is a stable leaf the inner optimizer owns; before each step its ``.data``
+            # is pointed at the parameter's (local) storage, or at an fp32 copy of it.
+            handle = torch.empty(0, dtype=torch.float32, device=self._local(p).device)
+            inner = self.optimizer_cls([handle], **self.optimizer_kwargs)
+            inner.state[handle] = state
+            entry = (inner, handle)
+            self._inner[p] = entry
+        return entry
+
+    def _after_load(self) -> None:
+        for p, (inner, handle) in self._inner.items():
+            inner.state[handle] = self.state[p]
+
+    def _update(self, p: Tensor, grad: GradientView, group: dict[str, Any], state: dict[str, Any]) -> None:
+        local = self._local(p)
+        inner, handle = self._inner_for(p, state)
+        inner_group = inner.param_groups[0]
+        for key, value in group.items():
+            if key not in _STRUCTURAL_KEYS:
+                inner_group[key] = value
+        g = grad.full().view(local.shape)
+        exact = local.dtype in (torch.float32, torch.float64) or self.rounding == "nearest"
+        if exact:
+            handle.data = local
+            handle.grad = g.to(local.dtype)
+            inner.step()
+        else:
+            handle.data = local.float()
+            handle.grad = g
+            inner.step()
+            # The update already happened on the fp32 copy; round it back into the parameter.
+            self.writer.apply(local, lambda w: w.copy_(handle.data), self._compensation(p, state))
+        handle.grad = None
+        handle.data = torch.empty(0, dtype=handle.dtype, device=handle.device)

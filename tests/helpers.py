@@ -1,0 +1,43 @@
+"""Test helpers: tiny random LLaMA models and batches, built locally (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_llama(
+    seed: int = 0,
+    *,
+    tie: bool = False,
+    dtype: torch.dtype = torch.float32,
+    layers: int = 2,
+    attn: str = "sdpa",
+):
+    """A 2-layer LLaMA with hidden size 32 and grouped-query attention (random init)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=48,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+        attn_implementation=attn,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.config.use_cache = False
+    return model
+
+
+def batch(seed: int = 0, *, size: int = 4, length: int = 12, vocab: int = 48) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (size, length), generator=g)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def loss_of(model, b) -> torch.Tensor:
+    return model(**b).loss
