@@ -1,0 +1,64 @@
+"""The ``leantune`` command line: one sub-command per module in :mod:`leantune.commands`.
+
+Sub-command modules import only ``argparse`` at module level and load torch/transformers inside
+their handler, so ``leantune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "build_parser"]
+
+# Order = order in ``leantune --help``.
+COMMANDS = ("train", "eval", "generate", "plot", "config", "estimate", "rope", "merge")
+
+EPILOG = """\
+examples:
+  leantune train                                   # the built-in default job (~3 min on 2 CPU cores)
+  leantune train my.yaml optim.name=adamw optim.lr=3e-4
+  leantune eval runs/default/final                 # loss, perplexity, task accuracy
+  leantune generate runs/default/final "Q: 12+34="
+  leantune plot runs/default                       # PNG of loss / eval / lr / tokens-per-second
+  leantune config                                  # every config field, documented
+  leantune estimate --model 8b --optim adalomo --seq 512 --dtype bf16 --grad-checkpointing
+  leantune rope --head-dim 128 --train-len 4096 --base 10000 --target-len 16384
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="leantune",
+        description="Full-parameter LLM training on limited hardware (LOMO / AdaLomo and friends).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    from leantune import __version__
+
+    parser.add_argument("--version", action="version", version=f"leantune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"leantune.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"leantune.commands.{name}":
+                continue  # command not built yet in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

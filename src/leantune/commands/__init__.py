@@ -1,0 +1,1 @@
+"""Sub-commands of the ``leantune`` CLI; each module has ``register(subparsers)``."""
