@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 __all__ = ["main", "build_parser"]
@@ -50,9 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_and_offline() -> None:
+    # Nothing is ever fetched from a hub at run time, and library progress bars (weight loading and
+    # writing) would only clutter leantune's own output.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_and_offline()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -26,7 +26,7 @@ CHAT_TEMPLATE = (
 
 def build_byte_tokenizer():
     """A byte-level ``PreTrainedTokenizerFast`` with ``<pad> <s> </s> <unk>`` and role tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = list(SPECIAL_TOKENS.values()) + ROLE_TOKENS
@@ -37,6 +37,11 @@ def build_byte_tokenizer():
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=SPECIAL_TOKENS["unk_token"]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
+    # add_special_tokens=True prepends <s>, like LLaMA tokenizers do.
+    bos = SPECIAL_TOKENS["bos_token"]
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         additional_special_tokens=ROLE_TOKENS,

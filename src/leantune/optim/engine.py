@@ -256,7 +256,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
         Call it after changing which parameters are trainable (e.g. a new HFT mask).
         """
-        self._group_of = {p: g for p, g in self._params()}
+        self._index_groups()
         for p, _ in self._params():
             hooked = p in self._hooks
             if p.requires_grad and not hooked:
@@ -272,6 +272,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._hooks.pop(p).remove()
                 p._leantune_owner = None
                 self.state.pop(p, None)
+
+    def _index_groups(self) -> None:
+        # torch replaces the group dicts in load_state_dict: this map must follow, or the hooks
+        # would read a stale lr that no scheduler updates any more.
+        self._group_of = {p: g for p, g in self._params()}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "_hooks"):
+            self.refresh_hooks()
 
     def remove_hooks(self) -> None:
         """Detach the optimizer from its parameters (plain ``loss.backward()`` works again)."""
@@ -471,6 +481,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for p, _ in self._params()]
         super().load_state_dict(state_dict)
+        self._index_groups()
         # torch casts floating state to the parameter's dtype; our statistics and accumulation
         # buffers are fp32 by design, so restore the saved dtype.
         for pid, p in zip(saved_ids, params):

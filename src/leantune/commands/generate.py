@@ -1,0 +1,73 @@
+"""``leantune generate CHECKPOINT "prompt"``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="continue a prompt with a trained model",
+        description="Continue PROMPT with the model in CHECKPOINT (a run directory, a checkpoint "
+        "or any local Hugging Face model directory). Greedy by default; --sample for sampling. "
+        "Built-in task prompts end with a newline, e.g. $'add 12+34\\n'; a prompt given without "
+        "one gets it added for runs trained on the built-in tasks.",
+    )
+    p.add_argument("checkpoint", help="run directory, checkpoint directory or HF model directory")
+    p.add_argument("prompt", nargs="+", help="one or more prompts")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from leantune.evaluate import generate_texts
+    from leantune.inference import load_for_inference
+    from leantune.trainer import _device
+
+    if args.max_new_tokens < 1:
+        print("leantune generate: --max-new-tokens must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        loaded = load_for_inference(args.checkpoint, device=_device(args.device))
+    except (FileNotFoundError, OSError, ValueError) as err:
+        print(f"leantune generate: {err}", file=sys.stderr)
+        return 2
+    tok = loaded.tokenizer
+    builtin = loaded.run_config is not None and loaded.run_config.data.train == "builtin"
+    prompts = []
+    for text in args.prompt:
+        if args.chat:
+            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        else:
+            if builtin and not text.endswith("\n"):
+                text += "\n"
+            ids = tok(text)["input_ids"]
+        prompts.append(list(ids))
+    torch.manual_seed(args.seed)
+    outs = generate_texts(
+        loaded.model,
+        tok,
+        prompts,
+        device=_device(args.device),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+    )
+    for text, out in zip(args.prompt, outs):
+        if len(args.prompt) > 1:
+            print(f"### {text!r}")
+        print(out if out else "(empty: the model ended its answer at once)")
+    return 0

@@ -1,0 +1,545 @@
+"""Typed configuration: dataclasses with documented fields, loaded from YAML and ``key=value``.
+
+Every field has an attribute docstring (shown by ``leantune config``). Loading is strict: an
+unknown or misspelt key is an error that suggests the nearest valid key, a value of the wrong
+type names the field, and :meth:`Config.validate` checks ranges and incompatible options.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import json
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DistConfig",
+    "EvalConfig",
+    "LogConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "PeftConfig",
+    "TrainConfig",
+    "load_config",
+    "field_docs",
+    "render_config",
+]
+
+
+class ConfigError(ValueError):
+    """A bad configuration: unknown key, wrong type or invalid value."""
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Size preset for a from-scratch model with random init (tiny, test, 0.1b, 0.37b, 0.5b, 1b, 3b,
+    7b, 8b, 13b, 70b; see `leantune.models.PRESETS`). Ignored when `path` is set."""
+    path: str | None = None
+    """Local Hugging Face model directory (config.json + safetensors weights) to fine-tune."""
+    tokenizer: str | None = None
+    """Tokenizer directory. Default: `path` if set, else the built-in byte-level tokenizer."""
+    dtype: str = "fp32"
+    """Weight dtype: fp32, bf16 or fp16 (fp16 needs `optim.loss_scale`)."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code shipped with `path` (runs code from that directory)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa or eager."""
+    gradient_checkpointing: bool = False
+    """Activation checkpointing (non-reentrant): recompute each layer in backward to save memory."""
+    rope_theta: float | None = None
+    """Override the rotary base (context extension), e.g. 500000."""
+    rope_scaling: dict[str, Any] | None = None
+    """Passed to the model config as `rope_scaling`, e.g. {rope_type: linear, factor: 2.0}."""
+
+
+@dataclass
+class DataConfig:
+    train: str = "builtin"
+    """Training data: `builtin` (generated instruction tasks) or a local .jsonl/.json/.parquet file."""
+    eval: str | None = None
+    """Evaluation data file. Default: generated held-out tasks for `builtin`, else a split of `train`."""
+    format: str = "auto"
+    """Record format: auto (from the fields), text (`text`), instruction (`prompt`/`response`) or
+    chat (`messages`). Loss is computed on the response / assistant turns only."""
+    max_length: int = 64
+    """Maximum sequence length in tokens."""
+    overlong: str = "truncate"
+    """What to do with samples longer than `max_length`: truncate or drop (both are counted)."""
+    pack: bool = True
+    """Pack plain-text documents into full `max_length` sequences (text format only)."""
+    tasks: list[str] = field(default_factory=lambda: ["add", "reverse", "sort", "count"])
+    """Built-in task families: add, reverse, sort, count."""
+    num_train: int = 20000
+    """Number of generated training examples (builtin)."""
+    num_eval: int = 400
+    """Number of generated evaluation examples (builtin), or held out from `train` for files."""
+    seed: int = 1234
+    """Seed of the built-in data generator and of the train/eval split."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adalomo"
+    """Optimizer (see `leantune.optim.optimizer_names()`): adalomo, lomo, adamw, sgd, adafactor,
+    lion, adan, sophia, or `<name>_in_backward` to free gradients early."""
+    lr: float = 0.05
+    """Peak learning rate. AdaLomo's is relative to each tensor's RMS: ~0.05 from scratch, 1e-3 to
+    5e-4 for fine-tuning; AdamW ~3e-4; LOMO 1e-2 .. 3e-2 with clipping."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    clip_grad_norm: float | None = None
+    """Global gradient-norm clipping. Exact for fused optimizers, at the cost of a second backward."""
+    clip_grad_value: float | None = None
+    """Clamp each gradient element to [-v, v]."""
+    loss_scale: str | None = None
+    """Loss scaling for fp16 weights: `dynamic` or a number (as a string, e.g. "1024")."""
+    rounding: str = "auto"
+    """How updates are written to bf16/fp16 weights by fused optimizers: nearest, stochastic or
+    kahan. `auto` = stochastic for bf16/fp16 weights (small updates are not rounded away),
+    nearest for fp32 (where it makes no difference)."""
+    scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: constant, linear or cosine."""
+    warmup_steps: int = 30
+    """Linear warmup from 0 to `lr` over this many optimizer steps."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of `lr` (linear and cosine)."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra optimizer keyword arguments, e.g. {betas: [0.9, 0.95]}."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 600
+    """Number of optimizer steps (0 = derive from `epochs`)."""
+    epochs: float = 0.0
+    """Number of passes over the training data when `max_steps` is 0."""
+    batch_size: int = 32
+    """Micro-batch size (sequences per forward/backward)."""
+    accumulation_steps: int = 1
+    """Micro-batches per optimizer step (gradients averaged)."""
+    seed: int = 0
+    """Seed of model initialisation and data order."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (cuda when available)."""
+    output_dir: str = "runs"
+    """Directory that holds run directories."""
+    run_name: str | None = None
+    """Run directory name under `output_dir` (default: a timestamp)."""
+    resume: str | None = None
+    """Resume from a run directory, or `auto` for the newest checkpoint of `run_name` (or of the
+    most recent run in `output_dir`)."""
+    save_every: int = 0
+    """Save a resumable checkpoint every N optimizer steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Resumable checkpoints to keep (the newest valid one is never deleted)."""
+    max_nonfinite: int = 5
+    """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200
+    """Evaluate every N optimizer steps (0 = only at the end)."""
+    max_batches: int = 0
+    """Cap on evaluation batches for loss/perplexity (0 = the whole eval set)."""
+    accuracy_samples: int = 200
+    """Examples (with answers) scored by exact match after greedy generation (0 = skip)."""
+    max_new_tokens: int = 16
+    """Generation budget for exact-match scoring."""
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    """Log metrics every N optimizer steps."""
+    progress: bool = True
+    """Show a live progress bar (plain log lines when output is not a terminal)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to the run directory (`tensorboard --logdir runs`)."""
+    plot: bool = True
+    """Write `plot.png` (loss, eval, lr, tokens/s) to the run directory at the end."""
+
+
+@dataclass
+class DistConfig:
+    strategy: str = "none"
+    """none (one process), ddp (replicated weights, gradients averaged in the backward hooks) or
+    fsdp (FSDP2 `fully_shard`: weights, gradients and optimizer state sharded)."""
+    nproc: int = 1
+    """With `leantune train dist.nproc=N`, leantune starts torchrun with N processes for you."""
+    mixed_precision: str | None = None
+    """FSDP2 MixedPrecisionPolicy param dtype (bf16/fp16/fp32), None = weights' dtype."""
+    cpu_offload: bool = False
+    """FSDP2: keep sharded parameters on the CPU (CUDA only)."""
+
+
+@dataclass
+class PeftConfig:
+    method: str = "none"
+    """none, lora, ia3, prefix or prompt (through the peft library)."""
+    r: int = 8
+    """LoRA rank."""
+    alpha: float = 16.0
+    """LoRA alpha."""
+    dropout: float = 0.0
+    """LoRA dropout."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules to adapt, by name (e.g. [q_proj, v_proj]) or [all-linear]."""
+    use_dora: bool = False
+    """LoRA: weight-decomposed LoRA (DoRA)."""
+    use_rslora: bool = False
+    """LoRA: rank-stabilised scaling alpha/sqrt(r)."""
+    num_virtual_tokens: int = 16
+    """Prefix / prompt tuning: number of virtual tokens."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> Config:
+        """Check ranges and combinations; raises :class:`ConfigError` naming the field."""
+        from leantune.models import DTYPES, PRESETS
+
+        checks: list[tuple[bool, str]] = [
+            (
+                self.model.dtype in DTYPES,
+                f"model.dtype must be one of {', '.join(DTYPES)}, got {self.model.dtype!r}",
+            ),
+            (
+                self.model.path is not None or self.model.preset in PRESETS,
+                f"model.preset must be one of {', '.join(PRESETS)}, got {self.model.preset!r}"
+                + _suggest(self.model.preset, list(PRESETS)),
+            ),
+            (
+                self.model.attn_implementation in ("sdpa", "eager"),
+                f"model.attn_implementation must be sdpa or eager, got {self.model.attn_implementation!r}",
+            ),
+            (self.data.max_length >= 8, f"data.max_length must be >= 8, got {self.data.max_length}"),
+            (
+                self.data.overlong in ("truncate", "drop"),
+                f"data.overlong must be truncate or drop, got {self.data.overlong!r}",
+            ),
+            (
+                self.data.format in ("auto", "text", "instruction", "chat"),
+                f"data.format must be auto, text, instruction or chat, got {self.data.format!r}",
+            ),
+            (self.data.num_train >= 1, f"data.num_train must be >= 1, got {self.data.num_train}"),
+            (self.data.num_eval >= 0, f"data.num_eval must be >= 0, got {self.data.num_eval}"),
+            (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
+            (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),
+            (
+                self.optim.clip_grad_norm is None or self.optim.clip_grad_norm > 0,
+                f"optim.clip_grad_norm must be > 0 or null, got {self.optim.clip_grad_norm}",
+            ),
+            (
+                self.optim.clip_grad_value is None or self.optim.clip_grad_value > 0,
+                f"optim.clip_grad_value must be > 0 or null, got {self.optim.clip_grad_value}",
+            ),
+            (
+                self.optim.rounding in ("auto", "nearest", "stochastic", "kahan"),
+                f"optim.rounding must be auto, nearest, stochastic or kahan, got {self.optim.rounding!r}",
+            ),
+            (
+                self.optim.scheduler in ("constant", "linear", "cosine"),
+                f"optim.scheduler must be constant, linear or cosine, got {self.optim.scheduler!r}",
+            ),
+            (self.optim.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.optim.warmup_steps}"),
+            (
+                0 <= self.optim.min_lr_ratio <= 1,
+                f"optim.min_lr_ratio must be in [0, 1], got {self.optim.min_lr_ratio}",
+            ),
+            (self.train.max_steps >= 0, f"train.max_steps must be >= 0, got {self.train.max_steps}"),
+            (self.train.epochs >= 0, f"train.epochs must be >= 0, got {self.train.epochs}"),
+            (
+                self.train.max_steps > 0 or self.train.epochs > 0,
+                "set train.max_steps or train.epochs to a positive number (both are 0)",
+            ),
+            (self.train.batch_size >= 1, f"train.batch_size must be >= 1, got {self.train.batch_size}"),
+            (
+                self.train.accumulation_steps >= 1,
+                f"train.accumulation_steps must be >= 1, got {self.train.accumulation_steps}",
+            ),
+            (self.train.save_every >= 0, f"train.save_every must be >= 0, got {self.train.save_every}"),
+            (self.train.keep_last >= 1, f"train.keep_last must be >= 1, got {self.train.keep_last}"),
+            (
+                self.train.max_nonfinite >= 1,
+                f"train.max_nonfinite must be >= 1, got {self.train.max_nonfinite}",
+            ),
+            (self.eval.every >= 0, f"eval.every must be >= 0, got {self.eval.every}"),
+            (
+                self.eval.max_new_tokens >= 1,
+                f"eval.max_new_tokens must be >= 1, got {self.eval.max_new_tokens}",
+            ),
+            (self.log.every >= 1, f"log.every must be >= 1, got {self.log.every}"),
+            (
+                self.dist.strategy in ("none", "ddp", "fsdp"),
+                f"dist.strategy must be none, ddp or fsdp, got {self.dist.strategy!r}",
+            ),
+            (self.dist.nproc >= 1, f"dist.nproc must be >= 1, got {self.dist.nproc}"),
+            (
+                self.peft.method in ("none", "lora", "ia3", "prefix", "prompt"),
+                f"peft.method must be none, lora, ia3, prefix or prompt, got {self.peft.method!r}",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.optim.loss_scale is not None and self.optim.loss_scale != "dynamic":
+            try:
+                if not float(self.optim.loss_scale) > 0:
+                    raise ValueError
+            except ValueError:
+                raise ConfigError(
+                    "optim.loss_scale must be null, 'dynamic' or a positive number, "
+                    f"got {self.optim.loss_scale!r}"
+                ) from None
+        if self.model.dtype == "fp16" and self.optim.loss_scale is None:
+            raise ConfigError(
+                "model.dtype=fp16 needs loss scaling, or small gradients underflow to zero: set "
+                "optim.loss_scale=dynamic (or use model.dtype=bf16, which needs none)"
+            )
+        from leantune.optim import is_fused
+
+        try:
+            is_fused(self.optim.name)  # validates the name
+        except ValueError as err:
+            raise ConfigError(f"optim.name: {err}") from None
+        return self
+
+
+def _suggest(value: Any, options: list[str]) -> str:
+    close = difflib.get_close_matches(str(value), options, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory().__class__ for f in dataclasses.fields(Config)}
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal after each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _all_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, tp: Any, value: Any, *, from_string: bool) -> Any:
+    """Convert ``value`` to the field type ``tp`` or raise a ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        is_null = value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~", ""))
+        if is_null and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(key, arg, value, from_string=from_string)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        try:
+            return int(str(value).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin is list:
+        if isinstance(value, str):
+            value = (
+                _parse_inline(key, value)
+                if value.strip().startswith("[")
+                else [v.strip() for v in value.split(",") if v.strip()]
+            )
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(key, args[0], v, from_string=from_string) for v in value]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            value = _parse_inline(key, value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping like {{a: 1}}, got {value!r}")
+        return dict(value)
+    raise ConfigError(f"{key}: unsupported field type {_type_name(tp)}")
+
+
+def _parse_inline(key: str, text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse {text!r}: {err}") from None
+
+
+def _unknown_key(key: str) -> ConfigError:
+    keys = _all_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+    if not close:
+        # a misspelt section, or a field given without its section
+        leaf = key.split(".")[-1]
+        close = [k for k in keys if k.split(".")[-1] == leaf][:1] or difflib.get_close_matches(
+            leaf, keys, n=1, cutoff=0.5
+        )
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"Unknown config key {key!r}.{hint} Run `leantune config` to see every key.")
+
+
+def _apply(cfg: Config, key: str, value: Any, *, from_string: bool) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        raise _unknown_key(key)
+    section = getattr(cfg, parts[0])
+    hints = typing.get_type_hints(type(section))
+    if parts[1] not in hints:
+        raise _unknown_key(key)
+    setattr(section, parts[1], _coerce(key, hints[parts[1]], value, from_string=from_string))
+
+
+def _flatten(data: dict[str, Any], source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise _unknown_key(str(section))
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping, got {values!r}")
+        for k, v in values.items():
+            flat[f"{section}.{k}"] = v
+    return flat
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated :class:`Config` from an optional YAML file and ``key=value`` overrides.
+
+    Raises:
+        ConfigError: unknown key (with a suggestion), wrong type or invalid value.
+        FileNotFoundError: the YAML file does not exist.
+    """
+    cfg = Config()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: expected a mapping of sections (model:, data:, ...)")
+        for key, value in _flatten(data, str(p)).items():
+            _apply(cfg, key, value, from_string=False)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=3e-4)")
+        key, value = item.split("=", 1)
+        _apply(cfg, key.strip(), value, from_string=True)
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a config saved with :meth:`Config.to_dict` (e.g. from a run directory)."""
+    cfg = Config()
+    for key, value in _flatten(data, "saved config").items():
+        _apply(cfg, key, value, from_string=False)
+    return cfg
+
+
+def config_diff(a: Config, b: Config, keys: list[str] | None = None) -> list[tuple[str, Any, Any]]:
+    """Fields that differ between two configs, as (key, a, b)."""
+    da, db = a.to_dict(), b.to_dict()
+    out = []
+    for key in keys or _all_keys():
+        s, f = key.split(".")
+        if da[s][f] != db[s][f]:
+            out.append((key, da[s][f], db[s][f]))
+    return out
+
+
+def render_config(cfg: Config | None = None, *, comments: bool = True) -> str:
+    """The config as YAML; with ``comments`` every field is preceded by its documentation."""
+    cfg = cfg or Config()
+    lines: list[str] = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        docs = field_docs(cls)
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(cls):
+            if comments and f.name in docs:
+                for line in textwrap.wrap(docs[f.name], 96):
+                    lines.append(f"  # {line}")
+            value = json.loads(json.dumps(getattr(values, f.name)))
+            dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1 << 20).strip()
+            if dumped.startswith("{") and dumped.endswith("}"):
+                dumped = dumped[1:-1]
+            lines.append(f"  {dumped}")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,86 @@
+"""Data: built-in tasks, local files, tokenization with loss masks, and batching."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from leantune.data.encode import IGNORE_INDEX, EncodeStats, Sample, encode_records
+from leantune.data.loader import BatchStream, collate, eval_batches
+from leantune.data.records import DataError, detect_format, load_records, validate_records
+from leantune.data.tasks import TASKS, generate_examples
+from leantune.data.tokenizer import build_byte_tokenizer, load_tokenizer
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TASKS",
+    "BatchStream",
+    "DataError",
+    "Datasets",
+    "EncodeStats",
+    "Sample",
+    "build_byte_tokenizer",
+    "build_datasets",
+    "collate",
+    "encode_records",
+    "eval_batches",
+    "generate_examples",
+    "load_records",
+    "load_tokenizer",
+]
+
+
+@dataclass
+class Datasets:
+    train: list[Sample]
+    eval: list[Sample]
+    format: str
+    train_stats: EncodeStats
+    eval_stats: EncodeStats | None
+
+
+def _records(path: str, fmt: str) -> tuple[list[dict[str, Any]], list[str], str]:
+    records, where = load_records(path)
+    fmt = detect_format(records, path) if fmt == "auto" else fmt
+    validate_records(records, where, fmt)
+    return records, where, fmt
+
+
+def build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
+    """Train and eval samples for a :class:`leantune.config.DataConfig`.
+
+    ``builtin`` generates the task families (evaluation prompts are drawn first and excluded from
+    training); a file is read, validated and split (``num_eval`` held out) unless ``eval`` is given.
+    """
+    opts = {"max_length": cfg.max_length, "overlong": cfg.overlong, "pack": cfg.pack}
+    if cfg.train == "builtin":
+        eval_recs = generate_examples(cfg.tasks, cfg.num_eval, cfg.seed + 1, unique=True)
+        train_recs = generate_examples(
+            cfg.tasks, cfg.num_train, cfg.seed, exclude={r["prompt"] for r in eval_recs}
+        )
+        fmt = "instruction"
+        train_where = [f"builtin train example {i}" for i in range(len(train_recs))]
+        eval_where = [f"builtin eval example {i}" for i in range(len(eval_recs))]
+    else:
+        train_recs, train_where, fmt = _records(cfg.train, cfg.format)
+        if cfg.eval is not None:
+            eval_recs, eval_where, eval_fmt = _records(cfg.eval, fmt)
+            if eval_fmt != fmt:
+                raise DataError(f"{cfg.eval}: format {eval_fmt} differs from the training data's ({fmt})")
+        else:
+            n_eval = min(cfg.num_eval, len(train_recs) // 10)
+            import random
+
+            order = list(range(len(train_recs)))
+            random.Random(cfg.seed).shuffle(order)
+            held = set(order[:n_eval])
+            eval_recs = [train_recs[i] for i in sorted(held)]
+            eval_where = [train_where[i] for i in sorted(held)]
+            train_recs = [r for i, r in enumerate(train_recs) if i not in held]
+            train_where = [w for i, w in enumerate(train_where) if i not in held]
+    train, train_stats = encode_records(train_recs, train_where, fmt, tokenizer, **opts)
+    eval_samples: list[Sample] = []
+    eval_stats = None
+    if eval_recs:
+        eval_samples, eval_stats = encode_records(eval_recs, eval_where, fmt, tokenizer, **opts)
+    return Datasets(train, eval_samples, fmt, train_stats, eval_stats)

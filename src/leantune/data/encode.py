@@ -1,0 +1,195 @@
+"""Turning records into token sequences with loss masks, packing and an over-length policy.
+
+* instruction: ``prompt + response + eos``; labels are ``-100`` on every prompt token.
+* chat: rendered with the tokenizer's chat template; labels only on assistant turns (their
+  content and closing tokens, not the role header).
+* text: ``doc + eos``; with packing, documents are concatenated and cut into ``max_length`` pieces.
+
+Samples longer than ``max_length`` are truncated or dropped; samples whose labels are all masked
+are dropped. Both are counted in :class:`EncodeStats` and reported by the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from leantune.data.records import DataError
+
+__all__ = ["IGNORE_INDEX", "EncodeStats", "Sample", "encode_records"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Sample:
+    """One training sequence. ``prompt_ids``/``answer`` are set when it has a checkable answer."""
+
+    input_ids: list[int]
+    labels: list[int]
+    task: str | None = None
+    prompt_ids: list[int] | None = None
+    answer: str | None = None
+
+
+@dataclass
+class EncodeStats:
+    records: int = 0
+    samples: int = 0
+    truncated: int = 0
+    dropped_overlong: int = 0
+    dropped_no_labels: int = 0
+    tokens: int = 0
+    label_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        parts = [
+            f"{self.records} records -> {self.samples} sequences, {self.tokens} tokens "
+            f"({self.label_tokens} trained)"
+        ]
+        if self.truncated:
+            parts.append(f"{self.truncated} truncated to max_length")
+        if self.dropped_overlong:
+            parts.append(f"{self.dropped_overlong} dropped as longer than max_length")
+        if self.dropped_no_labels:
+            parts.append(f"{self.dropped_no_labels} dropped with every label masked")
+        return "; ".join(parts)
+
+
+class _Encoder:
+    def __init__(self, tokenizer: Any, max_length: int, overlong: str) -> None:
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.overlong = overlong
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no eos token; leantune needs one to end responses")
+        self.eos = tokenizer.eos_token_id
+
+    def ids(self, text: str, *, first: bool) -> list[int]:
+        return list(self.tok(text, add_special_tokens=first)["input_ids"])
+
+    def finish(
+        self, ids: list[int], labels: list[int], stats: EncodeStats
+    ) -> tuple[list[int], list[int]] | None:
+        if len(ids) > self.max_length:
+            if self.overlong == "drop":
+                stats.dropped_overlong += 1
+                return None
+            stats.truncated += 1
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            # Labels are shifted inside the model: position 0 is never a target.
+            stats.dropped_no_labels += 1
+            return None
+        return ids, labels
+
+    def instruction(self, prompt: str, response: str) -> tuple[list[int], list[int], list[int]]:
+        p = self.ids(prompt, first=True)
+        r = self.ids(response, first=False) + [self.eos]
+        return p + r, [IGNORE_INDEX] * len(p) + r, p
+
+    def chat(self, messages: list[dict[str, str]], loc: str) -> tuple[list[int], list[int]]:
+        render = self.tok.apply_chat_template
+        if getattr(self.tok, "chat_template", None) is None:
+            raise DataError(f"{loc}: chat data needs a tokenizer with a chat template")
+        ids: list[int] = []
+        labels: list[int] = []
+        done = ""
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                header = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
+                if not header.startswith(done):
+                    raise DataError(
+                        f"{loc}: the chat template does not render conversations prefix by prefix"
+                    )
+                piece = header[len(done) :]
+                new = self.ids(piece, first=not done) if piece else []
+                ids += new
+                labels += [IGNORE_INDEX] * len(new)
+                done = header
+            full = render(messages[: i + 1], tokenize=False)
+            if not full.startswith(done):
+                raise DataError(f"{loc}: the chat template does not render conversations prefix by prefix")
+            new = self.ids(full[len(done) :], first=not done)
+            ids += new
+            labels += new if m["role"] == "assistant" else [IGNORE_INDEX] * len(new)
+            done = full
+        return ids, labels
+
+
+def encode_records(
+    records: list[dict[str, Any]],
+    where: list[str],
+    fmt: str,
+    tokenizer: Any,
+    *,
+    max_length: int,
+    overlong: str = "truncate",
+    pack: bool = True,
+) -> tuple[list[Sample], EncodeStats]:
+    """Tokenize ``records`` of format ``fmt`` (text, instruction or chat).
+
+    Returns:
+        The samples and the statistics (truncated / dropped counts).
+
+    Raises:
+        DataError: nothing is left to train on (e.g. every label masked), naming the cause.
+    """
+    enc = _Encoder(tokenizer, max_length, overlong)
+    stats = EncodeStats(records=len(records))
+    samples: list[Sample] = []
+    if fmt == "text" and pack:
+        stream: list[int] = []
+        for rec in records:
+            stream += enc.ids(rec["text"], first=True) + [enc.eos]
+        for start in range(0, len(stream) - max_length + 1, max_length):
+            chunk = stream[start : start + max_length]
+            samples.append(Sample(chunk, list(chunk)))
+        stats.extra["packed_tokens_dropped"] = len(stream) - len(samples) * max_length
+        if not samples:
+            raise DataError(
+                f"{where[0] if where else 'data'}: only {len(stream)} tokens in all, fewer than one "
+                f"packed sequence of data.max_length={max_length}; add data or lower max_length"
+            )
+    else:
+        for rec, loc in zip(records, where):
+            prompt_ids = answer = None
+            if fmt == "text":
+                ids = enc.ids(rec["text"], first=True) + [enc.eos]
+                labels = list(ids)
+            elif fmt == "instruction":
+                ids, labels, prompt_ids = enc.instruction(rec["prompt"], rec["response"])
+                answer = rec["response"]
+            elif fmt == "chat":
+                ids, labels = enc.chat(rec["messages"], loc)
+            else:
+                raise DataError(f"unknown data format {fmt!r}")
+            out = enc.finish(ids, labels, stats)
+            if out is None:
+                continue
+            fits = prompt_ids is not None and len(prompt_ids) < max_length
+            samples.append(
+                Sample(
+                    out[0],
+                    out[1],
+                    task=rec.get("task"),
+                    prompt_ids=prompt_ids if fits else None,
+                    answer=answer if fits else None,
+                )
+            )
+    if not samples:
+        causes = []
+        if stats.dropped_no_labels:
+            causes.append(f"{stats.dropped_no_labels} had every label masked (prompt fills max_length?)")
+        if stats.dropped_overlong:
+            causes.append(f"{stats.dropped_overlong} were longer than data.max_length={max_length}")
+        source = where[0].rsplit(":", 1)[0] if where else "data"
+        raise DataError(
+            f"{source}: no usable samples out of {len(records)}: {'; '.join(causes) or 'no records'}. "
+            "Raise data.max_length, use data.overlong=truncate, or check the data."
+        )
+    stats.samples = len(samples)
+    stats.tokens = sum(len(s.input_ids) for s in samples)
+    stats.label_tokens = sum(sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in samples)
+    return samples, stats

@@ -1,0 +1,152 @@
+"""Reading local data files (JSONL / JSON / Parquet) through ``datasets``, with precise errors.
+
+Files are read by the ``datasets`` library (local files only). When a file is malformed, the error
+names the file and the line (JSONL) or record, says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DataError", "FORMAT_FIELDS", "detect_format", "load_records", "validate_records"]
+
+SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+# format -> required fields
+FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
+    "text": ("text",),
+    "instruction": ("prompt", "response"),
+    "chat": ("messages",),
+}
+
+
+class DataError(ValueError):
+    """Bad training or evaluation data (the message says where and how to fix it)."""
+
+
+def _scan_jsonl(path: Path) -> None:
+    """Find the first malformed line of a JSON-lines file and raise a DataError naming it."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({err.reason})") from None
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); each line "
+                    "must be one JSON object"
+                ) from None
+            if not isinstance(value, dict):
+                raise DataError(
+                    f"{path}:{lineno}: expected a JSON object per line, got {type(value).__name__}"
+                )
+
+
+def _line_numbers(path: Path) -> list[int]:
+    """Line number of each record of a JSON-lines file (blank lines are skipped by readers)."""
+    with path.open("rb") as fh:
+        return [i for i, raw in enumerate(fh, start=1) if raw.strip()]
+
+
+def _is_json_lines(path: Path) -> bool:
+    if path.suffix.lower() == ".jsonl":
+        return True
+    with path.open("rb") as fh:
+        for raw in fh:
+            if raw.strip():
+                return not raw.lstrip().startswith(b"[")
+    return True
+
+
+def load_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Read all records of a local data file.
+
+    Returns:
+        The records, and for each a location string for error messages (``file:line`` for JSONL,
+        ``file record N`` otherwise).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        DataError: unsupported suffix, malformed content or no records.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file {str(p)!r} does not exist")
+    builder = SUFFIXES.get(p.suffix.lower())
+    if builder is None:
+        raise DataError(f"{p}: unsupported file type {p.suffix!r}; use .jsonl, .json or .parquet")
+    if builder == "json" and not p.read_bytes().strip():
+        raise DataError(f"{p}: the file has no records (it is empty)")
+    json_lines = builder == "json" and _is_json_lines(p)
+    if json_lines:
+        _scan_jsonl(p)  # cheap, and gives file:line for the commonest mistake
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(p), split="train", keep_in_memory=True)
+    except Exception as err:  # datasets wraps parser errors in several exception types
+        raise DataError(f"{p}: cannot be read as {builder}: {err}") from None
+    records = ds.to_list()
+    if not records:
+        raise DataError(f"{p}: the file has no records (it is empty)")
+    if json_lines:
+        lines = _line_numbers(p)
+        where = [f"{p}:{n}" for n in lines] if len(lines) == len(records) else None
+    else:
+        where = None
+    if where is None:
+        where = [f"{p} record {i + 1}" for i in range(len(records))]
+    return records, where
+
+
+def detect_format(records: list[dict[str, Any]], source: str) -> str:
+    """The data format implied by the fields of the first record."""
+    keys = set(records[0])
+    for fmt in ("chat", "instruction", "text"):
+        if set(FORMAT_FIELDS[fmt]) <= keys:
+            return fmt
+    wanted = "; ".join(f"{f}: {', '.join(fs)}" for f, fs in FORMAT_FIELDS.items())
+    raise DataError(
+        f"{source}: cannot tell the data format from the fields {sorted(keys)}; expected one of "
+        f"({wanted}), or set data.format"
+    )
+
+
+def validate_records(records: list[dict[str, Any]], where: list[str], fmt: str) -> None:
+    """Check that every record has the fields of ``fmt`` with the right types."""
+    for rec, loc in zip(records, where):
+        for name in FORMAT_FIELDS[fmt]:
+            value = rec.get(name)
+            if value is None:
+                raise DataError(
+                    f"{loc}: missing field {name!r} (format {fmt} needs {', '.join(FORMAT_FIELDS[fmt])})"
+                )
+            if fmt == "chat":
+                _validate_messages(value, loc)
+            elif not isinstance(value, str):
+                raise DataError(f"{loc}: field {name!r} must be a string, got {type(value).__name__}")
+
+
+def _validate_messages(messages: Any, loc: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{loc}: 'messages' must be a non-empty list of {{role, content}} objects")
+    for i, m in enumerate(messages):
+        if (
+            not isinstance(m, dict)
+            or not isinstance(m.get("role"), str)
+            or not isinstance(m.get("content"), str)
+        ):
+            raise DataError(f"{loc}: messages[{i}] must be an object with string 'role' and 'content'")
+        if m["role"] not in ("system", "user", "assistant"):
+            raise DataError(f"{loc}: messages[{i}] has role {m['role']!r}; use system, user or assistant")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{loc}: no assistant message, so nothing to learn from this conversation")

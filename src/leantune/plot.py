@@ -1,0 +1,64 @@
+"""``leantune plot RUN_DIR``: one PNG with the loss, evaluation, learning-rate and throughput curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from leantune.monitor import read_metrics
+
+__all__ = ["plot_run"]
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw ``RUN_DIR/metrics.jsonl`` into ``out`` (default ``RUN_DIR/plot.png``) and return it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    if not train and not evals:
+        raise ValueError(f"{run_dir}/metrics.jsonl has no training or evaluation records yet")
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    ax = axes[0][0]
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.set_title("loss")
+    ax.set_xlabel("step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    ax = axes[0][1]
+    acc_keys = sorted({k for r in evals for k in r if k.startswith("acc/")})
+    for key in acc_keys:
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=key[4:])
+    if not acc_keys and evals:
+        ax.plot([r["step"] for r in evals], [r["eval_ppl"] for r in evals], "o-", label="perplexity")
+    ax.set_title("exact-match accuracy (%)" if acc_keys else "eval perplexity")
+    ax.set_xlabel("step")
+    if acc_keys or evals:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    ax = axes[1][0]
+    if train:
+        ax.plot([r["step"] for r in train], [r["lr"] for r in train])
+    ax.set_title("learning rate")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax = axes[1][1]
+    if train:
+        ax.plot([r["step"] for r in train], [r["tokens_per_s"] for r in train])
+    ax.set_title("tokens / s")
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    fig.suptitle(run_dir.name)
+    fig.tight_layout()
+    out = Path(out) if out is not None else run_dir / "plot.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,552 @@
+"""The training loop: setup -> train -> train_step -> evaluate -> save -> close.
+
+Every optimizer goes through one code path: fused optimizers (AdaLomo, LOMO, ``*_in_backward``)
+expose ``backward(loss)`` themselves, ordinary ones are wrapped in :class:`leantune.optim.Stepper`.
+A resumed run continues from its checkpoint exactly: model, optimizer state, scheduler, data
+position and random states are restored.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from leantune import checkpoint as ckpt
+from leantune.config import Config, ConfigError, config_diff, config_from_dict, render_config
+from leantune.data import BatchStream, Datasets, build_datasets, load_tokenizer
+from leantune.evaluate import eval_loss, exact_match
+from leantune.models import build_model, count_parameters, human_count, resolve_dtype
+from leantune.monitor import Monitor, format_bytes, peak_memory_bytes
+from leantune.optim import Stepper, build_optimizer, is_fused, needs_create_graph
+
+__all__ = ["RunSummary", "Trainer", "TrainingError", "load_hf_weights", "train"]
+
+# Settings that may change when a run is resumed; any other difference is refused.
+RESUMABLE_CHANGES = (
+    "train.max_steps",
+    "train.epochs",
+    "train.resume",
+    "train.run_name",
+    "train.output_dir",
+    "train.save_every",
+    "train.keep_last",
+    "train.device",
+    "train.max_nonfinite",
+    "dist.nproc",
+    "dist.strategy",
+    "dist.cpu_offload",
+)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (the message gives the diagnosis)."""
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    steps: int
+    final_dir: Path | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+    return dev
+
+
+def _build_scheduler(opt: torch.optim.Optimizer, cfg: Config, total_steps: int):
+    from torch.optim import lr_scheduler as S
+
+    warm = min(cfg.optim.warmup_steps, max(total_steps - 1, 0))
+    rest = max(total_steps - warm, 1)
+    final = cfg.optim.min_lr_ratio
+    match cfg.optim.scheduler:
+        case "constant":
+            main = S.ConstantLR(opt, factor=1.0, total_iters=0)
+        case "linear":
+            main = S.LinearLR(opt, start_factor=1.0, end_factor=max(final, 1e-8), total_iters=rest)
+        case "cosine":
+            main = S.CosineAnnealingLR(opt, T_max=rest, eta_min=cfg.optim.lr * final)
+        case other:
+            raise ConfigError(f"optim.scheduler: unknown schedule {other!r}")
+    if warm == 0:
+        return main
+    warmup = S.LinearLR(opt, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm)
+    return S.SequentialLR(opt, [warmup, main], milestones=[warm])
+
+
+def load_hf_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load every ``*.safetensors`` file of an HF directory into ``model`` (tied keys may be absent)."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise ckpt.CheckpointError(f"{directory}: no safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {
+        name for name, p in model.named_parameters()
+    }
+    if unexpected or set(missing) - tied:
+        raise ckpt.CheckpointError(
+            f"{directory}: weights do not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+
+
+class Trainer:
+    """Trains a causal LM as described by a :class:`~leantune.config.Config`.
+
+    Example:
+        >>> from leantune.config import load_config
+        >>> summary = Trainer(load_config(None, ["train.max_steps=100"])).run()
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.step = 0
+        self.tokens_seen = 0
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self._stop_signal: int | None = None
+        self.rank, self.world_size = 0, 1
+        self.is_main = True
+        self.last_eval: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.device = _device(cfg.train.device)
+        random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)
+        self.tokenizer = load_tokenizer(
+            cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
+        )
+        self.data: Datasets = build_datasets(cfg.data, self.tokenizer)
+        self.model = self._build_model()
+        self.stream = BatchStream(
+            self.data.train,
+            cfg.train.batch_size,
+            self.tokenizer.pad_token_id,
+            seed=cfg.train.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        self.total_steps = cfg.train.max_steps or max(
+            1, math.ceil(cfg.train.epochs * self.stream.batches_per_epoch / cfg.train.accumulation_steps)
+        )
+        self.optimizer, self.stepper = self._build_optimizer()
+        self.scheduler = _build_scheduler(self.optimizer, cfg, self.total_steps)
+        self.run_dir, resume_from = self._resolve_run_dir()
+        if resume_from is not None:
+            self._load(resume_from)
+        self.monitor = Monitor(
+            self.run_dir,
+            self.total_steps,
+            enabled=self.is_main,
+            progress=cfg.log.progress,
+            tensorboard=cfg.log.tensorboard,
+            start_step=self.step,
+            device=self.device,
+        )
+        if self.is_main:
+            (self.run_dir / "config.yaml").write_text(render_config(cfg, comments=False))
+        self._announce(resume_from)
+
+    def _build_model(self) -> torch.nn.Module:
+        cfg = self.cfg.model
+        overrides: dict[str, Any] = {}
+        if cfg.rope_theta is not None:
+            overrides["rope_theta"] = cfg.rope_theta
+        if cfg.rope_scaling is not None:
+            overrides["rope_scaling"] = cfg.rope_scaling
+        attn = "eager" if needs_create_graph(self.cfg.optim.name) else cfg.attn_implementation
+        model = build_model(
+            preset=None if cfg.path else cfg.preset,
+            path=cfg.path,
+            dtype=resolve_dtype(cfg.dtype),
+            vocab_size=len(self.tokenizer) if not cfg.path else None,
+            seed=self.cfg.train.seed,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=attn,
+            config_overrides=overrides,
+        )
+        model.config.use_cache = False
+        if cfg.gradient_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.to(self.device)
+        model.train()
+        return model
+
+    def _build_optimizer(self) -> tuple[torch.optim.Optimizer, Any]:
+        o = self.cfg.optim
+        engine: dict[str, Any] = {
+            "clip_grad_norm": o.clip_grad_norm,
+            "clip_grad_value": o.clip_grad_value,
+            "loss_scale": o.loss_scale if o.loss_scale in (None, "dynamic") else float(o.loss_scale),
+            "accumulation_steps": self.cfg.train.accumulation_steps,
+        }
+        kwargs = {"lr": o.lr, "weight_decay": o.weight_decay, **o.kwargs}
+        try:
+            if is_fused(o.name):
+                low = self.cfg.model.dtype in ("bf16", "fp16")
+                rounding = ("stochastic" if low else "nearest") if o.rounding == "auto" else o.rounding
+                opt = build_optimizer(
+                    o.name, self.model, **kwargs, **engine, rounding=rounding, seed=self.cfg.train.seed
+                )
+                return opt, opt
+            opt = build_optimizer(o.name, self.model, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"optim: {err}") from None
+        return opt, Stepper(opt, create_graph=needs_create_graph(o.name), **engine)
+
+    # ------------------------------------------------------------ run dirs
+    def _resolve_run_dir(self) -> tuple[Path, Path | None]:
+        t = self.cfg.train
+        root = Path(t.output_dir)
+        if t.resume is None:
+            run_dir = root / (t.run_name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+            if ckpt.find_checkpoints(run_dir / "checkpoints"):
+                raise ConfigError(
+                    f"{run_dir} already holds checkpoints: resume it with train.resume=auto "
+                    f"(and train.run_name={run_dir.name}), or pick another train.run_name"
+                )
+            return run_dir, None
+        if t.resume == "auto":
+            if t.run_name:
+                run_dir = root / t.run_name
+            else:
+                runs = [p for p in root.glob("*") if (p / "checkpoints").is_dir()] if root.is_dir() else []
+                run_dir = (
+                    max(runs, key=lambda p: p.stat().st_mtime)
+                    if runs
+                    else root / datetime.now().strftime("%Y%m%d-%H%M%S")
+                )
+            found = ckpt.latest_valid_checkpoint(run_dir / "checkpoints")
+            return run_dir, found  # nothing to resume yet: start fresh in run_dir
+        run_dir = Path(t.resume)
+        if not run_dir.is_dir():
+            raise ConfigError(f"train.resume: {run_dir} is not a directory")
+        found = ckpt.latest_valid_checkpoint(run_dir / "checkpoints")
+        if found is None:
+            raise ConfigError(f"train.resume: {run_dir} has no valid checkpoint to resume from")
+        return run_dir, found
+
+    def _check_resume_config(self, run_dir: Path) -> None:
+        saved_path = run_dir / "config.yaml"
+        if not saved_path.is_file():
+            return
+        saved = config_from_dict(yaml.safe_load(saved_path.read_text()))
+        diffs = [
+            d
+            for d in config_diff(saved, self.cfg)
+            if d[0] not in RESUMABLE_CHANGES and not d[0].startswith(("eval.", "log."))
+        ]
+        if diffs:
+            lines = "\n".join(f"  {k}: run has {a!r}, now {b!r}" for k, a, b in diffs)
+            raise ConfigError(
+                f"cannot resume {run_dir}: its config differs in settings that change the training itself:\n"
+                f"{lines}\nUse the run's own settings (see {saved_path}) or start a new run."
+            )
+
+    # ----------------------------------------------------------- checkpoints
+    def _load(self, path: Path) -> None:
+        self._check_resume_config(self.run_dir)
+        load_hf_weights(self.model, path / "model")
+        self.stepper.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
+        state = ckpt.load_torch(path / "training_state.pt")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["data"])
+        ckpt.restore_rng(state["rng"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state["tokens_seen"])
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.resumed_from = path
+
+    def save(self) -> Path:
+        """Write a resumable checkpoint of the current step and prune old ones."""
+        root = self.run_dir / "checkpoints"
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp / "model", safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp / "model")
+            ckpt.save_torch(self.stepper.state_dict(), tmp / "optimizer.pt")
+            ckpt.save_torch(
+                {
+                    "scheduler": self.scheduler.state_dict(),
+                    "data": self.stream.state_dict(),
+                    "rng": ckpt.capture_rng(),
+                    "step": self.step,
+                    "tokens_seen": self.tokens_seen,
+                    "nonfinite_total": self.nonfinite_total,
+                },
+                tmp / "training_state.pt",
+            )
+            (tmp / "trainer_state.json").write_text(
+                yaml.safe_dump({"step": self.step, "tokens_seen": self.tokens_seen, "eval": self.last_eval})
+            )
+
+        path = ckpt.atomic_directory(root / f"{ckpt.PREFIX}{self.step:06d}", write, meta={"step": self.step})
+        ckpt.prune_checkpoints(root, self.cfg.train.keep_last)
+        return path
+
+    def export(self) -> Path:
+        """Write the final model (HF format: safetensors + config + tokenizer) to RUN_DIR/final."""
+
+        def write(tmp: Path) -> None:
+            self.model.save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
+
+        return ckpt.atomic_directory(self.run_dir / "final", write, meta={"step": self.step})
+
+    # ----------------------------------------------------------------- train
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``accumulation_steps`` micro-batches."""
+        losses, tokens, result = [], 0, None
+        for _ in range(self.cfg.train.accumulation_steps):
+            batch = {k: v.to(self.device) for k, v in self.stream.next_batch().items()}
+            tokens += int(batch["attention_mask"].sum())
+            if losses and not math.isfinite(losses[-1]):
+                continue  # this step is already lost; keep the data position exact
+            loss = self.model(**batch).loss
+            losses.append(loss.item())
+            if not math.isfinite(losses[-1]):
+                self.stepper.zero_grad()  # drop a partial accumulation: never step on NaN
+                continue
+            result = self.stepper.backward(loss)
+        finite = all(math.isfinite(x) for x in losses)
+        skipped = not finite or result is None or result.skipped
+        self.scheduler.step()
+        return {
+            "loss": sum(losses) / len(losses),
+            "tokens": tokens,
+            "skipped": skipped,
+            "grad_norm": None if result is None else result.grad_norm,
+        }
+
+    def _handle_nonfinite(self, out: dict[str, Any]) -> None:
+        if not out["skipped"]:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.monitor.print(
+            f"warning: step {self.step} skipped: non-finite "
+            f"{'loss' if not math.isfinite(out['loss']) else 'gradient'} "
+            f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)"
+        )
+        if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+            raise TrainingError(
+                f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient "
+                f"(last at step {self.step}). The weights were not updated by them and are still "
+                "finite. Likely causes: learning rate too high "
+                f"(optim.lr={self.cfg.optim.lr}), fp16 overflow without loss scaling, "
+                "or bad data. Lower optim.lr, set optim.clip_grad_norm, or use bf16; then resume with "
+                "train.resume=auto."
+            )
+
+    def evaluate(self) -> dict[str, Any]:
+        """Eval loss, perplexity and exact-match accuracy on the evaluation set."""
+        e = self.cfg.eval
+        if not self.data.eval:
+            return {}
+        values = eval_loss(
+            self.model,
+            self.data.eval,
+            batch_size=self.cfg.train.batch_size,
+            pad_id=self.tokenizer.pad_token_id,
+            device=self.device,
+            max_batches=e.max_batches,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+        if e.accuracy_samples and self.is_main:
+            values.update(
+                exact_match(
+                    self.model,
+                    self.tokenizer,
+                    self.data.eval,
+                    device=self.device,
+                    max_new_tokens=e.max_new_tokens,
+                    limit=e.accuracy_samples,
+                )
+            )
+        self.last_eval = values
+        return values
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt  # a second signal: stop now
+        self._stop_signal = signum
+
+    def train(self) -> RunSummary:
+        cfg = self.cfg
+        handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        window: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        run_t0, run_tokens, run_start_step = t0, 0, self.step
+        try:
+            while self.step < self.total_steps:
+                out = self.train_step()
+                self.step += 1
+                self.tokens_seen += out["tokens"] * self.world_size
+                run_tokens += out["tokens"] * self.world_size
+                self._handle_nonfinite(out)
+                window.append(out)
+                if self.step % cfg.log.every == 0 or self.step == self.total_steps:
+                    elapsed = time.perf_counter() - t0
+                    toks = sum(o["tokens"] for o in window) * self.world_size
+                    finite = [o["loss"] for o in window if math.isfinite(o["loss"])]
+                    norms = [o["grad_norm"] for o in window if o["grad_norm"] is not None]
+                    values = {
+                        "loss": sum(finite) / len(finite) if finite else float("nan"),
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "tokens_per_s": toks / elapsed,
+                        "tokens_per_s_per_device": toks / elapsed / self.world_size,
+                        "peak_mem_bytes": peak_memory_bytes(self.device),
+                        "epoch": self.stream.epoch_progress,
+                        "skipped_steps": self.nonfinite_total,
+                    }
+                    if norms:
+                        values["grad_norm"] = sum(norms) / len(norms)
+                    self.monitor.log_train(self.step, values)
+                    window, t0 = [], time.perf_counter()
+                else:
+                    self.monitor.advance(self.step)
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                    self.monitor.log_eval(self.step, self.evaluate())
+                    t0 = time.perf_counter()  # evaluation time is not training throughput
+                if (
+                    cfg.train.save_every
+                    and self.step % cfg.train.save_every == 0
+                    and self.step < self.total_steps
+                ):
+                    self.save()
+                    t0 = time.perf_counter()
+                if self._stop_signal is not None:
+                    path = self.save()
+                    name = signal.Signals(self._stop_signal).name
+                    self.monitor.print(
+                        f"\n{name} received: saved {path} at step {self.step}. Resume with:\n"
+                        f"  leantune train {self._resume_hint()}"
+                    )
+                    return RunSummary(self.run_dir, self.step, None, {}, interrupted=True)
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        train_time = time.perf_counter() - run_t0
+        metrics = self.evaluate()
+        if metrics:
+            self.monitor.log_eval(self.step, metrics)
+        metrics["tokens_per_s"] = run_tokens / max(train_time, 1e-9)
+        metrics["peak_mem_bytes"] = peak_memory_bytes(self.device)
+        metrics["train_seconds"] = train_time
+        metrics["steps_this_run"] = self.step - run_start_step
+        self.save()
+        final = self.export() if self.is_main else None
+        return RunSummary(self.run_dir, self.step, final, metrics)
+
+    def _resume_hint(self) -> str:
+        return (
+            f"{getattr(self, 'config_path', '') or ''} train.resume=auto train.run_name={self.run_dir.name} "
+            f"train.output_dir={self.cfg.train.output_dir}".strip()
+        )
+
+    # ----------------------------------------------------------------- close
+    def _announce(self, resume_from: Path | None) -> None:
+        m = self.monitor
+        if not self.is_main:
+            return
+        m.print("leantune: resolved config", style="bold")
+        m.print(render_config(self.cfg, comments=False).rstrip())
+        n_total = count_parameters(self.model)
+        n_train = count_parameters(self.model, trainable_only=True)
+        m.print(
+            f"model: {human_count(n_total)} parameters ({human_count(n_train)} trainable), "
+            f"{self.cfg.model.dtype} on {self.device} | optimizer: {self.cfg.optim.name}"
+        )
+        m.print(f"data ({self.data.format}): train {self.data.train_stats.summary()}")
+        if self.data.eval_stats is not None:
+            m.print(f"data: eval {self.data.eval_stats.summary()}")
+        m.print(f"run directory: {self.run_dir}")
+        if resume_from is not None:
+            m.print(f"resumed from {resume_from} at step {self.step}/{self.total_steps}")
+
+    def print_summary(self, summary: RunSummary) -> None:
+        if not self.is_main:
+            return
+        from rich.table import Table
+
+        met = summary.metrics
+        table = Table(title="leantune: run summary", show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("value")
+        table.add_row("steps", f"{summary.steps}")
+        if "eval_loss" in met:
+            table.add_row("eval loss", f"{met['eval_loss']:.4f}")
+            table.add_row("perplexity", f"{met['eval_ppl']:.3f}")
+        for key, value in met.items():
+            if key.startswith("acc/"):
+                table.add_row(f"exact match: {key[4:]}", f"{value:.1%}")
+        if "acc" in met:
+            table.add_row("exact match: all", f"{met['acc']:.1%} of {met['acc_samples']}")
+        table.add_row(
+            "peak memory",
+            f"{format_bytes(met['peak_mem_bytes'])} "
+            f"({'RSS' if self.device.type == 'cpu' else 'CUDA allocated'})",
+        )
+        table.add_row("tokens/s", f"{met['tokens_per_s']:.0f} ({met['train_seconds']:.0f} s training)")
+        table.add_row("run directory", str(summary.run_dir))
+        if summary.final_dir is not None:
+            table.add_row("model (HF format)", str(summary.final_dir))
+        plot = summary.run_dir / "plot.png"
+        if plot.exists():
+            table.add_row("plot", str(plot))
+        table.add_row("tensorboard", f"tensorboard --logdir {summary.run_dir.parent}")
+        self.monitor._console.print(table)
+
+    def close(self) -> None:
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            monitor.close()
+
+    def run(self) -> RunSummary:
+        """setup -> train -> plot -> close, printing a summary."""
+        try:
+            self.setup()
+            summary = self.train()
+            if self.is_main and self.cfg.log.plot and not summary.interrupted:
+                from leantune.plot import plot_run
+
+                plot_run(self.run_dir)
+            if not summary.interrupted:
+                self.print_summary(summary)
+            return summary
+        finally:
+            self.close()
+
+
+def train(cfg: Config) -> RunSummary:
+    """Train with ``cfg`` and return the summary (see :class:`Trainer`)."""
+    return Trainer(cfg).run()

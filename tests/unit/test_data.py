@@ -1,0 +1,203 @@
+"""Data: built-in tasks, file formats and their errors, masking, packing, batching, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from leantune.config import DataConfig
+from leantune.data import (
+    IGNORE_INDEX,
+    BatchStream,
+    DataError,
+    build_byte_tokenizer,
+    build_datasets,
+    collate,
+    encode_records,
+    generate_examples,
+    load_records,
+)
+from leantune.data.records import detect_format, validate_records
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_byte_tokenizer()
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_builtin_tasks_are_deterministic_correct_and_disjoint_from_eval():
+    a = generate_examples(["add", "reverse", "sort", "count"], 200, seed=3)
+    assert a == generate_examples(["add", "reverse", "sort", "count"], 200, seed=3)
+    assert a != generate_examples(["add", "reverse", "sort", "count"], 200, seed=4)
+    for ex in a:
+        body = ex["prompt"].split(" ", 1)[1].rstrip("\n")
+        if ex["task"] == "add":
+            x, y = body.split("+")
+            assert int(ex["response"]) == int(x) + int(y)
+        elif ex["task"] == "reverse":
+            assert ex["response"] == body[::-1]
+        elif ex["task"] == "sort":
+            assert ex["response"] == "".join(sorted(body))
+        else:
+            letter, word = body.split(" in ")
+            assert int(ex["response"]) == word.count(letter)
+    data = build_datasets(DataConfig(num_train=500, num_eval=40), build_byte_tokenizer())
+    eval_prompts = {tuple(s.prompt_ids) for s in data.eval}
+    assert len(eval_prompts) == 40
+    assert not eval_prompts & {tuple(s.prompt_ids) for s in data.train}
+    assert {s.task for s in data.eval} == {"add", "reverse", "sort", "count"}
+
+
+def test_unknown_task_is_an_error():
+    with pytest.raises(ValueError, match="Unknown built-in task 'multiply'"):
+        generate_examples(["multiply"], 3, seed=0)
+
+
+def test_instruction_labels_are_masked_exactly_on_prompt_tokens(tok):
+    recs = [{"prompt": "add 1+2\n", "response": "3"}]
+    (s,), stats = encode_records(recs, ["x:1"], "instruction", tok, max_length=64)
+    prompt_ids = tok("add 1+2\n")["input_ids"]
+    response_ids = tok("3", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert s.input_ids == prompt_ids + response_ids
+    assert s.labels == [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    assert s.prompt_ids == prompt_ids and s.answer == "3"
+    assert stats.label_tokens == len(response_ids)
+
+
+def test_chat_labels_cover_only_assistant_turns(tok):
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "again"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    (s,), _ = encode_records([{"messages": msgs}], ["x:1"], "chat", tok, max_length=256)
+    assert tok.decode(s.input_ids) == tok.apply_chat_template(msgs, tokenize=False) or tok.decode(
+        s.input_ids
+    ).endswith(tok.apply_chat_template(msgs, tokenize=False))
+    trained = tok.decode([t for t, label in zip(s.input_ids, s.labels) if label != IGNORE_INDEX])
+    assert trained == "yo</s>ok</s>"
+
+
+def test_text_packing_fills_full_sequences(tok):
+    recs = [{"text": "abcdefghij" * 3}, {"text": "klmnop" * 5}]
+    samples, stats = encode_records(recs, ["a", "b"], "text", tok, max_length=16, pack=True)
+    total = sum(len(tok(r["text"])["input_ids"]) + 1 for r in recs)
+    assert all(len(s.input_ids) == 16 and s.labels == s.input_ids for s in samples)
+    assert len(samples) == total // 16
+    assert stats.extra["packed_tokens_dropped"] == total % 16
+
+
+@pytest.mark.parametrize(
+    ("policy", "kept", "truncated", "dropped"), [("truncate", 2, 1, 0), ("drop", 1, 0, 1)]
+)
+def test_overlong_policy_is_applied_and_counted(tok, policy, kept, truncated, dropped):
+    recs = [{"prompt": "p\n", "response": "x" * 40}, {"prompt": "p\n", "response": "ok"}]
+    samples, stats = encode_records(recs, ["a", "b"], "instruction", tok, max_length=16, overlong=policy)
+    assert len(samples) == kept and stats.truncated == truncated and stats.dropped_overlong == dropped
+    assert all(len(s.input_ids) <= 16 for s in samples)
+    assert str(truncated or dropped) in stats.summary()
+
+
+def test_every_label_masked_is_a_clear_error(tok):
+    recs = [{"prompt": "x" * 40, "response": "y"}]
+    with pytest.raises(DataError, match="every label masked"):
+        encode_records(recs, ["f.jsonl:1"], "instruction", tok, max_length=16)
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "ok"}\n\n{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:4: malformed JSON"):
+        load_records(path)
+
+
+def test_missing_field_names_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
+    records, where = load_records(path)
+    with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'response'"):
+        validate_records(records, where, "instruction")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("", "has no records"),
+        ('{"foo": 1}\n', "cannot tell the data format"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no assistant message"),
+        ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "use system, user or assistant"),
+        ('{"text": 3}\n', "field 'text' must be a string"),
+        ("[1, 2]\n", "expected a JSON object per line"),
+    ],
+)
+def test_bad_files_are_clear_errors(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        records, where = load_records(path)
+        validate_records(records, where, detect_format(records, str(path)))
+
+
+def test_missing_file_and_bad_suffix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_records(tmp_path / "nope.jsonl")
+    (tmp_path / "d.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        load_records(tmp_path / "d.csv")
+
+
+def test_json_array_and_parquet_files(tmp_path):
+    recs = [{"prompt": f"q{i}\n", "response": f"a{i}"} for i in range(5)]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    assert load_records(tmp_path / "d.json")[0] == recs
+    import datasets
+
+    datasets.Dataset.from_list(recs).to_parquet(str(tmp_path / "d.parquet"))
+    loaded, where = load_records(tmp_path / "d.parquet")
+    assert loaded == recs and where[0].endswith("record 1")
+
+
+def test_file_datasets_hold_out_an_eval_split(tmp_path, tok):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"q{i}\n", "response": f"a{i}"} for i in range(50)])
+    data = build_datasets(DataConfig(train=str(path), num_eval=5), tok)
+    assert data.format == "instruction" and len(data.eval) == 5 and len(data.train) == 45
+
+
+def test_collate_pads_right_and_masks_padding(tok):
+    (a, b), _ = encode_records(
+        [{"prompt": "a\n", "response": "bb"}, {"prompt": "ccc\n", "response": "ddddd"}],
+        ["1", "2"],
+        "instruction",
+        tok,
+        max_length=64,
+    )
+    batch = collate([a, b], tok.pad_token_id)
+    n = len(a.input_ids)
+    assert batch["input_ids"].shape == (2, len(b.input_ids))
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (len(b.input_ids) - n)
+    assert (batch["labels"][0, n:] == IGNORE_INDEX).all()
+
+
+def test_batch_stream_resumes_exactly_and_shards_by_rank(tok):
+    data = build_datasets(DataConfig(num_train=100, num_eval=0), tok)
+    full = BatchStream(data.train, 8, tok.pad_token_id, seed=1)
+    seq = [full.next_batch()["input_ids"] for _ in range(30)]  # crosses epoch boundaries
+    part = BatchStream(data.train, 8, tok.pad_token_id, seed=1)
+    for _ in range(17):
+        part.next_batch()
+    resumed = BatchStream(data.train, 8, tok.pad_token_id, seed=1)
+    resumed.load_state_dict(part.state_dict())
+    assert all((resumed.next_batch()["input_ids"] == x).all() for x in seq[17:])
+    r0 = BatchStream(data.train, 4, tok.pad_token_id, seed=1, rank=0, world_size=2)
+    r1 = BatchStream(data.train, 4, tok.pad_token_id, seed=1, rank=1, world_size=2)
+    assert set(r0._epoch_order()).isdisjoint(r1._epoch_order())
+    assert len(r0._epoch_order()) == len(r1._epoch_order()) == 50
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        BatchStream(data.train[:3], 8, tok.pad_token_id)
