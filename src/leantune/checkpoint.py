@@ -26,7 +26,8 @@ import os
 import random
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -120,31 +121,72 @@ def verify_checkpoint(directory: Path, *, checksums: bool = True) -> None:
             raise CheckpointError(f"{directory}: {rel} is corrupt (checksum mismatch)")
 
 
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def _all_ok(ok: bool) -> bool:
+    """True when ``ok`` holds on every rank (every rank must call this)."""
+    dist = _dist()
+    if dist is None:
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0])
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
 def atomic_directory(target: Path, write: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
     """Create ``target`` atomically: ``write(tmp)`` fills a temporary sibling, then a manifest is
     written and the directory renamed into place. On any error the temporary directory is removed
     and ``target`` (if it existed) is untouched.
+
+    Under ``torch.distributed`` every rank calls this with the same ``target``: all ranks run
+    ``write`` into one shared temporary directory (e.g. for sharded checkpoints), rank 0 writes
+    the manifest and renames, and a failure on any rank fails the save on every rank.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    dist = _dist()
+    main = dist is None or dist.get_rank() == 0
+    tag = os.getpid() if dist is None else "dist"
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    error: BaseException | None = None
+    if main:
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as err:
+            error = err
+    if not _all_ok(error is None):
+        raise error or CheckpointError(f"{target}: another rank could not prepare the checkpoint directory")
     try:
-        tmp.mkdir()
         write(tmp)
-        write_manifest(tmp, meta)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except Exception as err:  # reported on every rank below
+        error = err
+    if main and _all_ok(error is None):
+        try:
+            write_manifest(tmp, meta)
+            if target.exists():
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                target.rename(old)
+                tmp.rename(target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                tmp.rename(target)
+            _fsync_dir(target.parent)
+        except BaseException as err:
+            error = err
+    elif not main:
+        _all_ok(error is None)
+    if not _all_ok(error is None):
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise error or CheckpointError(f"{target}: the save failed on another rank")
     return target
 
 
@@ -216,3 +258,101 @@ def save_torch(obj: Any, path: Path) -> None:
 def load_torch(path: Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers (never arbitrary pickles)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ------------------------------------------------------------------ model and optimizer state
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
+def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
+    """Hugging Face format (safetensors + config + tokenizer), written by rank 0.
+
+    Sharded (FSDP2) models are gathered to a full, CPU state dict first; every rank must call this.
+    """
+    dist = _dist()
+    state = None
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist is None or dist.get_rank() == 0:
+        model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(directory)
+
+
+def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
+    """All tensors of the ``*.safetensors`` files of a directory."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(directory).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{directory}: no safetensors weights")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
+    """Load HF safetensors weights into ``model`` (plain, DDP-replicated or FSDP2-sharded)."""
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        dist = _dist()
+        state = read_safetensors_dir(directory) if dist.get_rank() == 0 else {}
+        set_model_state_dict(
+            model,
+            state,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False),
+        )
+        return
+    state = read_safetensors_dir(directory)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(
+            f"{directory}: weights do not match the model (missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]})"
+        )
+
+
+@contextmanager
+def _single_process_is_fine() -> Iterator[None]:
+    # DCP warns when it runs without a process group; one process is a supported case here.
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="torch.distributed is disabled, unavailable or uninitialized"
+        )
+        yield
+
+
+def save_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Optimizer state with ``torch.distributed.checkpoint``, keyed by parameter name, sharded
+    like the parameters: a checkpoint written by N ranks loads on M ranks. Every rank calls this."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    init = getattr(optimizer, "init_state", None)
+    if init is not None:
+        init()  # every trainable tensor has state, so that a loader finds every key it expects
+    with _single_process_is_fine():
+        dcp.save({"optim": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(directory))
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    """Inverse of :func:`save_optimizer` (any number of ranks)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    init = getattr(optimizer, "init_state", None)
+    if init is not None:
+        init()  # DCP fills an existing structure; fused optimizers create theirs lazily otherwise
+    osd = get_optimizer_state_dict(model, optimizer)
+    with _single_process_is_fine():
+        dcp.load({"optim": osd}, checkpoint_id=str(directory))
+    set_optimizer_state_dict(model, optimizer, osd)

@@ -148,6 +148,15 @@ class TrainConfig:
     """Resumable checkpoints to keep (the newest valid one is never deleted)."""
     max_nonfinite: int = 5
     """Stop the run after this many consecutive steps with a non-finite loss or gradient."""
+    hft: bool = False
+    """Half Fine-Tuning: per block freeze 2 of q/k/v/o and 1-2 of gate/up/down at random, and the
+    input embeddings (head and norms train); see `leantune.hft`. Frozen tensors get no gradient,
+    no optimizer state and no fused-optimizer hook."""
+    hft_seed: int = 0
+    """Seed of the HFT draw (with the stage index, and the epoch under `hft_redraw=epoch`)."""
+    hft_redraw: str = "stage"
+    """When HFT draws a new mask: stage (once per run; a run from `model.path` of an HFT run is the
+    next stage) or epoch (also at each new epoch). A resumed run keeps its saved mask."""
 
 
 @dataclass
@@ -203,6 +212,11 @@ class PeftConfig:
     """LoRA: weight-decomposed LoRA (DoRA)."""
     use_rslora: bool = False
     """LoRA: rank-stabilised scaling alpha/sqrt(r)."""
+    init: str = "auto"
+    """LoRA initialisation: default (peft's, B = 0), gaussian (B = 0), orthogonal (B != 0 but BA = 0,
+    so the model is unchanged at step 0; needs an even r) or auto = orthogonal with an even r for
+    optimizers whose step is relative to the tensor's RMS (adalomo, adafactor: they barely move a
+    zero B), else default."""
     num_virtual_tokens: int = 16
     """Prefix / prompt tuning: number of virtual tokens."""
 
@@ -305,6 +319,40 @@ class Config:
                 self.peft.method in ("none", "lora", "ia3", "prefix", "prompt"),
                 f"peft.method must be none, lora, ia3, prefix or prompt, got {self.peft.method!r}",
             ),
+            (self.peft.r >= 1, f"peft.r must be >= 1, got {self.peft.r}"),
+            (self.peft.alpha > 0, f"peft.alpha must be > 0, got {self.peft.alpha}"),
+            (0 <= self.peft.dropout < 1, f"peft.dropout must be in [0, 1), got {self.peft.dropout}"),
+            (bool(self.peft.target_modules), "peft.target_modules is empty: name modules or [all-linear]"),
+            (
+                self.peft.num_virtual_tokens >= 1,
+                f"peft.num_virtual_tokens must be >= 1, got {self.peft.num_virtual_tokens}",
+            ),
+            (
+                self.peft.method == "lora" or not (self.peft.use_dora or self.peft.use_rslora),
+                f"peft.use_dora / peft.use_rslora apply to peft.method=lora, not {self.peft.method!r}",
+            ),
+            (
+                self.peft.init in ("auto", "default", "gaussian", "orthogonal"),
+                f"peft.init must be auto, default, gaussian or orthogonal, got {self.peft.init!r}",
+            ),
+            (
+                self.peft.init != "orthogonal" or self.peft.r % 2 == 0,
+                f"peft.init=orthogonal needs an even peft.r, got {self.peft.r}",
+            ),
+            (
+                not (self.peft.method == "prefix" and self.model.gradient_checkpointing),
+                "peft.method=prefix does not work with model.gradient_checkpointing (peft refuses it: the "
+                "prefix is passed as a key/value cache); turn one of them off, or use peft.method=prompt",
+            ),
+            (
+                self.train.hft_redraw in ("stage", "epoch"),
+                f"train.hft_redraw must be stage or epoch, got {self.train.hft_redraw!r}",
+            ),
+            (
+                not (self.train.hft and self.peft.method != "none"),
+                f"train.hft=true and peft.method={self.peft.method} exclude each other: HFT trains half of "
+                "the model's own matrices, peft trains adapters on a frozen model; set one of them off",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -329,6 +377,12 @@ class Config:
             is_fused(self.optim.name)  # validates the name
         except ValueError as err:
             raise ConfigError(f"optim.name: {err}") from None
+        epoch_redraw = self.train.hft and self.train.hft_redraw == "epoch"
+        if epoch_redraw and self.dist.strategy == "ddp" and not is_fused(self.optim.name):
+            raise ConfigError(
+                "train.hft_redraw=epoch with dist.strategy=ddp needs a fused optimizer (adalomo, "
+                "lomo): DistributedDataParallel fixes the trainable parameters when it is built"
+            )
         return self
 
 

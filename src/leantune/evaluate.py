@@ -45,6 +45,8 @@ def eval_loss(
             break
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # peft prompt tuning returns logits for its virtual tokens too, in front: keep the last L.
+        logits = logits[:, -batch["input_ids"].shape[1] :]
         targets = batch["labels"][:, 1:]
         nll = F.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]),

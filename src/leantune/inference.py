@@ -38,7 +38,7 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, Path | None]:
         if found is None:
             raise FileNotFoundError(f"{p} is a run directory without a final model or a valid checkpoint")
         return found / "model", p
-    if (p / "model" / "config.json").is_file():
+    if (p / "model" / "config.json").is_file() or (p / "model" / "adapter_config.json").is_file():
         run = p.parent.parent if p.parent.name == "checkpoints" else None
         return p / "model", run
     if (p / "config.json").is_file() or (p / "adapter_config.json").is_file():
@@ -69,11 +69,14 @@ def load_for_inference(
         run_cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     tokenizer = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     if (model_dir / "adapter_config.json").is_file():
-        from peft import AutoPeftModelForCausalLM
+        from leantune.adapters import AdapterError, load_adapter_model
 
-        model = AutoPeftModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype or "auto", local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        try:  # base + peft adapter; the base is found as leantune.adapters.resolve_base describes
+            model = load_adapter_model(
+                model_dir, run_dir=run_dir, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+        except AdapterError as err:
+            raise FileNotFoundError(str(err)) from None
     else:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,

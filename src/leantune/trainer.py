@@ -23,12 +23,14 @@ import yaml
 from leantune import checkpoint as ckpt
 from leantune.config import Config, ConfigError, config_diff, config_from_dict, render_config
 from leantune.data import BatchStream, Datasets, build_datasets, load_tokenizer
+from leantune.distributed.runtime import all_agree, all_reduce_sum, init_distributed, run_on_main
+from leantune.distributed.strategy import attach_optimizer, wrap_model
 from leantune.evaluate import eval_loss, exact_match
 from leantune.models import build_model, count_parameters, human_count, resolve_dtype
 from leantune.monitor import Monitor, format_bytes, peak_memory_bytes
 from leantune.optim import Stepper, build_optimizer, is_fused, needs_create_graph
 
-__all__ = ["RunSummary", "Trainer", "TrainingError", "load_hf_weights", "train"]
+__all__ = ["RunSummary", "Trainer", "TrainingError", "train"]
 
 # Settings that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = (
@@ -41,6 +43,7 @@ RESUMABLE_CHANGES = (
     "train.keep_last",
     "train.device",
     "train.max_nonfinite",
+    "train.batch_size",  # allowed when the global batch stays the same (checked on load)
     "dist.nproc",
     "dist.strategy",
     "dist.cpu_offload",
@@ -90,27 +93,6 @@ def _build_scheduler(opt: torch.optim.Optimizer, cfg: Config, total_steps: int):
     return S.SequentialLR(opt, [warmup, main], milestones=[warm])
 
 
-def load_hf_weights(model: torch.nn.Module, directory: Path) -> None:
-    """Load every ``*.safetensors`` file of an HF directory into ``model`` (tied keys may be absent)."""
-    from safetensors.torch import load_file
-
-    files = sorted(Path(directory).glob("*.safetensors"))
-    if not files:
-        raise ckpt.CheckpointError(f"{directory}: no safetensors weights")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - {
-        name for name, p in model.named_parameters()
-    }
-    if unexpected or set(missing) - tied:
-        raise ckpt.CheckpointError(
-            f"{directory}: weights do not match the model (missing {sorted(set(missing) - tied)[:5]}, "
-            f"unexpected {sorted(unexpected)[:5]})"
-        )
-
-
 class Trainer:
     """Trains a causal LM as described by a :class:`~leantune.config.Config`.
 
@@ -129,11 +111,14 @@ class Trainer:
         self.rank, self.world_size = 0, 1
         self.is_main = True
         self.last_eval: dict[str, Any] = {}
+        self.hft: Any = None  # leantune.hft.HftTracker when train.hft is on
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
         cfg = self.cfg
-        self.device = _device(cfg.train.device)
+        self.env = init_distributed(cfg.dist.strategy, cfg.train.device)
+        self.rank, self.world_size, self.is_main = self.env.rank, self.env.world_size, self.env.is_main
+        self.device = self.env.device
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(
@@ -141,6 +126,15 @@ class Trainer:
         )
         self.data: Datasets = build_datasets(cfg.data, self.tokenizer)
         self.model = self._build_model()
+        # train_model runs the forward passes (a DDP wrapper for ordinary optimizers under ddp);
+        # self.model is the model itself, for evaluation and saving.
+        self.train_model = wrap_model(
+            self.model,
+            cfg.dist.strategy,
+            fused=is_fused(cfg.optim.name),
+            device=self.device,
+            dist_cfg=cfg.dist,
+        )
         self.stream = BatchStream(
             self.data.train,
             cfg.train.batch_size,
@@ -153,8 +147,10 @@ class Trainer:
             1, math.ceil(cfg.train.epochs * self.stream.batches_per_epoch / cfg.train.accumulation_steps)
         )
         self.optimizer, self.stepper = self._build_optimizer()
+        attach_optimizer(self.optimizer, cfg.dist.strategy)
         self.scheduler = _build_scheduler(self.optimizer, cfg, self.total_steps)
-        self.run_dir, resume_from = self._resolve_run_dir()
+        # Every rank must use rank 0's run directory (its default name is a timestamp).
+        self.run_dir, resume_from = run_on_main(self._resolve_run_dir)
         if resume_from is not None:
             self._load(resume_from)
         self.monitor = Monitor(
@@ -195,6 +191,7 @@ class Trainer:
                 enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = self._adapt_model(model)
         model.to(self.device)
         model.train()
         return model
@@ -216,10 +213,101 @@ class Trainer:
                     o.name, self.model, **kwargs, **engine, rounding=rounding, seed=self.cfg.train.seed
                 )
                 return opt, opt
-            opt = build_optimizer(o.name, self.model, **kwargs)
+            # An HFT mask re-drawn per epoch unfreezes tensors later: give the optimizer all of
+            # them now (frozen ones get no gradient, hence no state and no update).
+            redraws = self.hft is not None and self.cfg.train.hft_redraw == "epoch"
+            opt = build_optimizer(o.name, list(self.model.parameters()) if redraws else self.model, **kwargs)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"optim: {err}") from None
         return opt, Stepper(opt, create_graph=needs_create_graph(o.name), **engine)
+
+    # ------------------------------------------------- adapters (peft) and HFT
+    def _adapt_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Wrap ``model`` with peft adapters (``peft.method``) or apply the HFT mask (``train.hft``)."""
+        if self.cfg.peft.method != "none":
+            from leantune.adapters import AdapterError, wrap_model
+
+            try:
+                return wrap_model(model, self.cfg.peft, optimizer=self.cfg.optim.name)
+            except AdapterError as err:
+                raise ConfigError(str(err)) from None
+        if self.cfg.train.hft:
+            from leantune.hft import HftError, HftTracker, load_state
+
+            try:
+                self.hft = HftTracker(model, self.cfg.train.hft_seed, load_state(self.cfg.model.path))
+            except HftError as err:
+                raise ConfigError(str(err)) from None
+        return model
+
+    def _peft_base_dir(self) -> Path:
+        """The base model of the adapters: ``model.path``, or RUN_DIR/base for a preset, whose random
+        init is written there once (HF format) so that the adapter can be loaded and merged."""
+        from leantune import adapters
+
+        if self.cfg.model.path:
+            return Path(self.cfg.model.path).resolve()
+        base = self.run_dir / adapters.BASE_DIR
+        if not (base / ckpt.MANIFEST).is_file():
+
+            def write(tmp: Path) -> None:
+                if self.is_main:
+                    adapters.save_base(self.model, tmp, self.tokenizer)
+
+            ckpt.atomic_directory(base, write)
+        return base.resolve()
+
+    def _save_model(self, directory: Path) -> None:
+        """HF format; for peft runs the adapter only (peft format); with HFT also the mask history."""
+        if self.cfg.peft.method != "none":
+            self.model.peft_config["default"].base_model_name_or_path = str(self._peft_base_dir())
+        ckpt.save_model(self.model, self.tokenizer, directory)
+        if self.hft is not None and self.is_main:
+            self.hft.state.save(directory)
+
+    def _load_model(self, directory: Path) -> None:
+        """Inverse of :meth:`_save_model`; restores the saved HFT mask exactly (never re-drawn)."""
+        if self.cfg.peft.method != "none":
+            from leantune import adapters
+
+            base = self.run_dir / adapters.BASE_DIR
+            if (base / "config.json").is_file():
+                adapters.load_base_weights(self.model, base)
+            adapters.load_adapter_weights(self.model, directory)
+        else:
+            ckpt.load_model_weights(self.model, directory)
+        if self.hft is not None:
+            from leantune.hft import STATE_FILE, load_state
+
+            state = load_state(directory)
+            if state is None:
+                raise ckpt.CheckpointError(f"{directory}: no {STATE_FILE}: the run's HFT mask is unknown")
+            self.hft.restore(state)
+            self._sync_optimizer_with_mask()
+
+    def _sync_optimizer_with_mask(self) -> None:
+        # Fused optimizers hook exactly the trainable tensors; others drop the state of frozen ones.
+        if hasattr(self.optimizer, "refresh_hooks"):
+            self.optimizer.refresh_hooks()
+            return
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad:
+                    self.optimizer.state.pop(p, None)
+
+    def _maybe_redraw_hft(self) -> None:
+        """``train.hft_redraw=epoch``: a new mask for the first step that starts in a new epoch."""
+        if self.hft is None or self.cfg.train.hft_redraw != "epoch":
+            return
+        epoch = math.floor(self.stream.epoch_progress)
+        if epoch == self.hft.mask.redraw:
+            return
+        self.hft.redraw(epoch, step=self.step)
+        self._sync_optimizer_with_mask()
+        init = getattr(self.optimizer, "init_state", None)
+        if init is not None:
+            init()  # newly trainable tensors get their (zero) state now, as a first update would
+        self.monitor.print(f"step {self.step}: new epoch, {self.hft.summary()}")
 
     # ------------------------------------------------------------ run dirs
     def _resolve_run_dir(self) -> tuple[Path, Path | None]:
@@ -272,34 +360,79 @@ class Trainer:
 
     # ----------------------------------------------------------- checkpoints
     def _load(self, path: Path) -> None:
-        self._check_resume_config(self.run_dir)
-        load_hf_weights(self.model, path / "model")
-        self.stepper.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
+        run_on_main(lambda: self._check_resume_config(self.run_dir))
+        self._load_model(path / "model")
+        opt = self.stepper.optimizer if isinstance(self.stepper, Stepper) else self.optimizer
+        ckpt.load_optimizer(self.model, opt, path / "optim")
         state = ckpt.load_torch(path / "training_state.pt")
+        if state["global_batch"] != self.global_batch:
+            raise ConfigError(
+                f"cannot resume {path}: it was trained with a global batch of {state['global_batch']} "
+                f"sequences (batch_size x ranks x accumulation), now {self.global_batch}; keep it equal "
+                "(e.g. double train.batch_size when halving the ranks)"
+            )
         self.scheduler.load_state_dict(state["scheduler"])
-        self.stream.load_state_dict(state["data"])
-        ckpt.restore_rng(state["rng"])
+        stream = dict(state["data"])
+        stream["cursor"] = (
+            stream["cursor"]
+            * state["world_size"]
+            * state["batch_size"]
+            // (self.world_size * self.cfg.train.batch_size)
+        )
+        self.stream.load_state_dict(stream)
+        per_rank = state["per_rank"]
+        mine = per_rank[self.rank] if len(per_rank) == self.world_size else per_rank[0]
+        ckpt.restore_rng(mine["rng"])
+        engine = dict(mine["engine"])
+        if len(per_rank) != self.world_size and engine.get("generators"):
+            self.monitor_warning = (
+                f"resuming {len(per_rank)}-rank stochastic-rounding state on {self.world_size} ranks: "
+                "rounding noise is re-seeded (the run stays valid but is not bitwise reproducible)"
+            )
+            engine["generators"] = {}
+        self.stepper.load_engine_state_dict(engine)
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.resumed_from = path
 
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.world_size * self.cfg.train.accumulation_steps
+
+    def _gather(self, obj: Any) -> list[Any]:
+        from leantune.distributed.runtime import is_distributed
+
+        if not is_distributed():
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def save(self) -> Path:
-        """Write a resumable checkpoint of the current step and prune old ones."""
+        """Write a resumable checkpoint of the current step and prune old ones (every rank calls this)."""
         root = self.run_dir / "checkpoints"
+        per_rank = self._gather({"rng": ckpt.capture_rng(), "engine": self.stepper.engine_state_dict()})
+        opt = self.stepper.optimizer if isinstance(self.stepper, Stepper) else self.optimizer
 
         def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp / "model", safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp / "model")
-            ckpt.save_torch(self.stepper.state_dict(), tmp / "optimizer.pt")
+            self._save_model(tmp / "model")
+            ckpt.save_optimizer(self.model, opt, tmp / "optim")
+            if not self.is_main:
+                return
             ckpt.save_torch(
                 {
                     "scheduler": self.scheduler.state_dict(),
                     "data": self.stream.state_dict(),
-                    "rng": ckpt.capture_rng(),
+                    "per_rank": per_rank,
                     "step": self.step,
                     "tokens_seen": self.tokens_seen,
                     "nonfinite_total": self.nonfinite_total,
+                    "world_size": self.world_size,
+                    "batch_size": self.cfg.train.batch_size,
+                    "global_batch": self.global_batch,
                 },
                 tmp / "training_state.pt",
             )
@@ -308,35 +441,46 @@ class Trainer:
             )
 
         path = ckpt.atomic_directory(root / f"{ckpt.PREFIX}{self.step:06d}", write, meta={"step": self.step})
-        ckpt.prune_checkpoints(root, self.cfg.train.keep_last)
+        if self.is_main:
+            ckpt.prune_checkpoints(root, self.cfg.train.keep_last)
         return path
 
     def export(self) -> Path:
-        """Write the final model (HF format: safetensors + config + tokenizer) to RUN_DIR/final."""
-
-        def write(tmp: Path) -> None:
-            self.model.save_pretrained(tmp, safe_serialization=True)
-            self.tokenizer.save_pretrained(tmp)
-
-        return ckpt.atomic_directory(self.run_dir / "final", write, meta={"step": self.step})
+        """Write the final model (HF format: safetensors + config + tokenizer; for peft runs the
+        adapter in peft format) to RUN_DIR/final."""
+        return ckpt.atomic_directory(
+            self.run_dir / "final",
+            self._save_model,
+            meta={"step": self.step},
+        )
 
     # ----------------------------------------------------------------- train
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``accumulation_steps`` micro-batches."""
-        losses, tokens, result = [], 0, None
+        losses, tokens, result, lost = [], 0, None, False
         for _ in range(self.cfg.train.accumulation_steps):
             batch = {k: v.to(self.device) for k, v in self.stream.next_batch().items()}
             tokens += int(batch["attention_mask"].sum())
-            if losses and not math.isfinite(losses[-1]):
+            if lost:
                 continue  # this step is already lost; keep the data position exact
-            loss = self.model(**batch).loss
-            losses.append(loss.item())
-            if not math.isfinite(losses[-1]):
+            loss = self.train_model(**batch).loss
+            # One sync per micro-batch: the mean loss over ranks, and whether any rank's is not
+            # finite (then every rank skips together, or the collectives would deadlock).
+            local = [
+                loss.detach().float(),
+                (~torch.isfinite(loss)).float(),
+                batch["attention_mask"].sum().float(),
+            ]
+            stats = all_reduce_sum(torch.stack(local)).tolist()
+            losses.append(stats[0] / self.world_size)
+            tokens += int(stats[2]) - int(local[2])  # count every rank's tokens
+            if stats[1] > 0:
+                lost = True
+                losses[-1] = float("nan")
                 self.stepper.zero_grad()  # drop a partial accumulation: never step on NaN
                 continue
             result = self.stepper.backward(loss)
-        finite = all(math.isfinite(x) for x in losses)
-        skipped = not finite or result is None or result.skipped
+        skipped = lost or result is None or result.skipped
         self.scheduler.step()
         return {
             "loss": sum(losses) / len(losses),
@@ -408,15 +552,16 @@ class Trainer:
         run_t0, run_tokens, run_start_step = t0, 0, self.step
         try:
             while self.step < self.total_steps:
+                self._maybe_redraw_hft()
                 out = self.train_step()
                 self.step += 1
-                self.tokens_seen += out["tokens"] * self.world_size
-                run_tokens += out["tokens"] * self.world_size
+                self.tokens_seen += out["tokens"]
+                run_tokens += out["tokens"]
                 self._handle_nonfinite(out)
                 window.append(out)
                 if self.step % cfg.log.every == 0 or self.step == self.total_steps:
                     elapsed = time.perf_counter() - t0
-                    toks = sum(o["tokens"] for o in window) * self.world_size
+                    toks = sum(o["tokens"] for o in window)
                     finite = [o["loss"] for o in window if math.isfinite(o["loss"])]
                     norms = [o["grad_norm"] for o in window if o["grad_norm"] is not None]
                     values = {
@@ -444,9 +589,9 @@ class Trainer:
                 ):
                     self.save()
                     t0 = time.perf_counter()
-                if self._stop_signal is not None:
+                if all_agree(self._stop_signal is not None, self.device):
                     path = self.save()
-                    name = signal.Signals(self._stop_signal).name
+                    name = signal.Signals(self._stop_signal or signal.SIGTERM).name
                     self.monitor.print(
                         f"\n{name} received: saved {path} at step {self.step}. Resume with:\n"
                         f"  leantune train {self._resume_hint()}"
@@ -464,7 +609,7 @@ class Trainer:
         metrics["train_seconds"] = train_time
         metrics["steps_this_run"] = self.step - run_start_step
         self.save()
-        final = self.export() if self.is_main else None
+        final = self.export()
         return RunSummary(self.run_dir, self.step, final, metrics)
 
     def _resume_hint(self) -> str:
@@ -483,15 +628,30 @@ class Trainer:
         n_total = count_parameters(self.model)
         n_train = count_parameters(self.model, trainable_only=True)
         m.print(
-            f"model: {human_count(n_total)} parameters ({human_count(n_train)} trainable), "
-            f"{self.cfg.model.dtype} on {self.device} | optimizer: {self.cfg.optim.name}"
+            f"model: {human_count(n_total)} parameters ({human_count(n_train)} trainable, "
+            f"{n_train / max(n_total, 1):.2%}), {self.cfg.model.dtype} on {self.device} | "
+            f"optimizer: {self.cfg.optim.name}"
         )
+        if self.cfg.peft.method != "none":
+            m.print(f"peft: {self.cfg.peft.method}, {n_train:,} adapter parameters of {n_total:,}")
+        if self.hft is not None:
+            from leantune.hft import freeze_summary
+
+            m.print(self.hft.summary())
+            m.print(f"HFT frozen: input embeddings and (block:projections) {freeze_summary(self.hft.mask)}")
         m.print(f"data ({self.data.format}): train {self.data.train_stats.summary()}")
         if self.data.eval_stats is not None:
             m.print(f"data: eval {self.data.eval_stats.summary()}")
         m.print(f"run directory: {self.run_dir}")
+        if self.world_size > 1:
+            m.print(
+                f"distributed: {self.world_size} ranks ({self.env.backend}), strategy "
+                f"{self.cfg.dist.strategy}, global batch {self.global_batch} sequences"
+            )
         if resume_from is not None:
             m.print(f"resumed from {resume_from} at step {self.step}/{self.total_steps}")
+        if getattr(self, "monitor_warning", None):
+            m.print(f"warning: {self.monitor_warning}")
 
     def print_summary(self, summary: RunSummary) -> None:
         if not self.is_main:
@@ -530,6 +690,12 @@ class Trainer:
         monitor = getattr(self, "monitor", None)
         if monitor is not None:
             monitor.close()
+        from leantune.distributed.runtime import is_distributed
+
+        if is_distributed():
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
 
     def run(self) -> RunSummary:
         """setup -> train -> plot -> close, printing a summary."""

@@ -222,10 +222,15 @@ class AdaLomo(FusedOptimizer):
             writer=self.writer,
             compensation=self._compensation(p, state),
             chunk_elements=self.chunk_elements,
-            shard_sum=lambda t: self._shard_sum(p, t),
+            shard_sum=lambda t: self.collectives.shard_sum(p, t),
             global_shape=p.shape,
         )
 
-    def _shard_sum(self, p: Tensor, t: Tensor) -> Tensor:
-        """Sum ``t`` in place over the ranks holding shards of ``p`` (identity when unsharded)."""
-        return t
+    def _init_param_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        local = as_rows(self._local(p))
+        state["step"] = 0
+        if p.dim() >= 2:
+            state["row"] = torch.zeros(local.shape[0], dtype=torch.float32, device=local.device)
+            state["col"] = torch.zeros(local.shape[1], dtype=torch.float32, device=local.device)
+        else:
+            state["v"] = torch.zeros(self._local(p).shape, dtype=torch.float32, device=local.device)

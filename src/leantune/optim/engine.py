@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from leantune.optim.collectives import Collectives
 from leantune.optim.precision import ROUNDING_MODES, LossScaler, WriteBack
 
 __all__ = ["BackwardResult", "FusedOptimizer", "GradientView", "ParamsLike", "row_chunks", "as_rows"]
@@ -235,6 +236,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.seed = int(seed)
         self.chunk_elements = DEFAULT_CHUNK_ELEMENTS
         self.writer = WriteBack(rounding, self._generator)
+        self.collectives = Collectives()
         self._generators: dict[str, torch.Generator] = {}
         self._micro_step = 0
         self._phase = _Phase.IDLE
@@ -299,7 +301,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         gen = self._generators.get(key)
         if gen is None:
             gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
+            gen.manual_seed(self.seed + self.collectives.seed_offset())
             self._generators[key] = gen
         return gen
 
@@ -323,9 +325,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         p.grad = None  # the gradient is ours now and dies with this call
         if grad is None:
             return
-        grad = self._reduce_gradient(p, grad)
         state = self.state[p]
         if self._phase is _Phase.ACCUMULATE:
+            # Micro-batches accumulate locally; ranks are synchronised once, at the update.
             acc = state.get("grad_acc")
             if acc is None:
                 state["grad_acc"] = grad.to(torch.float32, copy=True).mul_(self._inv_scale)
@@ -333,22 +335,27 @@ class FusedOptimizer(torch.optim.Optimizer):
                 acc.add_(grad, alpha=self._inv_scale)
             return
         self._seen.add(id(p))
-        if self._phase is _Phase.MEASURE:
-            view = GradientView(
-                grad, state.get("grad_acc"), inv_scale=self._inv_scale, clip_value=self.clip_grad_value
-            )
+        measuring = self._phase is _Phase.MEASURE
+        acc = state.get("grad_acc") if measuring else state.pop("grad_acc", None)
+        view = self._view(grad, acc, clip_coef=1.0 if measuring else self._clip_coef)
+        del grad, acc
+        if measuring:
             self._add_square_sum(view.square_sum(self.chunk_elements))
             return
-        view = GradientView(
-            grad,
-            state.pop("grad_acc", None),
-            inv_scale=self._inv_scale,
-            clip_value=self.clip_grad_value,
-            clip_coef=self._clip_coef,
-        )
-        del grad
         with torch.no_grad():
             self._update(p, view, self._group_of[p], state)
+
+    def _view(self, grad: Tensor | None, acc: Tensor | None, *, clip_coef: float) -> GradientView:
+        """The effective gradient; for replicated data parallelism, averaged over the ranks."""
+        inv_scale = self._inv_scale if grad is not None else 1.0
+        if self.collectives.replicated:
+            total = acc.clone() if grad is None else grad.to(torch.float32, copy=True).mul_(inv_scale)
+            if grad is not None and acc is not None:
+                total.add_(acc)
+            grad, acc, inv_scale = self.collectives.average_gradient(total), None, 1.0
+        return GradientView(
+            grad, acc, inv_scale=inv_scale, clip_value=self.clip_grad_value, clip_coef=clip_coef
+        )
 
     def _add_square_sum(self, sq: Tensor) -> None:
         current = self._square_sums.get(sq.device)
@@ -365,7 +372,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         total = sums[0]
         for s in sums[1:]:
             total = total + s.to(total.device)
-        return self._reduce_square_sum(total)
+        return self.collectives.sum_square_norms(total)
 
     def backward(self, loss: Tensor, *, retain_graph: bool = False) -> BackwardResult:
         """Run backward on ``loss`` and apply the fused update (every ``accumulation_steps`` calls).
@@ -404,7 +411,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             with self._in_phase(_Phase.MEASURE):
                 scaled.backward(retain_graph=True)
             for p in self._unseen_accumulated():
-                view = GradientView(None, self.state[p]["grad_acc"], clip_value=self.clip_grad_value)
+                view = self._view(None, self.state[p]["grad_acc"], clip_coef=1.0)
                 self._add_square_sum(view.square_sum(self.chunk_elements))
             grad_norm = math.sqrt(self._global_square_sum().item())  # the one host sync per step
             self._square_sums.clear()
@@ -421,12 +428,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         with self._in_phase(_Phase.UPDATE):
             scaled.backward(retain_graph=retain_graph)
             for p in self._unseen_accumulated():
-                view = GradientView(
-                    None,
-                    self.state[p].pop("grad_acc"),
-                    clip_value=self.clip_grad_value,
-                    clip_coef=self._clip_coef,
-                )
+                view = self._view(None, self.state[p].pop("grad_acc"), clip_coef=self._clip_coef)
                 with torch.no_grad():
                     self._update(p, view, self._group_of[p], self.state[p])
         self._seen.clear()
@@ -466,13 +468,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         stochastic-rounding generator states.
         """
         sd = super().state_dict()
-        sd["leantune"] = {
+        params = [p for p, _ in self._params()]
+        sd["state"] = {
+            pid: {k: self.collectives.export_state(params[pid], k, v) for k, v in st.items()}
+            for pid, st in sd["state"].items()
+        }
+        sd["leantune"] = self.engine_state_dict()
+        return sd
+
+    def engine_state_dict(self) -> dict[str, Any]:
+        """The engine's own state (micro-step counter, loss scaler, rounding generators)."""
+        return {
             "micro_step": self._micro_step,
             "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
             "generators": {dev: gen.get_state() for dev, gen in self._generators.items()},
             "seed": self.seed,
         }
-        return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict written by :meth:`state_dict`; tensors keep their saved dtype."""
@@ -490,18 +501,38 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             for key, value in saved.items():
                 if isinstance(value, Tensor):
-                    self.state[p][key] = value.to(device=p.device, copy=True)
+                    local = self.collectives.import_state(p, key, value)
+                    self.state[p][key] = local.to(device=self._local(p).device, copy=True)
         if extra is not None:
-            self._micro_step = int(extra["micro_step"])
-            self.seed = int(extra.get("seed", self.seed))
-            if extra["loss_scaler"] is not None:
-                if self.loss_scaler is None:
-                    self.loss_scaler = LossScaler()
-                self.loss_scaler.load_state_dict(extra["loss_scaler"])
-            self._generators.clear()
-            for dev, gen_state in extra["generators"].items():
-                self._generator(torch.device(dev)).set_state(gen_state)
+            self.load_engine_state_dict(extra)
         self._after_load()
+
+    def load_engine_state_dict(self, extra: dict[str, Any]) -> None:
+        """Restore what :meth:`engine_state_dict` returned."""
+        self._micro_step = int(extra["micro_step"])
+        self.seed = int(extra.get("seed", self.seed))
+        if extra["loss_scaler"] is not None:
+            if self.loss_scaler is None:
+                self.loss_scaler = LossScaler()
+            self.loss_scaler.load_state_dict(extra["loss_scaler"])
+        self._generators.clear()
+        for dev, gen_state in extra["generators"].items():
+            self._generator(torch.device(dev)).set_state(gen_state)
+
+    def init_state(self) -> None:
+        """Create the (zero) state of every trainable parameter now instead of at its first update.
+
+        The values equal what the first update would start from; checkpoint loaders such as
+        ``torch.distributed.checkpoint`` need the state's structure before they can fill it.
+        """
+        for p in self._hooks:
+            state = self.state[p]
+            if not state:
+                self._compensation(p, state)
+                self._init_param_state(p, state)
+
+    def _init_param_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        """Subclasses: create the zero state of ``p`` (see :meth:`init_state`)."""
 
     def _after_load(self) -> None:
         """Hook for subclasses that keep references into ``self.state``."""
@@ -512,14 +543,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         if t is not None and hasattr(t, "to_local"):
             return t.to_local()
         return t
-
-    def _reduce_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
-        """Average a replicated gradient across data-parallel ranks (identity here)."""
-        return grad
-
-    def _reduce_square_sum(self, total: Tensor) -> Tensor:
-        """Sum per-rank partial ``sum(g^2)`` of sharded gradients (identity here)."""
-        return total
 
     def _compensation(self, p: Tensor, state: dict[str, Any]) -> Tensor | None:
         """The Kahan buffer of ``p`` (created on first use), or ``None`` if not needed."""

@@ -92,7 +92,31 @@ class InBackward(FusedOptimizer):
             inner.state[handle] = state
             entry = (inner, handle)
             self._inner[p] = entry
+        elif entry[0].state[entry[1]] is not state:
+            # The parameter was frozen (its state dropped) and is trainable again: start afresh.
+            entry[0].state[entry[1]] = state
         return entry
+
+    def _init_param_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        # torch optimizers create their state inside step(): run one step with a zero gradient and
+        # lr = 0 on a throw-away copy of the parameter, then reset the step counter.
+        inner, handle = self._inner_for(p, state)
+        local = self._local(p)
+        handle.data = local.detach().to(self._work_dtype(local), copy=True)
+        handle.grad = torch.zeros_like(handle.data)
+        group = inner.param_groups[0]
+        saved = {k: group[k] for k in ("lr", "weight_decay") if k in group}
+        group.update({k: 0.0 for k in saved})
+        inner.step()
+        group.update(saved)
+        handle.grad = None
+        handle.data = torch.empty(0, dtype=handle.dtype, device=handle.device)
+        if "step" in state:
+            state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+
+    def _work_dtype(self, local: Tensor) -> torch.dtype:
+        exact = local.dtype in (torch.float32, torch.float64) or self.rounding == "nearest"
+        return local.dtype if exact else torch.float32
 
     def _after_load(self) -> None:
         for p, (inner, handle) in self._inner.items():
@@ -106,8 +130,7 @@ class InBackward(FusedOptimizer):
             if key not in _STRUCTURAL_KEYS:
                 inner_group[key] = value
         g = grad.full().view(local.shape)
-        exact = local.dtype in (torch.float32, torch.float64) or self.rounding == "nearest"
-        if exact:
+        if self._work_dtype(local) == local.dtype:
             handle.data = local
             handle.grad = g.to(local.dtype)
             inner.step()

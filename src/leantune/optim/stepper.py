@@ -114,14 +114,20 @@ class Stepper:
         self._micro_step = 0
 
     def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), **self.engine_state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_engine_state_dict(state)
+
+    def engine_state_dict(self) -> dict[str, Any]:
+        """The stepper's own state (micro-step counter and loss scaler), without the optimizer's."""
         return {
-            "optimizer": self.optimizer.state_dict(),
             "micro_step": self._micro_step,
             "loss_scaler": self.loss_scaler.state_dict() if self.loss_scaler is not None else None,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_engine_state_dict(self, state: dict[str, Any]) -> None:
         self._micro_step = int(state["micro_step"])
         if state.get("loss_scaler") is not None:
             if self.loss_scaler is None:

@@ -1,0 +1,108 @@
+"""Process-group set-up from torchrun's environment, and small helpers used by the trainer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+__all__ = [
+    "DistEnv",
+    "all_agree",
+    "all_reduce_sum",
+    "barrier",
+    "init_distributed",
+    "is_distributed",
+    "run_on_main",
+]
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: rank, world size and its device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def init_distributed(strategy: str, device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+    """Join the torchrun job (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) or run as one process.
+
+    Backend by device: ``nccl`` on CUDA, ``gloo`` on CPU. With ``strategy="none"`` under torchrun
+    this is an error: every rank would train its own copy.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ValueError(f"train.device={device} but CUDA is not available; use train.device=cpu")
+    if want_cuda:
+        dev = torch.device(
+            "cuda", local_rank if device in ("auto", "cuda") else torch.device(device).index or 0
+        )
+        torch.cuda.set_device(dev)
+    else:
+        dev = torch.device("cpu")
+    if world == 1 and not is_distributed():
+        return DistEnv(0, 1, 0, dev, None)
+    if strategy == "none":
+        raise ValueError(
+            f"launched with {world} processes but dist.strategy=none: set dist.strategy=ddp or fsdp"
+        )
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if not is_distributed():
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (no-op in a single process)."""
+    if is_distributed():
+        dist.all_reduce(t)
+    return t
+
+
+def all_agree(flag: bool, device: torch.device) -> bool:
+    """True if ``flag`` is true on any rank: every rank reaches the same decision (e.g. to stop)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_sum(t).item() > 0)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def run_on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 and give its result (or raise its exception) on every rank."""
+    if not is_distributed():
+        return fn()
+    box: list[object] = [None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn())
+        except Exception as err:  # re-raised on every rank
+            box[0] = ("error", err)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

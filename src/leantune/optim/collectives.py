@@ -1,0 +1,56 @@
+"""How a fused optimizer talks to other ranks: the seam between the update math and scale-out.
+
+The base :class:`Collectives` is a single process: every method is the identity. The distributed
+variants (:mod:`leantune.distributed.collectives`) average replicated gradients inside the backward
+hooks (data parallel) or sum per-shard partial statistics (FSDP), so that updates equal those of a
+single process on the same global batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["Collectives"]
+
+
+class Collectives:
+    """Single-process collectives (identity). Subclass for data parallelism or sharding.
+
+    Attributes:
+        replicated: gradients are full, per-rank tensors that must be averaged across ranks in the
+            hook (data parallel without sharding).
+    """
+
+    replicated: bool = False
+
+    def average_gradient(self, grad: Tensor) -> Tensor:
+        """Average a replicated fp32 gradient over the data-parallel ranks (in place)."""
+        return grad
+
+    def sum_square_norms(self, total: Tensor) -> Tensor:
+        """Sum the per-rank partial ``sum(g^2)`` of sharded gradients (in place)."""
+        return total
+
+    def shard_sum(self, param: Tensor, partial: Tensor) -> Tensor:
+        """Sum ``partial`` (a statistic of this rank's shard of ``param``) over all its shards."""
+        return partial
+
+    def seed_offset(self) -> int:
+        """Added to the stochastic-rounding seed (shards differ per rank; replicas must not)."""
+        return 0
+
+    def export_state(self, param: Tensor, key: str, value: Any) -> Any:
+        """Per-parameter state as it should appear in ``state_dict`` (e.g. a DTensor for a shard)."""
+        return value
+
+    def import_state(self, param: Tensor, key: str, value: Any) -> Any:
+        """Inverse of :meth:`export_state`: the local tensor the update works on."""
+        if hasattr(value, "to_local"):
+            return (
+                value.full_tensor()
+                if param is not None and not hasattr(param, "to_local")
+                else value.to_local()
+            )
+        return value

@@ -1,0 +1,39 @@
+"""torchrun worker: two data-parallel replicas with AdaLomo, different data per rank.
+
+With ``collectives`` the fused hooks average gradients (leantune's ddp strategy); with ``none`` they
+do not (what earlier LOMO/AdaLomo integrations did). Rank 0 writes the max weight difference
+between the replicas after each step.
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from leantune.distributed.collectives import ReplicatedCollectives
+from leantune.models import build_model
+from leantune.optim import AdaLomo
+
+STEPS = 4
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.set_num_threads(1)
+model = build_model(preset="test", vocab_size=64, seed=0)  # identical initialisation on both ranks
+opt = AdaLomo(model, lr=1e-2)
+if sys.argv[1] == "collectives":
+    opt.collectives = ReplicatedCollectives()
+diffs = []
+for step in range(STEPS):
+    g = torch.Generator().manual_seed(100 * step + rank)  # each rank its own micro-batch
+    ids = torch.randint(0, 64, (4, 16), generator=g)
+    opt.backward(model(input_ids=ids, labels=ids).loss)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    both = [torch.zeros_like(flat) for _ in range(2)]
+    dist.all_gather(both, flat)
+    diffs.append((both[0] - both[1]).abs().max().item())
+if rank == 0:
+    with open(sys.argv[2], "w") as fh:
+        json.dump({"steps": STEPS, "max_diff_per_step": diffs}, fh)
+dist.destroy_process_group()
