@@ -1,0 +1,744 @@
+"""Peak memory and time per training step of every optimizer, against the physical floor.
+
+On a LLaMA-shaped model (random init, ``leantune.models`` preset, default ``0.37b``) and one fixed
+random batch, each configuration runs in a *fresh subprocess* (so allocator state, optimizer state
+and peak-RSS counters never leak from one configuration into the next) and reports:
+
+* peak resident memory (RSS) during training, and the process-lifetime peak,
+* seconds per step (median and mean of ``time.perf_counter`` around forward + backward + update),
+* the final loss and the parameter count,
+
+then the parent prints a table with ratios to the floor and to AdamW, all measured in the same run,
+and writes ``<out>.json``, ``<out>.md`` and ``<out>.png`` (default ``benchmarks/results/optim_step``).
+
+Configurations (``--only`` takes these names):
+
+=====================  ===========================================================================
+``floor``              forward + backward, each gradient dropped as soon as it is accumulated
+                       (``register_post_accumulate_grad_hook`` sets ``p.grad = None``), no update:
+                       weights + activations, the memory/time no optimizer can beat
+``sgd`` ``adamw``      ``torch.optim`` defaults: ``loss.backward(); opt.step(); opt.zero_grad()``
+``adafactor``          ``torch.optim.Adafactor``, same loop
+``lomo`` ``adalomo``   leantune, fused into backward: ``opt.backward(loss)``
+``adamw_in_backward``  leantune ``InBackward(torch.optim.AdamW)``
+``lomo_optim_lomo``    the official ``lomo-optim`` package (``Lomo`` / ``AdaLomo``), used as its
+``lomo_optim_adalomo`` README says: ``opt.fused_backward(loss, lr)`` (no clipping, so no
+                       ``opt.grad_norm(loss)`` pass). Its ``AdaLomo`` allocates state with
+                       ``.cuda()``; on a CPU-only torch the worker patches ``torch.Tensor.cuda`` to
+                       the identity *during the constructor only* and records that in the results.
+=====================  ===========================================================================
+
+No configuration clips gradients (clipping by global norm costs every fused optimizer an extra
+backward, which is a different benchmark).
+
+How peak memory is measured: after the model and batch are built the worker returns freed heap to
+the OS (``malloc_trim``) and resets the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``),
+so ``peak_rss`` is the largest RSS over the warmup + timed steps (it includes the resident weights,
+the optimizer state and the interpreter); the JSON also splits it into warmup and timed steps.
+``ru_maxrss`` (whole process, including model construction) is reported too; it is the headline
+only when the reset is not permitted. RSS also counts heap that glibc keeps after a free, so a few
+tens of MiB between configurations can be allocator noise rather than live tensors.
+
+Run (from the repository root, venv active)::
+
+    python benchmarks/optim_step.py                      # 0.37b, fp32, seq 512, batch 1, all configs
+    python benchmarks/optim_step.py --preset 0.1b --seq 256 --steps 2 --warmup 1   # smoke run
+    python benchmarks/optim_step.py --only floor,adalomo,lomo_optim_adalomo --repeats 3
+
+Use a quiet machine: the configurations run one after another, so background load shows up as noise
+in the time ratios (``--repeats`` interleaves the configurations and takes medians; the load average
+before and after is recorded in the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import difflib
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+GIB = 1024**3
+DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "optim_step"
+TARGETS = {"memory_vs_floor": 1.05, "time_vs_floor": 1.10}  # for leantune AdaLomo
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmarked configuration: how the worker builds its optimizer and runs a step."""
+
+    name: str
+    label: str
+    kind: str  # "floor" | "torch" | "leantune" | "lomo_optim"
+    optimizer: str | None = None  # build_optimizer name, or the lomo-optim class name
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+# Learning rates only keep the losses finite over a few steps (NaN/denormal arithmetic would
+# distort the timings); they do not affect the cost of a step.
+CONFIGS: dict[str, Config] = {
+    c.name: c
+    for c in (
+        Config("floor", "floor: fwd+bwd, grads dropped", "floor"),
+        Config("sgd", "SGD (torch)", "torch", "sgd", {"lr": 1e-3}),
+        Config("adamw", "AdamW (torch)", "torch", "adamw", {"lr": 1e-4}),
+        Config("adafactor", "Adafactor (torch)", "torch", "adafactor", {}),
+        Config("lomo", "LOMO (leantune)", "leantune", "lomo", {"lr": 1e-3}),
+        Config("adalomo", "AdaLomo (leantune)", "leantune", "adalomo", {"lr": 1e-3}),
+        Config(
+            "adamw_in_backward", "AdamW in backward (leantune)", "leantune", "adamw_in_backward", {"lr": 1e-4}
+        ),
+        Config("lomo_optim_lomo", "LOMO (lomo-optim)", "lomo_optim", "Lomo", {"lr": 1e-3}),
+        Config("lomo_optim_adalomo", "AdaLomo (lomo-optim)", "lomo_optim", "AdaLomo", {"lr": 1e-3}),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------- worker
+def _proc_status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _gib(kib: int | None) -> float | None:
+    return None if kib is None else kib * 1024 / GIB
+
+
+def _reset_peak_rss() -> bool:
+    # Linux >= 4.0: writing 5 resets VmHWM to the current RSS, so the peak excludes model
+    # construction (bf16 models are built in fp32 first, which would otherwise dominate).
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _release_free_memory() -> None:
+    # Return freed heap pages (model-construction temporaries) to the OS so that the RSS the steps
+    # start from is the live data, identical for every configuration.
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _drop_grad(p) -> None:
+    p.grad = None
+
+
+def _make_step(cfg: Config, model) -> tuple[Callable[[Any], Any], list[str]]:
+    """Build the optimizer of ``cfg``; return ``step(ids) -> loss`` and notes for the report."""
+    import torch
+
+    from leantune.optim import build_optimizer
+
+    def forward(ids):
+        return model(input_ids=ids, labels=ids).loss
+
+    notes: list[str] = []
+    if cfg.kind == "floor":
+        for p in model.parameters():
+            if p.requires_grad:
+                p.register_post_accumulate_grad_hook(_drop_grad)
+
+        def step(ids):
+            loss = forward(ids)
+            loss.backward()
+            return loss
+
+        return step, notes
+
+    if cfg.kind == "torch":
+        opt = build_optimizer(cfg.optimizer, model, **cfg.kwargs)
+
+        def step(ids):
+            loss = forward(ids)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+
+        return step, notes
+
+    if cfg.kind == "leantune":
+        opt = build_optimizer(cfg.optimizer, model, **cfg.kwargs)
+
+        def step(ids):
+            loss = forward(ids)
+            opt.backward(loss)
+            return loss
+
+        return step, notes
+
+    if cfg.kind == "lomo_optim":
+        import lomo_optim
+
+        cls = getattr(lomo_optim, cfg.optimizer)
+        lr = cfg.kwargs["lr"]
+        try:
+            opt = cls(model, **cfg.kwargs)
+        except (AssertionError, RuntimeError) as err:
+            if torch.cuda.is_available() or "CUDA" not in str(err):
+                raise
+            # Its AdaLomo allocates every state tensor with .cuda(). The constructor raises on the
+            # first one, before registering any hook, so retrying on the same model is clean.
+            original = torch.Tensor.cuda
+            torch.Tensor.cuda = lambda self, *args, **kwargs: self  # keep the state on the CPU
+            try:
+                opt = cls(model, **cfg.kwargs)
+            finally:
+                torch.Tensor.cuda = original
+            notes.append(
+                f"lomo-optim {lomo_optim.__version__} {cfg.optimizer}() as installed fails on a CPU-only "
+                f"torch with `{type(err).__name__}: {err}` (its constructor allocates the second-moment "
+                "state with `.cuda()`); run here with `torch.Tensor.cuda` patched to the identity "
+                "during the constructor only, so the state lives on the CPU (package files untouched)"
+            )
+        if getattr(opt, "loss_scale", None):
+            notes.append(f"{cfg.optimizer} default loss_scale={opt.loss_scale} kept (applied in fp32 too)")
+
+        def step(ids):
+            loss = forward(ids)
+            opt.fused_backward(loss, lr)
+            return loss
+
+        return step, notes
+
+    raise ValueError(f"unknown configuration kind {cfg.kind!r}")
+
+
+def run_worker(params: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in this process and return its measurements.
+
+    ``params`` holds ``config`` (a :data:`CONFIGS` key), ``preset``, ``seq``, ``batch``, ``steps``,
+    ``warmup``, ``dtype`` (``"fp32"``/``"bf16"``), ``grad_checkpointing`` and ``threads``. Cheap on a
+    tiny preset, so tests call it directly.
+    """
+    import resource
+
+    import torch
+
+    from leantune.models import build_model, count_parameters, resolve_dtype
+
+    cfg = CONFIGS[params["config"]]
+    torch.set_num_threads(int(params["threads"]))
+    model = build_model(preset=params["preset"], dtype=resolve_dtype(params["dtype"]), seed=0)
+    model.config.use_cache = False
+    model.train()
+    if params.get("grad_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    gen = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, model.config.vocab_size, (params["batch"], params["seq"]), generator=gen)
+    step, notes = _make_step(cfg, model)
+
+    _release_free_memory()
+    rss_ready_kib = _proc_status_kib("VmRSS")
+    peak_reset = _reset_peak_rss()
+    times: list[float] = []
+    cpu_times: list[float] = []
+    losses: list[float] = []
+    warmup_hwm_kib = None
+    for i in range(params["warmup"] + params["steps"]):
+        if i == params["warmup"] and peak_reset:
+            # Split the peak: the first steps allocate optimizer state and settle the allocator.
+            warmup_hwm_kib = _proc_status_kib("VmHWM")
+            _reset_peak_rss()
+        t0, c0 = time.perf_counter(), time.process_time()
+        loss = step(ids)
+        times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
+        losses.append(float(loss.detach()))
+    timed = times[params["warmup"] :]
+    cpu_timed = cpu_times[params["warmup"] :]
+
+    hwm_kib = _proc_status_kib("VmHWM")  # since the last reset: the timed steps only
+    maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak_split = peak_reset and hwm_kib is not None
+    peak_kib = max(hwm_kib, warmup_hwm_kib or 0) if peak_split else maxrss_kib
+    return {
+        "config": cfg.name,
+        "label": cfg.label,
+        "ok": True,
+        "peak_rss_gib": _gib(peak_kib),
+        "peak_rss_source": "VmHWM reset after setup" if peak_split else "ru_maxrss",
+        "ru_maxrss_gib": _gib(maxrss_kib),
+        "peak_rss_warmup_gib": _gib(warmup_hwm_kib),
+        "peak_rss_timed_gib": _gib(hwm_kib) if peak_split else None,
+        "rss_ready_gib": _gib(rss_ready_kib),
+        "s_per_step_median": statistics.median(timed) if timed else None,
+        "s_per_step_mean": statistics.fmean(timed) if timed else None,
+        "step_times_s": times,
+        # CPU time of all threads: less sensitive than wall time to other processes on the machine
+        # (a second opinion on a noisy machine), but it counts OpenMP spin-waiting as work.
+        "cpu_s_per_step_median": statistics.median(cpu_timed) if cpu_timed else None,
+        "step_cpu_times_s": cpu_times,
+        "warmup": params["warmup"],
+        "losses": losses,
+        "final_loss": losses[-1] if losses else None,
+        "parameters": count_parameters(model),
+        "attn_implementation": getattr(model.config, "_attn_implementation", None),
+        "torch_threads": torch.get_num_threads(),
+        "notes": notes,
+    }
+
+
+def _worker_main(payload: str) -> int:
+    params = json.loads(payload)
+    try:
+        result = run_worker(params)
+    except Exception as err:  # reported to the parent, which records it
+        import traceback
+
+        result = {
+            "config": params["config"],
+            "label": CONFIGS[params["config"]].label,
+            "ok": False,
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc()[-4000:],
+        }
+    # The parent reads the last line of stdout: keep it a single JSON object.
+    sys.stdout.flush()
+    print(json.dumps(result), flush=True)
+    return 0 if result["ok"] else 1
+
+
+# --------------------------------------------------------------------------------------- parent
+def _parse_only(value: str | None) -> list[str]:
+    if not value:
+        return list(CONFIGS)
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    for n in names:
+        if n not in CONFIGS:
+            close = difflib.get_close_matches(n, list(CONFIGS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise SystemExit(f"--only: unknown configuration {n!r}.{hint} Known: {', '.join(CONFIGS)}")
+    return names
+
+
+def _run_subprocess(params: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(params)]
+    threads = str(params["threads"])
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+    label = CONFIGS[params["config"]].label
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {
+            "config": params["config"],
+            "label": label,
+            "ok": False,
+            "error": f"timed out after {timeout} s",
+        }
+    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
+    if lines:
+        try:
+            return json.loads(lines[-1])
+        except json.JSONDecodeError:
+            pass
+    # No JSON: the process died (e.g. killed by the OOM killer: return code -9).
+    tail = proc.stderr.strip().splitlines()[-5:]
+    return {
+        "config": params["config"],
+        "label": label,
+        "ok": False,
+        "error": f"worker exited with code {proc.returncode}" + (f": {tail[-1]}" if tail else ""),
+        "traceback": "\n".join(tail),
+    }
+
+
+def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median over repeats of one configuration (the first failure wins: it is what to report)."""
+    failed = [r for r in runs if not r["ok"]]
+    if failed:
+        return failed[0]
+    out = dict(runs[-1])
+    for key in (
+        "peak_rss_gib",
+        "ru_maxrss_gib",
+        "s_per_step_median",
+        "s_per_step_mean",
+        "cpu_s_per_step_median",
+    ):
+        out[key] = statistics.median(r[key] for r in runs)
+    out["repeats"] = [{k: r[k] for k in ("peak_rss_gib", "s_per_step_median")} for r in runs]
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _add_ratios(results: dict[str, dict[str, Any]]) -> None:
+    floor = results.get("floor") if results.get("floor", {}).get("ok") else None
+    adamw = results.get("adamw") if results.get("adamw", {}).get("ok") else None
+    for r in results.values():
+        if not r["ok"]:
+            continue
+        for ref_name, ref in (("floor", floor), ("adamw", adamw)):
+            r[f"memory_vs_{ref_name}"] = _ratio(r["peak_rss_gib"], ref and ref["peak_rss_gib"])
+            r[f"time_vs_{ref_name}"] = _ratio(r["s_per_step_median"], ref and ref["s_per_step_median"])
+            r[f"cpu_time_vs_{ref_name}"] = _ratio(
+                r["cpu_s_per_step_median"], ref and ref["cpu_s_per_step_median"]
+            )
+
+
+def _targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The issue's acceptance targets for leantune AdaLomo, as booleans (None: not measurable)."""
+    ada = results.get("adalomo", {})
+    peer = results.get("lomo_optim_adalomo", {})
+    adamw = results.get("adamw", {})
+
+    def check(value: float | None, limit: float) -> bool | None:
+        return None if value is None else value <= limit
+
+    def faster(other: dict[str, Any]) -> bool | None:
+        if not (ada.get("ok") and other.get("ok")):
+            return None
+        return ada["s_per_step_median"] < other["s_per_step_median"]
+
+    return {
+        "adalomo_memory_vs_floor": ada.get("memory_vs_floor"),
+        "adalomo_memory_target": TARGETS["memory_vs_floor"],
+        "adalomo_memory_met": check(ada.get("memory_vs_floor"), TARGETS["memory_vs_floor"]),
+        "adalomo_time_vs_floor": ada.get("time_vs_floor"),
+        "adalomo_time_target": TARGETS["time_vs_floor"],
+        "adalomo_time_met": check(ada.get("time_vs_floor"), TARGETS["time_vs_floor"]),
+        "adalomo_faster_than_adamw": faster(adamw),
+        "adalomo_faster_than_lomo_optim_adalomo": faster(peer),
+        "adalomo_time_vs_lomo_optim_adalomo": _ratio(
+            ada.get("s_per_step_median"), peer.get("s_per_step_median") if peer.get("ok") else None
+        ),
+    }
+
+
+def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    return "–" if x is None else f"{x:{spec}}{suffix}"
+
+
+TABLE_HEAD = [
+    "optimizer",
+    "peak RSS GiB",
+    "s/step",
+    "mem ×floor",
+    "time ×floor",
+    "CPU ×floor",
+    "mem ×AdamW",
+    "time ×AdamW",
+    "loss",
+]
+
+
+def _rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
+    rows = []
+    for r in results.values():
+        if not r["ok"]:
+            rows.append([r["label"], "failed", r["error"][:80], *[""] * (len(TABLE_HEAD) - 3)])
+            continue
+        rows.append(
+            [
+                r["label"],
+                _fmt(r["peak_rss_gib"], ".2f"),
+                _fmt(r["s_per_step_median"], ".3g"),
+                _fmt(r.get("memory_vs_floor"), ".3f", "×"),
+                _fmt(r.get("time_vs_floor"), ".3f", "×"),
+                _fmt(r.get("cpu_time_vs_floor"), ".3f", "×"),
+                _fmt(r.get("memory_vs_adamw"), ".3f", "×"),
+                _fmt(r.get("time_vs_adamw"), ".3f", "×"),
+                _fmt(r["final_loss"], ".4f"),
+            ]
+        )
+    return rows
+
+
+def format_text_table(results: dict[str, dict[str, Any]]) -> str:
+    rows = [TABLE_HEAD, *_rows(results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_HEAD))]
+    lines = []
+    for k, row in enumerate(rows):
+        cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _md_table(results: dict[str, dict[str, Any]]) -> str:
+    align = ["---"] + ["---:"] * (len(TABLE_HEAD) - 1)
+    lines = ["| " + " | ".join(TABLE_HEAD) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in _rows(results)]
+    return "\n".join(lines)
+
+
+def _yes_no(flag: bool | None) -> str:
+    return {True: "**yes**", False: "**no**", None: "not measured"}[flag]
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    from leantune.models import human_count
+
+    setup, machine, results, targets = (
+        report["setup"],
+        report["machine"],
+        report["results"],
+        report["targets"],
+    )
+    ok = next((r for r in results.values() if r["ok"]), None)
+    params = f"{human_count(ok['parameters'])} parameters, " if ok else ""
+    lines = [
+        "# Optimizer step: peak memory and time per step",
+        "",
+        f"LLaMA shape `{setup['preset']}` ({params}random init), {setup['dtype']}, seq {setup['seq']}, "
+        f"batch {setup['batch']}, gradient checkpointing {'on' if setup['grad_checkpointing'] else 'off'}; "
+        f"{setup['steps']} timed steps after {setup['warmup']} warmup, {setup['repeats']} repeat(s); "
+        "each configuration in a fresh subprocess, all in the same run.",
+        "",
+        _md_table(results),
+        "",
+        "Peak RSS: largest resident set during warmup + timed steps (includes weights, optimizer state "
+        "and the interpreter). s/step: median wall time of forward + backward + update. Ratios are to "
+        "the same run's floor (forward + backward with every gradient dropped as it arrives, no update) "
+        "and AdamW. CPU ×floor: the same ratio in process CPU time (all threads), a second opinion when "
+        "the machine is shared.",
+        "",
+        "## Targets for leantune AdaLomo",
+        "",
+        f"- peak memory ≤ {targets['adalomo_memory_target']}× floor: "
+        f"{_yes_no(targets['adalomo_memory_met'])} ({_fmt(targets['adalomo_memory_vs_floor'], '.3f', '×')})",
+        f"- time per step ≤ {targets['adalomo_time_target']}× floor: "
+        f"{_yes_no(targets['adalomo_time_met'])} ({_fmt(targets['adalomo_time_vs_floor'], '.3f', '×')})",
+        f"- faster than AdamW: {_yes_no(targets['adalomo_faster_than_adamw'])} "
+        f"({_fmt(results.get('adalomo', {}).get('time_vs_adamw'), '.3f', '×')} AdamW's time)",
+        f"- faster than lomo-optim AdaLomo: {_yes_no(targets['adalomo_faster_than_lomo_optim_adalomo'])} "
+        f"({_fmt(targets['adalomo_time_vs_lomo_optim_adalomo'], '.3f', '×')} its time)",
+        "",
+        "## Notes",
+        "",
+    ]
+    for r in results.values():
+        for note in r.get("notes", []):
+            lines.append(f"- {r['label']}: {note}")
+        if not r["ok"]:
+            lines.append(f"- {r['label']} failed: `{r['error']}`")
+    lines += [
+        "- No configuration clips gradients; torch optimizers use their defaults (no forced "
+        "`foreach`/`fused`). Hyperparameters: "
+        + ", ".join(f"{c.name} {c.kwargs or 'defaults'}" for c in CONFIGS.values() if c.name in results),
+        "",
+        "## Machine and command",
+        "",
+        f"- CPU: {machine['cpu_model']} ({machine['cpu_count']} logical CPUs), "
+        f"RAM {machine['ram_gib']:.1f} GiB; torch threads {setup['threads']}",
+        f"- torch {machine['torch']}, transformers {machine['transformers']}, "
+        f"lomo-optim {machine['lomo_optim']}, Python {machine['python']}",
+        f"- load average before / after: {machine['loadavg_before']} / {machine['loadavg_after']}",
+        f"- date: {report['date']}",
+        f"- command: `{report['command']}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in results.values() if r["ok"]]
+    if not ok:
+        return False
+    colors = {"floor": "0.6", "torch": "tab:blue", "leantune": "tab:green", "lomo_optim": "tab:orange"}
+    labels = [r["label"] for r in ok]
+    color = [colors[CONFIGS[r["config"]].kind] for r in ok]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(ok) + 1.8), sharey=True)
+    floor = results.get("floor") if results.get("floor", {}).get("ok") else None
+    for ax, key, xlabel, target in (
+        (axes[0], "peak_rss_gib", "peak RSS (GiB)", TARGETS["memory_vs_floor"]),
+        (axes[1], "s_per_step_median", "seconds per step (median)", TARGETS["time_vs_floor"]),
+    ):
+        values = [r[key] for r in ok]
+        ax.barh(labels, values, color=color)
+        for y, v in enumerate(values):
+            ax.text(v, y, f" {v:.2f}", va="center", fontsize=8)
+        if floor is not None:
+            ax.axvline(floor[key], color="k", lw=0.8, ls="--", label="floor")
+            ax.axvline(
+                floor[key] * target, color="tab:red", lw=0.8, ls=":", label=f"AdaLomo target: {target}× floor"
+            )
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2, fontsize=8, frameon=False)
+        ax.set_xlabel(xlabel)
+        ax.set_xlim(0, max(values) * 1.18)
+    axes[0].invert_yaxis()
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def _machine_info(threads: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    try:
+        import lomo_optim
+
+        lomo_version = lomo_optim.__version__
+    except ImportError:
+        lomo_version = "not installed"
+    cpu_model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu_model
+            )
+    except OSError:
+        pass
+    ram = 0.0
+    try:
+        with open("/proc/meminfo") as f:
+            ram = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal")) * 1024 / GIB
+    except (OSError, StopIteration):
+        pass
+    return {
+        "cpu_model": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "ram_gib": ram,
+        "threads": threads,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lomo_optim": lomo_version,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_before": _loadavg(),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        description="Peak RSS and seconds per step of optimizers vs the forward+backward floor.",
+    )
+    ap.add_argument("--preset", default="0.37b", help="leantune.models preset (default: 0.37b)")
+    ap.add_argument("--seq", type=int, default=512, help="sequence length (default: 512)")
+    ap.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration (default: 8)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype (default: fp32)")
+    ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, same for all (default: 2)")
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="interleaved rounds; medians reported (default: 1)"
+    )
+    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration (default: 3600)")
+    ap.add_argument(
+        "--out",
+        default=str(DEFAULT_OUT),
+        help="path without extension; writes .json, .md, .png (default: benchmarks/results/optim_step)",
+    )
+    ap.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark (parent) and return the report that was written."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.worker is not None:
+        raise SystemExit(_worker_main(args.worker))
+    for name in ("seq", "batch", "steps", "threads", "repeats"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name} must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit("--warmup must be >= 0")
+    names = _parse_only(args.only)
+    machine = _machine_info(args.threads)
+    base = {
+        "preset": args.preset,
+        "seq": args.seq,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "dtype": args.dtype,
+        "grad_checkpointing": args.grad_checkpointing,
+        "threads": args.threads,
+    }
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    total = len(names) * args.repeats
+    k = 0
+    # Round-robin over configurations so that slow drifts in machine load hit all of them alike.
+    for _ in range(args.repeats):
+        for name in names:
+            k += 1
+            print(f"[{k}/{total}] {name} ...", end=" ", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            res = _run_subprocess({**base, "config": name}, args.timeout)
+            runs[name].append(res)
+            done = (
+                f"{res['peak_rss_gib']:.2f} GiB, {res['s_per_step_median']:.2f} s/step"
+                if res["ok"]
+                else f"FAILED: {res['error']}"
+            )
+            print(f"{done} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+    results = {n: _aggregate(rs) for n, rs in runs.items()}
+    _add_ratios(results)
+    machine["loadavg_after"] = _loadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "optim_step",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "benchmarks/optim_step.py", *argv]),
+        "setup": {**base, "repeats": args.repeats, "configs": names},
+        "machine": machine,
+        "results": results,
+        "targets": _targets(results),
+        "files": {"json": str(out.with_suffix(".json")), "markdown": str(out.with_suffix(".md"))},
+    }
+    title = (
+        f"{args.preset} {args.dtype} seq {args.seq} batch {args.batch}"
+        f"{' ckpt' if args.grad_checkpointing else ''}, {args.threads} threads — {machine['cpu_model']}"
+    )
+    if _plot(results, out.with_suffix(".png"), title):
+        report["files"]["png"] = str(out.with_suffix(".png"))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.with_suffix(".md").write_text(format_markdown(report))
+    print(format_text_table(results))
+    print(f"\nwrote {', '.join(report['files'].values())}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
