@@ -34,6 +34,7 @@ def adalomo_update(
     chunk_elements: int,
     shard_sum: Callable[[Tensor], Tensor] = _identity,
     global_shape: torch.Size | None = None,
+    workspace: Callable[[int, torch.device], tuple[Tensor, Tensor]] | None = None,
 ) -> None:
     """Apply one AdaLomo step to ``param`` in place and update ``state``.
 
@@ -43,78 +44,156 @@ def adalomo_update(
 
     State: ``step`` (int), and ``row`` (rows,) + ``col`` (cols,) fp32 for tensors with >= 2
     dimensions, or ``v`` (fp32, like the parameter) for vectors.
+
+    Cost: the normalised update ``u`` is never materialised. With ``a_i`` the row factors and
+    ``b_j`` the column factors, ``sum(u^2) = sum_i a_i^2 sum_j g_ij^2 b_j^2`` is a matrix-vector
+    product on the squared gradient already computed for the statistics, and the update is one
+    ``addcmul`` of ``g * b`` with ``step * a``. ``workspace(n, device)`` may supply two reusable
+    fp32 buffers of at least ``n`` elements for those temporaries (fresh allocations of tens of MB
+    cost page faults on every update); otherwise each chunk allocates its own.
     """
-    eps1, eps2 = eps
     shape = global_shape if global_shape is not None else param.shape
+    state["step"] = state.get("step", 0) + 1
+    rho = 1.0 - math.pow(state["step"], decay_rate)  # rho_1 = 0: no bias correction needed
+    common = {
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "eps": eps,
+        "clip_threshold": clip_threshold,
+        "writer": writer,
+        "compensation": compensation,
+        "shard_sum": shard_sum,
+    }
+    if len(shape) >= 2:
+        _matrix_update(
+            param, grad, state, rho, shape, chunk_elements=chunk_elements, workspace=workspace, **common
+        )
+    else:
+        _vector_update(param, grad, state, rho, shape, **common)
+
+
+def _finish(
+    sums: Tensor, numel: int, lr: float, weight_decay: float, eps2: float, clip_threshold: float, shard_sum
+) -> tuple[Tensor, Tensor]:
+    """(step size, decay factor) from the partial ``[sum(u^2), sum(p^2)]`` of this shard."""
+    rms_u, rms_p = shard_sum(sums).div_(numel).sqrt_()
+    eta = torch.clamp(rms_p, min=eps2) * lr
+    step_size = eta / torch.clamp(rms_u / clip_threshold, min=1.0)
+    return step_size, 1.0 - eta * weight_decay
+
+
+def _matrix_update(
+    param,
+    grad,
+    state,
+    rho,
+    shape,
+    *,
+    lr,
+    weight_decay,
+    eps,
+    clip_threshold,
+    writer,
+    compensation,
+    shard_sum,
+    chunk_elements,
+    workspace,
+) -> None:
+    eps1, eps2 = eps
     numel = math.prod(shape)
+    n_rows = numel // shape[-1]
     rows = as_rows(param)
     comp_rows = as_rows(compensation) if compensation is not None else None
     device = param.device
-    state["step"] = state.get("step", 0) + 1
-    rho = 1.0 - math.pow(state["step"], decay_rate)  # rho_1 = 0: no bias correction needed
-
-    factored = len(shape) >= 2
-    chunks = list(grad.chunks(chunk_elements)) if factored else [slice(None)]
-    if factored:
-        n_rows = numel // shape[-1]
-        if "row" not in state:
-            state["row"] = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
-            state["col"] = torch.zeros(rows.shape[1], dtype=torch.float32, device=device)
-        row_stat, col_stat = state["row"], state["col"]
-        new_row = torch.empty_like(row_stat)
-        col_sum = torch.zeros_like(col_stat)
-        for sl in chunks:
-            sq = grad.chunk(sl).square().add_(eps1)  # G = g^2 + eps1
-            new_row[sl] = sq.mean(dim=1)
-            col_sum.add_(sq.sum(dim=0))
-            del sq
-        col_mean = shard_sum(col_sum).div_(n_rows)
-        row_stat.mul_(rho).add_(new_row, alpha=1.0 - rho)
-        col_stat.mul_(rho).add_(col_mean, alpha=1.0 - rho)
-        row_mean = shard_sum(row_stat.sum()) / n_rows
-        row_factor = (row_stat / row_mean).rsqrt_().unsqueeze(1)  # (rows, 1)
-        col_factor = col_stat.rsqrt().unsqueeze(0)  # (1, cols)
-
-        def scaled(sl: slice) -> Tensor:
-            return grad.chunk(sl).mul(row_factor[sl]).mul_(col_factor)
+    if "row" not in state:
+        state["row"] = torch.zeros(rows.shape[0], dtype=torch.float32, device=device)
+        state["col"] = torch.zeros(rows.shape[1], dtype=torch.float32, device=device)
+    row_stat, col_stat = state["row"], state["col"]
+    chunks = list(grad.chunks(chunk_elements))
+    single = len(chunks) == 1
+    largest = max(sl.stop - sl.start for sl in chunks) * rows.shape[1] if chunks else 0
+    if workspace is not None and largest:
+        buf_sq, buf_scaled = workspace(largest, device)
     else:
-        if "v" not in state:
-            state["v"] = torch.zeros(param.shape, dtype=torch.float32, device=device)
-        v = as_rows(state["v"])
-        g = grad.full()
-        v.mul_(rho).add_(g.square().add_(eps1), alpha=1.0 - rho)
-        inv_sqrt_v = v.rsqrt()
+        buf_sq = buf_scaled = None
 
-        def scaled(sl: slice) -> Tensor:
-            return grad.chunk(sl).mul(inv_sqrt_v[sl])
+    def square(sl: slice, g: Tensor | None = None) -> Tensor:
+        g = grad.chunk(sl) if g is None else g
+        if buf_sq is None:
+            return g.square()
+        return torch.square(g, out=buf_sq[: g.numel()].view(g.shape))
 
-    # RMS of the normalised update and of the parameter (before the update), full-tensor values.
-    cached = None
+    # Pass 1: G = g^2 + eps1, its row and column means (eps1 is added to the means: same value).
+    new_row = torch.empty_like(row_stat)
+    col_sum = torch.zeros_like(col_stat)
+    kept_g = kept_sq = None
+    for sl in chunks:
+        g = grad.chunk(sl)
+        sq = square(sl, g)
+        torch.sum(sq, dim=1, out=new_row[sl])
+        col_sum.addmv_(sq.t(), torch.ones(sq.shape[0], dtype=torch.float32, device=device))
+        if single:
+            kept_g, kept_sq = g, sq
+        del g, sq
+    new_row.div_(rows.shape[1]).add_(eps1)
+    col_mean = shard_sum(col_sum).div_(n_rows).add_(eps1)
+    row_stat.mul_(rho).add_(new_row, alpha=1.0 - rho)
+    col_stat.mul_(rho).add_(col_mean, alpha=1.0 - rho)
+    row_mean = shard_sum(row_stat.sum()) / n_rows
+    row_factor = (row_stat / row_mean).rsqrt_()  # a_i
+    col_factor = col_stat.rsqrt()  # b_j
+    # Pass 2: sum(u^2) = sum_i a_i^2 (g_i^2 . b^2), and sum(p^2) (the RMS is taken before the update).
+    col_factor_sq = col_factor.square()
     sums = torch.zeros(2, dtype=torch.float32, device=device)
     for sl in chunks:
-        u = scaled(sl)
-        sums[0] += torch.linalg.vector_norm(u, 2, dtype=torch.float32).square()
+        sq = kept_sq if single else square(sl)
+        sums[0] += torch.dot(row_factor[sl].square(), torch.mv(sq, col_factor_sq))
         sums[1] += torch.linalg.vector_norm(rows[sl], 2, dtype=torch.float32).square()
-        if len(chunks) == 1:
-            cached = u  # one chunk: reuse instead of recomputing
-        del u
-    rms_u, rms_p = shard_sum(sums).div_(numel).sqrt_()
-    denom = torch.clamp(rms_u / clip_threshold, min=1.0)
-    eta = torch.clamp(rms_p, min=eps2) * lr
-    step_size = eta / denom
-    decay = 1.0 - eta * weight_decay
-
+        del sq
+    kept_sq = None
+    step_size, decay = _finish(sums, numel, lr, weight_decay, eps2, clip_threshold, shard_sum)
+    row_step = (row_factor * step_size).unsqueeze(1)  # step * a_i
+    # Pass 3: p <- p * decay - (g * b) * (step * a).
     for sl in chunks:
-        u = cached if cached is not None else scaled(sl)
-        u.mul_(step_size)
+        g = kept_g if single else grad.chunk(sl)
+        if buf_scaled is None:
+            scaled = g.mul(col_factor)
+        else:
+            scaled = torch.mul(g, col_factor, out=buf_scaled[: g.numel()].view(g.shape))
+        del g
 
-        def step(w: Tensor, u: Tensor = u) -> None:
+        def apply(w: Tensor, scaled: Tensor = scaled, rs: Tensor = row_step[sl]) -> None:
             if weight_decay != 0.0:
                 w.mul_(decay)
-            w.sub_(u)
+            w.addcmul_(scaled, rs, value=-1.0)
 
-        writer.apply(rows[sl], step, comp_rows[sl] if comp_rows is not None else None)
-        del u
+        writer.apply(rows[sl], apply, comp_rows[sl] if comp_rows is not None else None)
+        del scaled
+
+
+def _vector_update(
+    param, grad, state, rho, shape, *, lr, weight_decay, eps, clip_threshold, writer, compensation, shard_sum
+) -> None:
+    eps1, eps2 = eps
+    if "v" not in state:
+        state["v"] = torch.zeros(param.shape, dtype=torch.float32, device=param.device)
+    v = state["v"].view(-1)
+    g = grad.full().view(-1)
+    v.mul_(rho).add_(g.square().add_(eps1), alpha=1.0 - rho)
+    u = g.mul(v.rsqrt())
+    sums = torch.stack([u.square().sum(), torch.linalg.vector_norm(param, 2, dtype=torch.float32).square()])
+    step_size, decay = _finish(sums, math.prod(shape), lr, weight_decay, eps2, clip_threshold, shard_sum)
+
+    def apply(w: Tensor) -> None:
+        if weight_decay != 0.0:
+            w.mul_(decay)
+        w.sub_(u.view(w.shape).mul_(step_size))
+
+    writer.apply(
+        param.view(-1) if param.dim() else param,
+        apply,
+        compensation.view(-1) if compensation is not None and param.dim() else compensation,
+    )
 
 
 class AdaLomo(FusedOptimizer):
@@ -198,6 +277,7 @@ class AdaLomo(FusedOptimizer):
             "decay_rate": decay_rate,
             "clip_threshold": clip_threshold,
         }
+        self._buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
         super().__init__(
             params,
             defaults,
@@ -224,7 +304,19 @@ class AdaLomo(FusedOptimizer):
             chunk_elements=self.chunk_elements,
             shard_sum=lambda t: self.collectives.shard_sum(p, t),
             global_shape=p.shape,
+            workspace=self._workspace,
         )
+
+    def _workspace(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        # Two fp32 buffers per device, grown to the largest chunk seen and reused by every update.
+        bufs = self._buffers.get(device)
+        if bufs is None or bufs[0].numel() < n:
+            bufs = (
+                torch.empty(n, dtype=torch.float32, device=device),
+                torch.empty(n, dtype=torch.float32, device=device),
+            )
+            self._buffers[device] = bufs
+        return bufs
 
     def _init_param_state(self, p: Tensor, state: dict[str, Any]) -> None:
         local = as_rows(self._local(p))
