@@ -174,16 +174,19 @@ class Trainer:
         if cfg.rope_scaling is not None:
             overrides["rope_scaling"] = cfg.rope_scaling
         attn = "eager" if needs_create_graph(self.cfg.optim.name) else cfg.attn_implementation
-        model = build_model(
-            preset=None if cfg.path else cfg.preset,
-            path=cfg.path,
-            dtype=resolve_dtype(cfg.dtype),
-            vocab_size=len(self.tokenizer) if not cfg.path else None,
-            seed=self.cfg.train.seed,
-            trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=attn,
-            config_overrides=overrides,
-        )
+        try:
+            model = build_model(
+                preset=None if cfg.path else cfg.preset,
+                path=cfg.path,
+                dtype=resolve_dtype(cfg.dtype),
+                vocab_size=len(self.tokenizer) if not cfg.path else None,
+                seed=self.cfg.train.seed,
+                trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=attn,
+                config_overrides=overrides,
+            )
+        except ValueError as err:  # e.g. a model.rope_scaling transformers cannot use
+            raise ConfigError(f"model: {err}") from None
         model.config.use_cache = False
         if cfg.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None)
@@ -608,6 +611,7 @@ class Trainer:
         metrics["peak_mem_bytes"] = peak_memory_bytes(self.device)
         metrics["train_seconds"] = train_time
         metrics["steps_this_run"] = self.step - run_start_step
+        self.monitor.record("summary", self.step, metrics)
         self.save()
         final = self.export()
         return RunSummary(self.run_dir, self.step, final, metrics)
