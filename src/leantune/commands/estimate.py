@@ -1,0 +1,152 @@
+"""``leantune estimate``: predict the peak memory of one training step before running it."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register", "run"]
+
+EPILOG = """\
+examples:
+  leantune estimate --model 8b --optim adalomo --seq 512 --dtype bf16 --grad-checkpointing
+  leantune estimate --model 0.37b --optim adamw --seq 1024 --dtype mixed --budget 24GiB
+  leantune estimate --model ./my-llama --optim lomo --seq 2048 --world-size 8 --strategy fsdp --json
+
+The estimate is the peak of one step: CPU resident memory (validated against measurement, see
+benchmarks/results/estimate_validation.md) or, with --device cuda, device memory (modelled, with
+a guessed CUDA-context constant). On CPU it assumes glibc's mmap threshold is fixed
+(MALLOC_MMAP_THRESHOLD_=65536); with glibc's defaults RSS ran 9-13% higher in the validation.
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _size(text: str) -> int:
+    from leantune.estimate import parse_size  # torch-free module
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _optimizer(text: str) -> str:
+    from leantune.estimate import canonical_optimizer
+
+    try:
+        return canonical_optimizer(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``estimate`` sub-command."""
+    p = subparsers.add_parser(
+        "estimate",
+        help="predict peak memory per device of one training step",
+        description="Predict the peak memory per device of one training step, by component, "
+        "from the model's shape (no weights are loaded).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    p.add_argument(
+        "--model", required=True, metavar="PRESET|HF_DIR", help="a size preset or a local HF directory"
+    )
+    p.add_argument(
+        "--optim",
+        type=_optimizer,
+        default="adalomo",
+        metavar="NAME",
+        help="optimizer (adalomo, lomo, adamw, sgd, adafactor, lion, adan, <name>_in_backward) or "
+        "'floor' (forward + backward, gradients dropped); default adalomo",
+    )
+    p.add_argument("--seq", type=_positive_int, required=True, metavar="L", help="sequence length")
+    p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="micro-batch size per device")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16", "mixed"),
+        default="bf16",
+        help="weights/activations dtype; 'mixed' = fp32 weights, bf16 autocast (default bf16)",
+    )
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing per layer")
+    p.add_argument(
+        "--padded",
+        action="store_true",
+        help="batches contain padding: an L x L attention mask per layer, k/v repeated to all heads",
+    )
+    p.add_argument(
+        "--accumulation-steps", type=_positive_int, default=1, metavar="K", help="micro-batches per update"
+    )
+    p.add_argument("--world-size", type=_positive_int, default=1, metavar="N", help="devices")
+    p.add_argument(
+        "--strategy", choices=("none", "ddp", "fsdp"), default=None, help="default: none, or ddp if N > 1"
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: resident memory (validated); cuda: device memory (modelled); default cpu",
+    )
+    p.add_argument("--budget", type=_size, metavar="SIZE", help="memory per device, e.g. 24GiB, 80GB, 512MiB")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print the estimate (and, with ``--budget``, whether it fits). Returns 2 on bad input."""
+    import json
+    import sys
+
+    from leantune.estimate import ModelShape, TrainSetup, estimate_memory, format_bytes
+
+    def fail(message: str) -> int:
+        print(f"leantune estimate: error: {message}", file=sys.stderr)
+        return 2
+
+    try:
+        shape = ModelShape.resolve(args.model)
+    except (ValueError, FileNotFoundError) as err:
+        return fail(str(err))
+    strategy = args.strategy or ("ddp" if args.world_size > 1 else "none")
+    try:
+        setup = TrainSetup(
+            optimizer=args.optim,
+            seq_len=args.seq,
+            batch_size=args.batch,
+            dtype=args.dtype,
+            grad_checkpointing=args.grad_checkpointing,
+            accumulation_steps=args.accumulation_steps,
+            world_size=args.world_size,
+            strategy=strategy,
+            device=args.device,
+            padded=args.padded,
+        )
+    except ValueError as err:
+        return fail(str(err))
+    result = estimate_memory(shape, setup)
+    budget = args.budget
+    if args.json:
+        out = result.to_dict()
+        if budget is not None:
+            out["budget"] = budget
+            out["fits"] = result.fits(budget)
+            out["shortfall"] = max(0, result.total - budget)
+        print(json.dumps(out, indent=2))
+        return 0
+    print(result.format())
+    if budget is not None:
+        if result.fits(budget):
+            print(f"\nfits in {format_bytes(budget)} (headroom {format_bytes(budget - result.total)})")
+        else:
+            print(
+                f"\ndoes not fit in {format_bytes(budget)} (needs {format_bytes(result.total - budget)} more)"
+            )
+    return 0

@@ -1,0 +1,801 @@
+"""Peak memory of one training step, predicted from the model's shape before anything runs.
+
+Memory at any moment of a step is the sum of the tensors alive at that moment. The estimate
+evaluates the moments where the peak can happen and reports the largest, split into
+
+* **weights**: the parameters; under ``mixed`` also autocast's bf16 copies of the linear weights
+  (each linear saves its copy for backward); under FSDP the local shard plus the unsharded units;
+* **gradients**: ordinary optimizers hold all of them at ``step()``; optimizers fused into backward
+  hold one at a time (the largest is ``lm_head``/the embedding); plus accumulation buffers;
+* **optimizer state**: AdamW two moments, AdaLomo row + column fp32 vectors, ...;
+* **activations**: what autograd saves for backward in transformers' LLaMA with SDPA attention,
+  counted tensor by tensor (:func:`activation_bytes_per_token`);
+* **logits / loss**: ``ForCausalLMLoss`` upcasts the logits to fp32; ``cross_entropy`` saves the
+  fp32 log-probabilities and its backward holds three ``tokens x vocab`` fp32 tensors at once
+  (saved log-probs, NLL gradient, log-softmax gradient): the peak of most configurations;
+* **temporaries**: fp32 chunk copies of the fused updates, ``step()`` scratch of ordinary
+  optimizers, gradients of the activations of the layer being back-propagated;
+* **framework overhead**: on CPU the resident size of a process that imported torch, transformers'
+  LLaMA and leantune, plus what building the model and the first step leave behind (measured); on
+  CUDA a guessed CUDA-context size.
+
+Moments: the log-softmax backward; the ``lm_head`` backward and (fused) its update; the backward
+of the last decoder layer (with checkpointing: after recomputing it) and (fused) the update of its
+largest weight; (tied, fused) the embedding update at the end of backward; (ordinary)
+``optimizer.step()``.
+
+Assumptions: a LLaMA-shaped decoder (``LlamaForCausalLM`` or a config with its field names); SDPA
+without a padding mask (packed or equal-length sequences: no ``L x L`` mask, grouped-query
+attention without repeated k/v); the loop drops the model output before backward
+(``loss = model(**batch).loss``); leantune's optimizer defaults (rounding ``"nearest"``, no
+gradient-norm clipping or loss scaling, which would add a measuring backward; SGD without
+momentum). ``fp16`` is modelled like ``bf16``.
+
+Validation: ``benchmarks/estimate_validation.py`` compares the CPU estimate with measured peak RSS
+(``benchmarks/results/estimate_validation.md``). It assumes glibc's mmap threshold is fixed
+(``MALLOC_MMAP_THRESHOLD_=65536``): by default glibc raises the threshold to the largest freed
+block (up to 32 MiB) and then keeps freed tensors of up to that size in its heap, so RSS runs
+~10% above live memory. CUDA constants, ``foreach`` scratch on CUDA and the DDP/FSDP terms are
+read from the libraries' code, not validated on hardware.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "CHUNK_ELEMENTS",
+    "CPU_IMPORT_OVERHEAD",
+    "CPU_RUNTIME_OVERHEAD",
+    "CUDA_CONTEXT_OVERHEAD",
+    "DTYPE_MODES",
+    "MemoryBreakdown",
+    "ModelShape",
+    "STRATEGIES",
+    "TrainSetup",
+    "activation_bytes_per_token",
+    "canonical_optimizer",
+    "estimate_memory",
+    "estimator_optimizers",
+    "format_bytes",
+    "parse_size",
+]
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+
+# VmRSS of a process after ``import torch, transformers; from transformers import LlamaForCausalLM;
+# import leantune.optim`` (torch 2.13 CPU, transformers 5.x, Python 3.11; LlamaForCausalLM alone is
+# ~95 MiB because transformers imports lazily).
+CPU_IMPORT_OVERHEAD = 336 * MiB
+# What the training steps leave resident once every tensor but the optimizer state is freed (oneDNN
+# primitive caches and scratch, OpenMP thread stacks, the autograd engine): 19-31 MiB over the
+# configurations of the validation benchmark (its ``runtime_overhead``), median 26-27.5 MiB.
+CPU_RUNTIME_OVERHEAD = 26 * MiB
+# What building a model leaves besides its weights (modules transformers imports on the first
+# construction, Python objects of modules and parameters): 7.4 MiB for the 0.1b preset (111 tensors),
+# 8.2 MiB for 0.37b (219): ~6.5 MiB + 8 KiB per parameter tensor.
+_MODEL_BUILD_OVERHEAD = int(6.5 * MiB)
+_PER_TENSOR_OVERHEAD = 8 * KiB
+# A guess, not measured here: a CUDA context with cuBLAS/cuDNN loaded takes 300-600 MiB of device
+# memory depending on GPU and library versions, plus cuBLAS workspaces.
+CUDA_CONTEXT_OVERHEAD = 512 * MiB
+
+# leantune.optim.engine.DEFAULT_CHUNK_ELEMENTS, repeated so that this module imports without torch
+# (a unit test keeps them equal).
+CHUNK_ELEMENTS = 1 << 22
+
+DTYPE_MODES = ("fp32", "bf16", "fp16", "mixed")
+STRATEGIES = ("none", "ddp", "fsdp")
+DEVICES = ("cpu", "cuda")
+_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 4}  # also gradients and state
+_COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2}  # activations
+_IN_BACKWARD = "_in_backward"
+FLOOR = "floor"
+
+
+# ------------------------------------------------------------------------------------------ sizes
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Z]*)\s*$")
+_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgt", start=1):
+    _UNITS |= {_p: 1024**_i, f"{_p}ib": 1024**_i, f"{_p}b": 1000**_i}
+
+
+def parse_size(text: str) -> int:
+    """A memory size in bytes: ``"24GiB"``, ``"24 GB"``, ``"512MiB"``, ``"1.5gib"``, ``"1024"``.
+
+    Binary units (KiB, MiB, GiB, TiB and the bare K, M, G, T) are powers of 1024, decimal ones (KB,
+    MB, GB, TB) powers of 1000; case-insensitive.
+
+    Raises:
+        ValueError: empty, negative, zero or unparseable sizes and unknown units.
+    """
+    match = _SIZE_RE.match(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"invalid size {text!r}: expected a number and a unit, e.g. '24GiB' or '512MB'")
+    number, unit = match.groups()
+    factor = _UNITS.get(unit.lower())
+    if factor is None:
+        raise ValueError(f"invalid size {text!r}: unknown unit {unit!r} (use GiB, GB, MiB or MB)")
+    value = float(number) * factor
+    if value < 1:
+        raise ValueError(f"invalid size {text!r}: must be at least one byte")
+    return int(value)
+
+
+def format_bytes(n: float) -> str:
+    """``1610612736`` -> ``"1.50 GiB"`` (MiB below 1 GiB)."""
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.1f} M"
+
+
+# ------------------------------------------------------------------------------------ model shape
+@dataclass(frozen=True)
+class ModelShape:
+    """The shape of a LLaMA-style decoder: everything the estimate needs, no weights.
+
+    Attributes:
+        hidden_size: model width ``h``.
+        intermediate_size: MLP width (gate/up/down projections).
+        num_layers: decoder layers.
+        num_heads: attention (query) heads.
+        num_kv_heads: key/value heads (grouped-query attention when fewer than ``num_heads``).
+        head_dim: width of one head.
+        vocab_size: rows of the embedding and of ``lm_head``.
+        tie_word_embeddings: ``lm_head`` shares the embedding matrix.
+        attention_bias: q/k/v/o projections have biases (Qwen2-style).
+        mlp_bias: MLP projections have biases.
+        name: where the shape came from (preset name or directory), for display.
+    """
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            _check_int(key, getattr(self, key))
+        _check_int("head_dim", self.head_dim)
+        _check_int("vocab_size", self.vocab_size)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, *, vocab_size: int | None = None) -> ModelShape:
+        """The shape of a :data:`leantune.models.PRESETS` entry.
+
+        Raises:
+            ValueError: unknown preset (the message suggests the closest name).
+        """
+        from leantune.models import PRESETS  # imports torch, so only when a preset is asked for
+
+        if name not in PRESETS:
+            close = difflib.get_close_matches(name, list(PRESETS), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"Unknown model preset {name!r}.{hint} Known presets: {', '.join(PRESETS)} "
+                "(or give a local Hugging Face model directory)"
+            )
+        p = PRESETS[name]
+        return cls(
+            hidden_size=p.hidden_size,
+            intermediate_size=p.intermediate_size,
+            num_layers=p.num_hidden_layers,
+            num_heads=p.num_attention_heads,
+            num_kv_heads=p.num_key_value_heads,
+            head_dim=p.hidden_size // p.num_attention_heads,
+            vocab_size=vocab_size if vocab_size is not None else p.vocab_size,
+            tie_word_embeddings=p.tie_word_embeddings,
+            name=name,
+        )
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any], *, name: str = "custom") -> ModelShape:
+        """The shape described by a parsed Hugging Face ``config.json``.
+
+        LLaMA field names (Mistral, Qwen2, ... use the same). ``num_key_value_heads`` defaults to
+        ``num_attention_heads``, ``head_dim`` (absent or ``null`` in many configs) to
+        ``hidden_size // num_attention_heads``, ``tie_word_embeddings`` to false (LlamaConfig's
+        default). RoPE settings (v4 ``rope_theta``, v5 ``rope_parameters``) do not change memory.
+        A multimodal config's ``text_config`` is used when the top level has no ``hidden_size``.
+
+        Raises:
+            ValueError: a required field is missing or invalid.
+        """
+        if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
+            config = config["text_config"]
+        required = (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "vocab_size",
+        )
+        missing = [k for k in required if config.get(k) is None]
+        if missing:
+            raise ValueError(f"{name}: config.json has no {', '.join(missing)} (not a decoder LM config?)")
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden_size=config["hidden_size"],
+            intermediate_size=config["intermediate_size"],
+            num_layers=config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=config.get("num_key_value_heads") or heads,
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab_size=config["vocab_size"],
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=bool(config.get("attention_bias", False)),
+            mlp_bias=bool(config.get("mlp_bias", False)),
+            name=name,
+        )
+
+    @classmethod
+    def from_hf_dir(cls, path: str | Path) -> ModelShape:
+        """The shape of a local Hugging Face model directory (reads ``config.json`` only).
+
+        Raises:
+            FileNotFoundError: no such directory, or no ``config.json`` in it.
+            ValueError: ``config.json`` is not JSON or not a decoder LM config.
+        """
+        root = Path(path).expanduser()
+        if not root.is_dir():
+            raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
+        cfg_path = root / "config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(
+                f"model directory {str(path)!r} has no config.json: give a local Hugging Face model "
+                "directory or a preset name"
+            )
+        try:
+            config = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{cfg_path}: not valid JSON ({err})") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"{cfg_path}: expected a JSON object")
+        return cls.from_hf_config(config, name=str(path))
+
+    @classmethod
+    def resolve(cls, spec: str) -> ModelShape:
+        """A preset name or a local Hugging Face directory, whichever ``spec`` is.
+
+        ``spec`` is a directory when it contains a path separator, starts with ``.`` or ``~``, or
+        names an existing directory; otherwise a preset name.
+        """
+        if "/" in spec or "\\" in spec or spec.startswith((".", "~")) or Path(spec).is_dir():
+            return cls.from_hf_dir(spec)
+        return cls.from_preset(spec)
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def layer_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """``(name, shape)`` of one decoder layer's parameters (linear weights are ``out x in``)."""
+        h, i, q, kv = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim
+        out = [
+            ("q_proj", (q, h)),
+            ("k_proj", (kv, h)),
+            ("v_proj", (kv, h)),
+            ("o_proj", (h, q)),
+            ("gate_proj", (i, h)),
+            ("up_proj", (i, h)),
+            ("down_proj", (h, i)),
+            ("input_layernorm", (h,)),
+            ("post_attention_layernorm", (h,)),
+        ]
+        if self.attention_bias:
+            out += [("q_bias", (q,)), ("k_bias", (kv,)), ("v_bias", (kv,)), ("o_bias", (h,))]
+        if self.mlp_bias:
+            out += [("gate_bias", (i,)), ("up_bias", (i,)), ("down_bias", (h,))]
+        return out
+
+    def root_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Parameters outside the layers: embedding, final norm and ``lm_head`` (if untied)."""
+        out = [("embed_tokens", (self.vocab_size, self.hidden_size)), ("norm", (self.hidden_size,))]
+        if not self.tie_word_embeddings:
+            out.append(("lm_head", (self.vocab_size, self.hidden_size)))
+        return out
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        """Every parameter tensor (a tied matrix once); layer tensors are prefixed ``layers.N.``."""
+        layers = [(f"layers.{n}.{k}", s) for n in range(self.num_layers) for k, s in self.layer_tensors()]
+        return layers + self.root_tensors()
+
+    @property
+    def layer_parameters(self) -> int:
+        return sum(math.prod(s) for _, s in self.layer_tensors())
+
+    @property
+    def root_parameters(self) -> int:
+        return sum(math.prod(s) for _, s in self.root_tensors())
+
+    @property
+    def parameters(self) -> int:
+        """Distinct parameter elements (a tied matrix counted once)."""
+        return self.num_layers * self.layer_parameters + self.root_parameters
+
+    @property
+    def num_tensors(self) -> int:
+        return self.num_layers * len(self.layer_tensors()) + len(self.root_tensors())
+
+
+def _check_int(key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {key}: {value!r} (must be an int >= 1)")
+
+
+# ------------------------------------------------------------------------------------- optimizers
+@dataclass(frozen=True)
+class _OptimModel:
+    """How one optimizer uses memory.
+
+    ``state``: ``"none"``, ``"moments"`` (``moments`` tensors shaped and typed like the parameter),
+    ``"factored"`` (row + column vectors per matrix, the full tensor for vectors, parameter dtype)
+    or ``"factored_fp32"`` (the same in fp32). ``step_scratch``: tensors of a parameter's size that
+    the per-tensor implementation allocates while stepping it; on ``foreach_devices`` the
+    implementation steps all tensors at once, with one list of temporaries as large as all of them.
+    """
+
+    state: str
+    moments: int = 0
+    fused: bool = False
+    step_scratch: int = 0
+    foreach_devices: tuple[str, ...] = ()
+    note: str = ""
+
+
+# Read from the implementations: torch 2.13 ``_single_tensor_adam`` computes
+# ``(exp_avg_sq.sqrt() / bc).add_(eps)`` (two temporaries alive at once), ``_multi_tensor_adam`` one
+# list of square roots; ``_single_tensor_adafactor`` one ``row_var @ col_var`` estimate; SGD without
+# momentum updates in place; pytorch_optimizer's Lion and Adan use ``torch._foreach_*`` on CPU too
+# (``can_use_foreach`` only asks for dense real gradients): one list of updates / denominators.
+_CUDA = ("cuda",)
+_OPTIMIZERS: dict[str, _OptimModel] = {
+    "adalomo": _OptimModel("factored_fp32", fused=True, note="row + column fp32 statistics"),
+    "lomo": _OptimModel("none", fused=True, note="no state"),
+    "adamw": _OptimModel("moments", 2, step_scratch=2, foreach_devices=_CUDA, note="2 moments"),
+    "sgd": _OptimModel("none", note="no momentum: no state"),
+    "adafactor": _OptimModel(
+        "factored", step_scratch=1, foreach_devices=_CUDA, note="row + column statistics"
+    ),
+    "lion": _OptimModel("moments", 1, step_scratch=1, foreach_devices=DEVICES, note="1 moment"),
+    "adan": _OptimModel(
+        "moments", 4, step_scratch=1, foreach_devices=DEVICES, note="3 moments + last gradient"
+    ),
+}
+_ALREADY_FUSED = ("adalomo", "lomo")
+
+
+def estimator_optimizers() -> list[str]:
+    """Optimizer names the estimate models: leantune's except Sophia, plus ``"floor"``."""
+    names = list(_OPTIMIZERS) + [n + _IN_BACKWARD for n in _OPTIMIZERS if n not in _ALREADY_FUSED]
+    return names + [FLOOR]
+
+
+def _resolve_optimizer(name: str) -> tuple[str, _OptimModel | None, bool]:
+    """``(base name, memory model, in_backward)``; the model is ``None`` for ``"floor"``."""
+    key = str(name).lower().replace("-", "_")
+    if key == FLOOR:
+        return FLOOR, None, False
+    in_backward = key.endswith(_IN_BACKWARD)
+    base = key.removesuffix(_IN_BACKWARD)
+    if base in _OPTIMIZERS and not (in_backward and base in _ALREADY_FUSED):
+        return base, _OPTIMIZERS[base], in_backward
+    known = estimator_optimizers()
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    why = " Sophia keeps the graph of the gradients and is not modelled." if base.startswith("sophia") else ""
+    raise ValueError(f"Unknown optimizer {name!r}.{hint}{why} Known: {', '.join(known)}")
+
+
+def canonical_optimizer(name: str) -> str:
+    """``name`` normalised (``"AdamW-in-backward"`` -> ``"adamw_in_backward"``).
+
+    Raises:
+        ValueError: the estimate does not model it (the message suggests the closest name).
+    """
+    base, _, in_backward = _resolve_optimizer(name)
+    return base + (_IN_BACKWARD if in_backward else "")
+
+
+def _state_bytes(kind: _OptimModel, shape: tuple[int, ...], weight_bytes: int) -> int:
+    n = math.prod(shape)
+    if kind.state == "moments":
+        return kind.moments * n * weight_bytes
+    if kind.state.startswith("factored"):
+        b = 4 if kind.state == "factored_fp32" else weight_bytes
+        return (n // shape[-1] + shape[-1]) * b if len(shape) >= 2 else n * b
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ setup
+@dataclass(frozen=True)
+class TrainSetup:
+    """One training configuration.
+
+    Attributes:
+        optimizer: a name of :func:`estimator_optimizers`; ``"floor"`` is forward + backward with
+            each gradient dropped as soon as it is complete (no optimizer).
+        seq_len: tokens per sequence.
+        batch_size: sequences per micro-batch per device.
+        dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (everything in that dtype), or ``"mixed"``:
+            fp32 weights, gradients and state, forward under bf16 autocast.
+        grad_checkpointing: activation checkpointing of every decoder layer (transformers'
+            non-reentrant ``activation_checkpointing_enable()``).
+        accumulation_steps: micro-batches per optimizer step.
+        world_size: devices.
+        strategy: ``"none"``, ``"ddp"`` (replicas) or ``"fsdp"`` (FSDP2: weights, gradients and
+            state sharded over ``world_size``, one unit per decoder layer plus the root).
+        device: ``"cpu"`` (peak RSS, validated) or ``"cuda"`` (device memory, modelled).
+        padded: batches contain padding (an attention mask with zeros): an ``L x L`` mask per
+            layer and k/v repeated to all heads (see :func:`activation_bytes_per_token`).
+    """
+
+    optimizer: str = "adalomo"
+    seq_len: int = 512
+    batch_size: int = 1
+    dtype: str = "bf16"
+    grad_checkpointing: bool = False
+    accumulation_steps: int = 1
+    world_size: int = 1
+    strategy: str = "none"
+    device: str = "cpu"
+    padded: bool = False
+
+    def __post_init__(self) -> None:
+        _resolve_optimizer(self.optimizer)
+        for key in ("seq_len", "batch_size", "accumulation_steps", "world_size"):
+            _check_int(key, getattr(self, key))
+        for key, allowed in (("dtype", DTYPE_MODES), ("strategy", STRATEGIES), ("device", DEVICES)):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"Invalid {key}: {getattr(self, key)!r} (choose from {', '.join(allowed)})")
+        if self.strategy == "none" and self.world_size != 1:
+            raise ValueError(f"world_size {self.world_size} needs strategy 'ddp' or 'fsdp'")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per micro-batch per device."""
+        return self.seq_len * self.batch_size
+
+
+# ------------------------------------------------------------------------------------ activations
+def activation_bytes_per_token(
+    shape: ModelShape, dtype: str, *, padded_len: int | None = None
+) -> dict[str, int]:
+    """Bytes autograd saves for backward per token: one decoder layer, the tail, a layer input.
+
+    Counted from transformers 5.x ``LlamaDecoderLayer`` with SDPA, distinct storages (checked with
+    ``torch.autograd.graph.saved_tensors_hooks``):
+
+    * each RMSNorm: its input in fp32 (4h; in fp32 the residual stream itself), ``rsqrt(var)``
+      (4 bytes), the normalised input cast back to the compute dtype, and ``weight * x`` (the next
+      linears' shared input). Under autocast ``weight * x`` stays fp32 and is not saved, but each
+      following linear saves its own bf16 cast of it (3 for q/k/v, 2 for gate/up);
+    * attention: q and k after RoPE (RoPE's products save only cos/sin, which need no gradient), v,
+      the SDPA output (``o_proj`` reuses it as a view) and the fp32 log-sum-exp per head;
+    * MLP: gate output (SiLU input), SiLU output, up output, their product (``down_proj`` input).
+
+    With padded batches (an attention mask with zeros), transformers repeats k/v to all heads
+    (SDPA's native grouped-query path needs no mask) and SDPA saves, per layer, the mask converted
+    to the compute dtype: ``seq_len`` more bytes per token and element size.
+
+    Args:
+        shape: the model.
+        dtype: one of :data:`DTYPE_MODES`.
+        padded_len: the sequence length, when batches are padded.
+
+    Returns:
+        ``layer``: one decoder layer; ``tail``: the final norm, the ``lm_head`` input cast (mixed),
+        input ids and labels; ``layer_input``: the residual stream entering a layer (what
+        checkpointing keeps per layer).
+    """
+    h, i, q, kv = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim
+    s = _COMPUTE_BYTES[dtype]
+    attention = s * (2 * q + 2 * kv) + 4 * shape.num_heads
+    if padded_len is not None:
+        attention += 2 * s * (q - kv) + s * padded_len
+    mlp = 4 * s * i
+    if dtype == "mixed":
+        norm = 8 * h + 4  # x and x * rsqrt(var), fp32 because the residual stream is fp32
+        casts, head_cast, residual = 5 * 2 * h, 2 * h, 4 * h
+    else:
+        norm = 4 * h + 2 * s * h + 4
+        casts, head_cast, residual = 0, 0, s * h
+    return {
+        "layer": 2 * norm + casts + attention + mlp,
+        "tail": norm + head_cast + 16,
+        "layer_input": residual,
+    }
+
+
+# ----------------------------------------------------------------------------------------- result
+_TERMS = ("weights", "gradients", "optimizer_state", "activations", "logits", "temporaries", "overhead")
+_LABELS = dict(zip(_TERMS, ("weights", "gradients", "optimizer state", "activations", "logits / loss")))
+_LABELS |= {"temporaries": "temporaries", "overhead": "framework overhead"}
+
+
+@dataclass
+class MemoryBreakdown:
+    """Peak memory per device of one training step, by component, at the peak moment.
+
+    Sizes are bytes; ``total`` is their sum. ``moment`` names the moment of the step where memory
+    peaks, ``moments`` the total at every moment evaluated, ``notes`` a short note per component.
+    """
+
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    logits: int
+    temporaries: int
+    overhead: int
+    moment: str
+    shape: ModelShape
+    setup: TrainSetup
+    moments: dict[str, int] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, k) for k in _TERMS)
+
+    def fits(self, budget_bytes: int) -> bool:
+        """Whether the estimated peak fits in ``budget_bytes``."""
+        return self.total <= budget_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the components and total in bytes, the moments, notes and inputs."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in _TERMS}
+        out |= {"total": self.total, "moment": self.moment, "moments": dict(self.moments)}
+        out |= {"parameters": self.shape.parameters, "notes": dict(self.notes)}
+        out |= {"model": asdict(self.shape), "setup": asdict(self.setup)}
+        return out
+
+    def format(self) -> str:
+        """A readable table in GiB."""
+        st, sh = self.setup, self.shape
+        extras = [st.device]
+        if st.grad_checkpointing:
+            extras.append("activation checkpointing")
+        if st.accumulation_steps > 1:
+            extras.append(f"{st.accumulation_steps} accumulation steps")
+        if st.strategy != "none":
+            extras.append(f"{st.strategy} over {st.world_size} devices")
+        lines = [
+            f"Peak memory per device of one training step (estimate): {sh.name}, "
+            f"{_count(sh.parameters)} params, {st.optimizer}, {st.dtype}, seq {st.seq_len} x batch "
+            f"{st.batch_size}, {', '.join(extras)}",
+            "",
+            f"  {'component':<20}{'GiB':>9}  note",
+        ]
+        for key in _TERMS:
+            note = self.notes.get(key, "")
+            lines.append(f"  {_LABELS[key]:<20}{getattr(self, key) / GiB:>9.3f}  {note}".rstrip())
+        lines += [f"  {'-' * 29}", f"  {'total (peak)':<20}{self.total / GiB:>9.3f}  at: {self.moment}"]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ the model
+def _chunk(shape: tuple[int, ...]) -> int:
+    """Elements in one chunk of a fused update (whole rows, at most CHUNK_ELEMENTS)."""
+    cols = shape[-1] if len(shape) >= 2 else 1
+    rows = math.prod(shape) // cols
+    return min(rows, max(1, CHUNK_ELEMENTS // cols)) * cols
+
+
+def _fused_scratch(base: str, kind: _OptimModel | None, shape: tuple[int, ...], setup: TrainSetup) -> int:
+    """Temporaries of one in-backward update of a tensor of ``shape``, besides its gradient.
+
+    From leantune.optim: ``GradientView.chunk`` returns the gradient itself when it is fp32 and
+    untransformed, else an fp32 copy of the chunk; ``WriteBack`` updates low-precision weights
+    through an fp32 copy of the chunk; AdaLomo writes ``g^2`` and ``g * b`` into its persistent
+    workspaces (counted as optimizer state), and keeps a single-chunk tensor's gradient copy until
+    the write-back; ``InBackward`` materialises the whole effective gradient in fp32
+    (``GradientView.full``), casts it to the weight dtype and steps the inner optimizer on it.
+    """
+    if kind is None:  # floor: the hook only drops the gradient
+        return 0
+    n, c, w = math.prod(shape), _chunk(shape), _WEIGHT_BYTES[setup.dtype]
+    low = w < 4
+    transformed = low or setup.accumulation_steps > 1  # accumulation adds an fp32 buffer
+    reduced = 0
+    if setup.strategy == "ddp" and setup.world_size > 1:
+        # Replicated data parallelism: the hook all-reduces an fp32 copy of the whole gradient,
+        # which then serves as an untransformed fp32 gradient.
+        reduced, transformed = 4 * n, False
+    copy = 4 * c if transformed else 0
+    if base == "lomo":
+        return reduced + copy + (4 * c if low else 0)
+    if base == "adalomo":
+        if len(shape) < 2:
+            return reduced + copy + 12 * n
+        work = 4 * c if low else 0
+        return reduced + (copy + work if c == n else max(copy, work))
+    full = 4 * n if transformed else 0
+    scratch = 1 if setup.device in kind.foreach_devices else kind.step_scratch  # one tensor here
+    return int(reduced + full + (n * w if low else 0) + scratch * n * w)
+
+
+def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
+    """Estimate the peak memory per device of one training step.
+
+    Args:
+        shape: the model (see :meth:`ModelShape.resolve`).
+        setup: the training configuration.
+
+    Returns:
+        The breakdown at the moment of the step where memory peaks.
+    """
+    base, kind, in_backward = _resolve_optimizer(setup.optimizer)
+    fused = kind is None or kind.fused or in_backward
+    mixed = setup.dtype == "mixed"
+    w, s = _WEIGHT_BYTES[setup.dtype], _COMPUTE_BYTES[setup.dtype]
+    tokens, hidden, vocab = setup.tokens, shape.hidden_size, shape.vocab_size
+    params, ranks = shape.parameters, setup.world_size
+    fsdp = setup.strategy == "fsdp" and ranks > 1
+    shard = 1 / ranks if setup.strategy == "fsdp" else 1.0
+    notes: dict[str, str] = {}
+
+    # Weights. FSDP2 keeps the root unit (embedding, lm_head, final norm) unsharded from forward to
+    # the end of backward, and all-gathers the next layer while one computes: two layers at once.
+    weights = params * w * shard
+    notes["weights"] = f"{_count(params)} params x {w} B" + (f" / {ranks} ranks" if shard < 1 else "")
+    if fsdp:
+        unit_bytes = 2 if mixed else w  # "mixed" = MixedPrecisionPolicy(param_dtype=bf16)
+        weights += (shape.root_parameters + 2 * shape.layer_parameters) * unit_bytes * (1 - shard)
+        notes["weights"] += " + unsharded root and 2 layers"
+    fwd_weights = weights
+    if mixed and not fsdp:
+        # autocast caches a bf16 copy of every linear weight; each linear saves its copy for backward.
+        linear = params - vocab * hidden * (0 if shape.tie_word_embeddings else 1)
+        linear -= (2 * shape.num_layers + 1) * hidden  # the norms are not cast
+        fwd_weights += 2 * linear
+
+    state = 0.0
+    if kind is not None:
+        state = sum(_state_bytes(kind, shp, w) for _, shp in shape.tensors()) * shard
+        notes["optimizer_state"] = kind.note
+        if base == "adalomo":
+            # Two fp32 workspaces of the largest update chunk, kept by the optimizer between updates.
+            state += 2 * 4 * max(_chunk(shp) for _, shp in shape.tensors() if len(shp) >= 2)
+            notes["optimizer_state"] += " + 2 chunk workspaces"
+
+    # Gradients (in the parameter dtype). Accumulation: fused optimizers keep an fp32 buffer per
+    # parameter, ordinary ones keep .grad between micro-batches. DDP buckets hold a copy of them.
+    all_grads = params * w * shard
+    acc = 0.0
+    if setup.accumulation_steps > 1 and kind is not None:
+        acc = 4 * params * shard if fused else all_grads
+    ddp = all_grads if (setup.strategy == "ddp" and ranks > 1 and not fused) else 0.0
+    lm_grad = vocab * hidden * w
+    lm_grad_arriving = vocab * hidden * (2 + 4) if mixed else lm_grad  # bf16 grad, then its fp32 cast
+    layer_shape = max((sh for _, sh in shape.layer_tensors()), key=math.prod)
+    layer_grad = math.prod(layer_shape) * w
+    # FSDP2 reduce-scatters a layer's unsharded gradients after its backward.
+    unit_grads = shape.layer_parameters * w if fsdp else 0
+
+    per_tok = activation_bytes_per_token(
+        shape, setup.dtype, padded_len=setup.seq_len if setup.padded else None
+    )
+    layer_act, tail_act = tokens * per_tok["layer"], tokens * per_tok["tail"]
+    rope = 2 * setup.seq_len * shape.head_dim * (4 if mixed else s)  # cos/sin, shared by all layers
+    if setup.grad_checkpointing:
+        kept = shape.num_layers * tokens * per_tok["layer_input"] + tail_act + rope
+        if setup.padded:  # the boolean 4-D mask is an input of every checkpointed layer
+            kept += setup.batch_size * setup.seq_len**2
+        # The last layer is recomputed for its backward; the tail's tensors are freed by then. When
+        # the residual stream is fp32 the first norm saves the kept layer input itself: count once.
+        dedupe = tokens * per_tok["layer_input"] if per_tok["layer_input"] == 4 * hidden else 0
+        last_layer = kept - tail_act + layer_act - dedupe
+        notes["activations"] = f"{shape.num_layers} layer inputs (checkpointing) + 1 layer recomputed"
+    else:
+        kept = shape.num_layers * layer_act + tail_act + rope
+        last_layer = kept - tail_act
+        notes["activations"] = f"{shape.num_layers} layers x {format_bytes(layer_act)}"
+    # Backward of SiLU(gate) * up: the incoming hidden-state gradient plus d(product), d(SiLU) and
+    # d(up) alive while only the product itself has been freed.
+    mlp_bwd = s * tokens * (hidden + 2 * shape.intermediate_size)
+    grad_hidden = s * tokens * hidden
+
+    if setup.device == "cpu":
+        overhead = CPU_IMPORT_OVERHEAD + CPU_RUNTIME_OVERHEAD
+        overhead += _MODEL_BUILD_OVERHEAD + _PER_TENSOR_OVERHEAD * shape.num_tensors
+        notes["overhead"] = "python + torch + transformers, model objects, first-step scratch"
+    else:
+        overhead = CUDA_CONTEXT_OVERHEAD
+        notes["overhead"] = "CUDA context (a guess)"
+
+    tied = shape.tie_word_embeddings
+    # Gradients still waiting at the last layer: lm_head's for ordinary optimizers, a tied matrix's
+    # (its update waits for the embedding's contribution), FSDP's root unit's (reduce-scattered at
+    # the end of backward).
+    held = lm_grad if (tied or not fused or fsdp) else 0
+    moments: dict[str, dict[str, float]] = {
+        "log-softmax backward": {"activations": kept, "logits": 3 * 4 * tokens * vocab},
+        "lm_head backward": {
+            "gradients": lm_grad_arriving,
+            "activations": kept,
+            "logits": s * tokens * vocab,  # dL/dlogits in the compute dtype
+            "temporaries": grad_hidden,
+        },
+        "last layer backward": {
+            "gradients": held + (0 if fused else layer_grad) + unit_grads,
+            "activations": last_layer,
+            "temporaries": mlp_bwd,
+        },
+    }
+    if fused:
+        if not tied:
+            moments["lm_head update"] = {
+                "gradients": lm_grad,
+                "activations": kept,
+                "temporaries": grad_hidden + _fused_scratch(base, kind, (vocab, hidden), setup),
+            }
+        moments["last layer update"] = {
+            "gradients": held + layer_grad + unit_grads,
+            "activations": last_layer,
+            "temporaries": grad_hidden + _fused_scratch(base, kind, layer_shape, setup),
+        }
+        if tied:  # the tied matrix's update waits for the embedding's contribution
+            moments["embedding update"] = {
+                "weights": weights,
+                "gradients": lm_grad + (4 * vocab * hidden * shard if acc else 0),  # the last buffer
+                "temporaries": _fused_scratch(base, kind, (vocab, hidden), setup),
+            }
+        notes["gradients"] = ("fp32 accumulation buffers + " if acc else "") + "one tensor at a time"
+    else:
+        if setup.device in kind.foreach_devices:
+            scratch = params * w * shard
+        else:
+            scratch = kind.step_scratch * max(math.prod(sh) for _, sh in shape.tensors()) * w
+        # (with accumulation, the gradients held between micro-batches are these same tensors)
+        moments["optimizer step"] = {"weights": weights, "gradients": all_grads, "temporaries": scratch}
+        notes["gradients"] = "all of them at step()" + (" + DDP buckets" if ddp else "")
+
+    totals: dict[str, int] = {}
+    for name, terms in moments.items():
+        terms.setdefault("weights", fwd_weights)
+        held_acc = acc if name not in ("optimizer step", "embedding update") else 0
+        terms["gradients"] = terms.get("gradients", 0) + held_acc + ddp
+        totals[name] = int(sum(terms.values()) + state + overhead)
+    peak = max(totals, key=totals.__getitem__)
+    terms = {k: int(moments[peak].get(k, 0)) for k in ("weights", "gradients", "activations", "logits")}
+    terms["temporaries"] = int(moments[peak].get("temporaries", 0))
+    notes["logits"] = f"{tokens} tokens x {vocab} vocab, fp32 for the loss"
+    if terms["weights"] > weights:
+        notes["weights"] += " + bf16 autocast copies"
+    for key in ("activations", "logits", "temporaries"):
+        if terms[key] < MiB:
+            notes[key] = "none alive at this moment" if terms[key] == 0 else ""
+    return MemoryBreakdown(
+        **terms,
+        optimizer_state=int(state),
+        overhead=int(overhead),
+        moment=peak,
+        shape=shape,
+        setup=setup,
+        moments=totals,
+        notes=notes,
+    )
