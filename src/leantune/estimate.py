@@ -658,14 +658,16 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     shard = 1 / ranks if setup.strategy == "fsdp" else 1.0
     notes: dict[str, str] = {}
 
-    # Weights. FSDP2 keeps the root unit (embedding, lm_head, final norm) unsharded from forward to
-    # the end of backward, and all-gathers the next layer while one computes: two layers at once.
+    # Weights. leantune's FSDP2 units are each decoder layer, the embedding and the head (tied ones
+    # stay in the root unit, unsharded from forward to the end of backward); FSDP all-gathers the
+    # next layer while one computes (two layers at once) and the head around the loss.
     weights = params * w * shard
     notes["weights"] = f"{_count(params)} params x {w} B" + (f" / {ranks} ranks" if shard < 1 else "")
     if fsdp:
         unit_bytes = 2 if mixed else w  # "mixed" = MixedPrecisionPolicy(param_dtype=bf16)
-        weights += (shape.root_parameters + 2 * shape.layer_parameters) * unit_bytes * (1 - shard)
-        notes["weights"] += " + unsharded root and 2 layers"
+        head = shape.root_parameters if shape.tie_word_embeddings else vocab * hidden
+        weights += (head + 2 * shape.layer_parameters) * unit_bytes * (1 - shard)
+        notes["weights"] += " + 2 layers and the head unsharded"
     fwd_weights = weights
     if mixed and not fsdp:
         # autocast caches a bf16 copy of every linear weight; each linear saves its copy for backward.
@@ -729,9 +731,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
 
     tied = shape.tie_word_embeddings
     # Gradients still waiting at the last layer: lm_head's for ordinary optimizers, a tied matrix's
-    # (its update waits for the embedding's contribution), FSDP's root unit's (reduce-scattered at
-    # the end of backward).
-    held = lm_grad if (tied or not fused or fsdp) else 0
+    # (its update waits for the embedding's contribution; under FSDP it is in the root unit, which
+    # reduce-scatters at the end of backward).
+    held = lm_grad if (tied or not fused) else 0
     moments: dict[str, dict[str, float]] = {
         "log-softmax backward": {"activations": kept, "logits": 3 * 4 * tokens * vocab},
         "lm_head backward": {
