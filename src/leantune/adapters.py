@@ -275,6 +275,11 @@ def load_adapter_model(
     from transformers import AutoModelForCausalLM
 
     base_dir = resolve_base(adapter_dir, run_dir)
+    if not (Path(adapter_dir) / ADAPTER_WEIGHTS).is_file():  # peft would fall back to a pickled .bin
+        raise AdapterError(
+            f"{adapter_dir}: no {ADAPTER_WEIGHTS}: leantune reads adapter weights only from safetensors "
+            "(adapter_model.bin is a pickle, which can run code when loaded)"
+        )
     base = AutoModelForCausalLM.from_pretrained(
         base_dir,
         dtype=dtype or "auto",

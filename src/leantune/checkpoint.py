@@ -9,13 +9,18 @@ valid one.
 Layout of ``RUN_DIR/checkpoints/step-000120/``::
 
     model/              Hugging Face format: config.json, model.safetensors, tokenizer files
-    optimizer.pt        optimizer (or stepper) state_dict: statistics, scaler, accumulation, RNG
-    training_state.pt   scheduler, data position, RNG states (python, torch, cuda)
+    optim/              optimizer state (torch.distributed.checkpoint, keyed by parameter name)
+    training_state.pt   scheduler, data position, RNG and engine states, counters
     trainer_state.json  step counters and metrics (human readable)
     manifest.json       sizes and checksums of all of the above
 
-Only safetensors files hold weights; ``.pt`` files hold optimizer/trainer state and are read with
-``torch.load(weights_only=True)``.
+Only safetensors files hold weights; ``training_state.pt`` is read with
+``torch.load(weights_only=True)``, and DCP's metadata pickle and non-tensor values are checked
+against allow-lists before DCP reads them, so a tampered checkpoint cannot run code.
+
+A failed write (e.g. a full disk) raises :class:`CheckpointWriteError` naming the file; the
+temporary directory is removed and existing checkpoints are untouched. Temporary directories of
+killed writers are removed by the next write of the same target or by pruning.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import warnings
@@ -35,6 +41,7 @@ import torch
 
 __all__ = [
     "CheckpointError",
+    "CheckpointWriteError",
     "atomic_directory",
     "capture_rng",
     "find_checkpoints",
@@ -43,6 +50,7 @@ __all__ = [
     "restore_rng",
     "verify_checkpoint",
     "write_manifest",
+    "write_text_atomic",
 ]
 
 MANIFEST = "manifest.json"
@@ -51,6 +59,70 @@ PREFIX = "step-"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed on the storage side (e.g. the disk is full). The partial write
+    was removed; existing checkpoints are untouched.
+
+    Attributes:
+        target: the directory that was being written.
+        file: the file being written when it failed (relative to ``target``), if known.
+        disk_full: the failure looks like a full disk or an exhausted quota.
+    """
+
+    def __init__(self, message: str, *, target: Path, file: str | None, disk_full: bool) -> None:
+        super().__init__(message)
+        self.target, self.file, self.disk_full = target, file, disk_full
+
+
+def _short(err: BaseException) -> str:
+    # torch.distributed.checkpoint wraps each rank's failure (a BaseException with .failures).
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        err = first[0] if isinstance(first, tuple) else first
+    return f"{type(err).__name__}: {err}".splitlines()[0][:300]
+
+
+def _is_storage_error(err: BaseException) -> bool:
+    return isinstance(err, OSError) or type(err).__name__ in ("SafetensorError", "CheckpointException")
+
+
+def _describe_write_failure(target: Path, tmp: Path, err: BaseException) -> CheckpointWriteError | None:
+    """A :class:`CheckpointWriteError` for a storage failure (inspects ``tmp`` before it is removed),
+    or None for other errors (a bug, a bad model...), which are re-raised as they are."""
+    import errno
+
+    chain, e = [], err
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(_short(c) for c in chain)
+    try:
+        free = shutil.disk_usage(target.parent).free
+    except OSError:
+        free = -1
+    disk_full = (
+        any(getattr(c, "errno", None) in (errno.ENOSPC, errno.EDQUOT) for c in chain)
+        or "No space left" in text
+        or "os error 28" in text
+        or 0 <= free < (1 << 20)  # torch's zip writer reports ENOSPC as "unexpected pos ..."
+    )
+    if not (disk_full or any(_is_storage_error(c) for c in chain)):
+        return None
+    files = [p for p in tmp.rglob("*") if p.is_file()] if tmp.is_dir() else []
+    name = getattr(err, "filename", None)
+    last = max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
+    file = str(last.relative_to(tmp)) if last is not None else (str(name) if name else None)
+    why = f"the disk is full ({free / 2**20:.1f} MiB free)" if disk_full else "a storage error"
+    return CheckpointWriteError(
+        f"could not write {target}: {why} while writing {file or 'it'} ({_short(err)}). The partial "
+        "write was removed; earlier checkpoints are untouched",
+        target=target,
+        file=file,
+        disk_full=disk_full,
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -157,8 +229,9 @@ def atomic_directory(target: Path, write: Callable[[Path], None], meta: dict[str
     if main:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
+            for leftover in target.parent.glob(f".{target.name}.tmp-*"):  # e.g. a killed export
+                if leftover == tmp or _is_stale(leftover):
+                    shutil.rmtree(leftover)
             tmp.mkdir()
         except OSError as err:
             error = err
@@ -166,7 +239,9 @@ def atomic_directory(target: Path, write: Callable[[Path], None], meta: dict[str
         raise error or CheckpointError(f"{target}: another rank could not prepare the checkpoint directory")
     try:
         write(tmp)
-    except Exception as err:  # reported on every rank below
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # reported on every rank below (DCP's CheckpointException is no Exception)
         error = err
     if main and _all_ok(error is None):
         try:
@@ -183,9 +258,14 @@ def atomic_directory(target: Path, write: Callable[[Path], None], meta: dict[str
             error = err
     elif not main:
         _all_ok(error is None)
+    failure = None
+    if error is not None and not isinstance(error, (KeyboardInterrupt, SystemExit)):
+        failure = _describe_write_failure(target, tmp, error)  # before the partial write goes
     if not _all_ok(error is None):
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if failure is not None:
+            raise failure from error
         raise error or CheckpointError(f"{target}: the save failed on another rank")
     return target
 
@@ -230,10 +310,29 @@ def prune_checkpoints(ckpt_root: Path, keep_last: int) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     for leftover in ckpt_root.glob(f".{PREFIX}*.tmp-*") if ckpt_root.is_dir() else []:
-        pid = leftover.name.rsplit("-", 1)[-1]
-        if not (pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid()):
+        if _is_stale(leftover):
             shutil.rmtree(leftover, ignore_errors=True)
     return deleted
+
+
+def _is_stale(leftover: Path) -> bool:
+    """A temporary directory of a write that can no longer finish (its process is gone)."""
+    pid = leftover.name.rsplit("-", 1)[-1]
+    return not (pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` so that a crash leaves either the old or the new file whole."""
+    path = Path(path)
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):  # of a writer killed before its rename
+        if _is_stale(leftover):
+            leftover.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -257,7 +356,18 @@ def save_torch(obj: Any, path: Path) -> None:
 
 def load_torch(path: Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers (never arbitrary pickles)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(_unsafe(path, err)) from None
+
+
+def _unsafe(path: Any, err: BaseException) -> str:
+    return (
+        f"{path}: refusing to load it: it holds objects other than tensors and plain containers, which "
+        "leantune never writes (a pickle can run code when loaded; was the checkpoint tampered with?) "
+        f"[{_short(err)[:200]}]"
+    )
 
 
 # ------------------------------------------------------------------ model and optimizer state
@@ -353,6 +463,71 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, dir
     if init is not None:
         init()  # DCP fills an existing structure; fused optimizers create theirs lazily otherwise
     osd = get_optimizer_state_dict(model, optimizer)
-    with _single_process_is_fine():
-        dcp.load({"optim": osd}, checkpoint_id=str(directory))
+    reader, planner = _safe_dcp(directory)
+    try:
+        with _single_process_is_fine():
+            dcp.load({"optim": osd}, storage_reader=reader, planner=planner)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(_unsafe(directory, err)) from None
+    except BaseException as err:
+        if type(err).__name__ != "CheckpointException":
+            raise
+        refused = ("UnpicklingError", "Weights only load failed", "not allowed in checkpoint metadata")
+        if any(text in f"{_short(err)} {err}" for text in refused):
+            raise CheckpointError(_unsafe(directory, err)) from None
+        raise CheckpointError(f"{directory}: cannot load the optimizer state ({_short(err)})") from None
     set_optimizer_state_dict(model, optimizer, osd)
+
+
+# DCP reads ``.metadata`` with plain ``pickle.load`` and non-tensor values with
+# ``torch.load(weights_only=False)``; a tampered checkpoint could run code on resume. These classes
+# are what DCP's metadata holds, besides the classes of ``torch.distributed.checkpoint.metadata``.
+_DCP_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "Path"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        import torch.distributed.checkpoint.metadata as md
+
+        obj = getattr(md, name, None) if module == md.__name__ else None
+        if isinstance(obj, type) and obj.__module__ == md.__name__:
+            return obj
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def _safe_dcp(directory: Path) -> tuple[Any, Any]:
+    """A DCP storage reader and load planner that refuse anything but checkpoint data: the metadata
+    pickle is checked against an allow-list first, non-tensor values with ``weights_only=True``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            path = getattr(self, "_get_metadata_path", None)
+            path = path(kwargs.get("rank")) if path else Path(self.path) / ".metadata"
+            with open(path, "rb") as fh:
+                _MetadataUnpickler(fh).load()  # raises before DCP's own pickle.load could run code
+            return super().read_metadata(*args, **kwargs)
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            # What loads with weights_only=True holds only allow-listed types, so DCP's own
+            # (unrestricted) load of the same bytes runs nothing else.
+            torch.load(value, map_location="cpu", weights_only=True)
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    return Reader(str(directory)), Planner()

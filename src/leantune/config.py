@@ -102,7 +102,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     """Decoupled weight decay."""
     clip_grad_norm: float | None = None
-    """Global gradient-norm clipping. Exact for fused optimizers, at the cost of a second backward."""
+    """Global gradient-norm clipping. Exact for fused optimizers, at the cost of a second backward.
+    May be switched on when resuming (e.g. to get past loss spikes), as may `clip_grad_value`."""
     clip_grad_value: float | None = None
     """Clamp each gradient element to [-v, v]."""
     loss_scale: str | None = None
@@ -383,7 +384,45 @@ class Config:
                 "train.hft_redraw=epoch with dist.strategy=ddp needs a fused optimizer (adalomo, "
                 "lomo): DistributedDataParallel fixes the trainable parameters when it is built"
             )
+        self._validate_combinations(is_fused(self.optim.name))
         return self
+
+    def _validate_combinations(self, fused: bool) -> None:
+        """Options that would be silently ignored or wrong together."""
+        from leantune.optim import needs_create_graph
+
+        own = {
+            "lr": "optim.lr",
+            "weight_decay": "optim.weight_decay",
+            "clip_grad_norm": "optim.clip_grad_norm",
+            "clip_grad_value": "optim.clip_grad_value",
+            "loss_scale": "optim.loss_scale",
+            "rounding": "optim.rounding",
+            "accumulation_steps": "train.accumulation_steps",
+            "seed": "train.seed",
+        }
+        for key, value in self.optim.kwargs.items():
+            if key in own:
+                raise ConfigError(
+                    f"optim.kwargs.{key} is a setting of its own: use {own[key]}={value} instead"
+                )
+        if self.optim.rounding in ("stochastic", "kahan") and not fused:
+            raise ConfigError(
+                f"optim.rounding={self.optim.rounding} applies to optimizers fused into backward; "
+                f"{self.optim.name} updates through torch (round to nearest). Use "
+                f"optim.name={self.optim.name}_in_backward for {self.optim.rounding} rounding, or "
+                "optim.rounding=auto"
+            )
+        if self.dist.strategy != "fsdp" and (self.dist.cpu_offload or self.dist.mixed_precision):
+            key = "dist.cpu_offload" if self.dist.cpu_offload else "dist.mixed_precision"
+            raise ConfigError(f"{key} applies to dist.strategy=fsdp only (now {self.dist.strategy!r})")
+        if needs_create_graph(self.optim.name) and self.dist.strategy != "none":
+            raise ConfigError(
+                f"optim.name={self.optim.name} estimates the Hessian with torch.autograd.grad on the "
+                f"graph of the gradients, which dist.strategy={self.dist.strategy} does not keep "
+                "(DistributedDataParallel fails in a backward with create_graph=True; FSDP reduces the "
+                "gradients without their graph): use dist.strategy=none"
+            )
 
 
 def _suggest(value: Any, options: list[str]) -> str:

@@ -78,6 +78,9 @@ def load_for_inference(
         except AdapterError as err:
             raise FileNotFoundError(str(err)) from None
     else:
+        from leantune.models import check_model_dir
+
+        check_model_dir(model_dir, "model directory")  # safetensors only: a .bin is a pickle
         model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             dtype=dtype or "auto",

@@ -20,13 +20,18 @@ __all__ = [
     "Preset",
     "approx_parameters",
     "build_model",
+    "check_model_dir",
     "count_parameters",
     "get_rope_theta",
     "human_count",
     "preset_config",
     "resolve_dtype",
+    "set_rope_scaling",
     "set_rope_theta",
 ]
+
+# Presets larger than this are initialised directly in a low-precision weight dtype (see build_model).
+LOW_PRECISION_INIT_PARAMS = 1_000_000_000
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -139,6 +144,56 @@ def set_rope_theta(config: Any, theta: float) -> None:
         config.rope_theta = float(theta)
 
 
+def set_rope_scaling(config: Any, scaling: dict[str, Any]) -> None:
+    """Set the RoPE scaling options (``rope_type`` and its fields) on a transformers config.
+
+    transformers 5 keeps ``rope_type``, its options *and* ``rope_theta`` in one
+    ``config.rope_parameters`` dict, and its deprecated ``rope_scaling`` setter replaces that dict
+    whole, dropping the base (the model then fails with ``None ** tensor``). Here the options
+    replace the previous scaling but the rotary base is kept unless ``scaling`` sets
+    ``rope_theta`` itself. transformers 4 has a separate ``rope_scaling`` field, set as given.
+
+    Args:
+        config: a transformers model config.
+        scaling: e.g. ``{"rope_type": "linear", "factor": 2.0}`` (the v4 key ``type`` is accepted).
+
+    Raises:
+        ValueError: ``scaling`` is not a dict, names no or an unknown ``rope_type``, or lacks a
+            field that type requires (e.g. ``factor``).
+    """
+    if not isinstance(scaling, dict):
+        raise ValueError(
+            f"rope_scaling must be a dict like {{rope_type: linear, factor: 2.0}}, got {scaling!r}"
+        )
+    new = dict(scaling)
+    if "type" in new:
+        new.setdefault("rope_type", new.pop("type"))
+    if "rope_type" not in new:
+        raise ValueError(
+            f"rope_scaling needs a rope_type (e.g. linear, dynamic, yarn, llama3), got {scaling!r}"
+        )
+    params = getattr(config, "rope_parameters", None)
+    if not isinstance(params, dict):  # transformers 4
+        config.rope_scaling = new
+        return
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    known = {"default", *ROPE_INIT_FUNCTIONS}
+    if new["rope_type"] not in known:
+        raise ValueError(
+            f"rope_scaling: unknown rope_type {new['rope_type']!r}; known: {', '.join(sorted(known))}"
+        )
+    new.setdefault("rope_theta", get_rope_theta(config))
+    config.rope_parameters = new
+    # Fill type-specific defaults (e.g. original_max_position_embeddings for yarn/llama3) and check
+    # the required fields now rather than when the rotary embedding is built.
+    config.standardize_rope_params()
+    try:
+        config.validate_rope()
+    except KeyError as err:
+        raise ValueError(f"rope_scaling: {err.args[0] if err.args else err}") from None
+
+
 def get_rope_theta(config: Any) -> float:
     """The rotary base of a transformers config."""
     params = getattr(config, "rope_parameters", None)
@@ -159,6 +214,37 @@ def resolve_dtype(name: str) -> torch.dtype:
 def count_parameters(model: torch.nn.Module, *, trainable_only: bool = False) -> int:
     """Number of distinct parameter elements (tied weights counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
+    """``path`` as a Path if it is a Hugging Face model directory with safetensors weights.
+
+    Args:
+        path: the directory.
+        what: how error messages name it (the config key, by default).
+
+    Raises:
+        FileNotFoundError: no such directory, no ``config.json``, or no ``*.safetensors`` weights
+            (``.bin``/``.pt`` weights are pickles, which can run code when loaded: never read).
+    """
+    root = Path(path)
+    if not (root / "config.json").is_file():
+        state = "has no config.json" if root.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"{what} {str(root)!r} {state}: give a local Hugging Face model directory "
+            "(config.json + *.safetensors weights)"
+            + (", or unset it to train a model.preset from scratch" if what == "model.path" else "")
+        )
+    if not any(root.glob("*.safetensors")):
+        pickled = sorted(p.name for p in root.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        raise FileNotFoundError(
+            f"{what} {str(root)!r} has no *.safetensors weights"
+            + (f" (found {', '.join(pickled[:3])})" if pickled else "")
+            + ": leantune reads weights only from safetensors, because .bin/.pt files are pickles that "
+            "can run code when loaded. Convert them once where you trust the file, e.g. "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+        )
+    return root
 
 
 def build_model(
@@ -190,26 +276,39 @@ def build_model(
         raise ValueError("give exactly one of a model preset or a model path")
     overrides = dict(config_overrides or {})
     theta = overrides.pop("rope_theta", None)
+    scaling = overrides.pop("rope_scaling", None)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if preset is not None:
         cfg = preset_config(preset, vocab_size=vocab_size, **overrides)
+        if scaling is not None:
+            set_rope_scaling(cfg, scaling)
         if theta is not None:
             set_rope_theta(cfg, theta)
         if attn_implementation:
             cfg._attn_implementation = attn_implementation
         # Seeded init on CPU in fp32, then cast: the same seed gives the same model in every dtype.
+        # Above LOW_PRECISION_INIT_PARAMS a transient fp32 copy (4 bytes per parameter: 32 GB for
+        # an 8B model) would dwarf the training step itself, so large presets are initialised
+        # directly in their weight dtype (deterministic per seed and dtype).
+        direct = dtype != torch.float32 and approx_parameters(preset, vocab_size) > LOW_PRECISION_INIT_PARAMS
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = LlamaForCausalLM(cfg)
+            if direct:
+                previous = torch.get_default_dtype()
+                torch.set_default_dtype(dtype)
+                try:
+                    model = LlamaForCausalLM(cfg)
+                finally:
+                    torch.set_default_dtype(previous)
+            else:
+                model = LlamaForCausalLM(cfg)
         return model.to(dtype)
-    root = Path(path)
-    if not (root / "config.json").is_file():
-        raise FileNotFoundError(
-            f"model.path {str(root)!r} has no config.json: give a local Hugging Face model directory"
-        )
+    root = check_model_dir(path)
     cfg = AutoConfig.from_pretrained(root, trust_remote_code=trust_remote_code)
     for key, value in overrides.items():
         setattr(cfg, key, value)
+    if scaling is not None:
+        set_rope_scaling(cfg, scaling)
     if theta is not None:
         set_rope_theta(cfg, theta)
     return AutoModelForCausalLM.from_pretrained(

@@ -126,7 +126,10 @@ class Monitor:
                 continue  # a torn last line from a crash
             if rec.get("step", 0) <= step:
                 kept.append(line)
-        self.metrics_path.write_text("".join(k + "\n" for k in kept))
+        from leantune.checkpoint import write_text_atomic
+
+        # atomic: a kill during this rewrite must not lose the log of the steps that are kept
+        write_text_atomic(self.metrics_path, "".join(k + "\n" for k in kept))
 
     def print(self, text: str = "", *, style: str | None = None) -> None:
         if not self.enabled:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import random
+import shlex
 import signal
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +28,7 @@ from leantune.data import BatchStream, Datasets, build_datasets, load_tokenizer
 from leantune.distributed.runtime import all_agree, all_reduce_sum, init_distributed, run_on_main
 from leantune.distributed.strategy import attach_optimizer, wrap_model
 from leantune.evaluate import eval_loss, exact_match
-from leantune.models import build_model, count_parameters, human_count, resolve_dtype
+from leantune.models import build_model, check_model_dir, count_parameters, human_count, resolve_dtype
 from leantune.monitor import Monitor, format_bytes, peak_memory_bytes
 from leantune.optim import Stepper, build_optimizer, is_fused, needs_create_graph
 
@@ -43,6 +45,8 @@ RESUMABLE_CHANGES = (
     "train.keep_last",
     "train.device",
     "train.max_nonfinite",
+    "optim.clip_grad_norm",  # not part of any saved state: a way past loss spikes on resume
+    "optim.clip_grad_value",
     "train.batch_size",  # allowed when the global batch stays the same (checked on load)
     "dist.nproc",
     "dist.strategy",
@@ -61,6 +65,13 @@ class RunSummary:
     final_dir: Path | None
     metrics: dict[str, Any] = field(default_factory=dict)
     interrupted: bool = False
+
+
+def _as_override(value: Any) -> str:
+    """A config value as the right-hand side of a ``key=value`` override."""
+    if isinstance(value, str):
+        return value
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _device(name: str) -> torch.device:
@@ -121,6 +132,7 @@ class Trainer:
         self.device = self.env.device
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
+        self._check_paths()
         self.tokenizer = load_tokenizer(
             cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
         )
@@ -163,8 +175,20 @@ class Trainer:
             device=self.device,
         )
         if self.is_main:
-            (self.run_dir / "config.yaml").write_text(render_config(cfg, comments=False))
+            # atomic: a run killed while rewriting it on resume must still resume
+            ckpt.write_text_atomic(self.run_dir / "config.yaml", render_config(cfg, comments=False))
         self._announce(resume_from)
+
+    def _check_paths(self) -> None:
+        """A missing model or tokenizer directory fails here, before any data is read."""
+        m = self.cfg.model
+        if m.path is not None:
+            check_model_dir(m.path)
+        if m.tokenizer is not None and not Path(m.tokenizer).is_dir():
+            raise FileNotFoundError(
+                f"model.tokenizer {m.tokenizer!r} does not exist: give a directory with a saved tokenizer "
+                "(tokenizer.json, tokenizer_config.json), or unset it to use model.path's"
+            )
 
     def _build_model(self) -> torch.nn.Module:
         cfg = self.cfg.model
@@ -397,6 +421,7 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.nonfinite_in_a_row = int(state.get("nonfinite_in_a_row", 0))
         self.resumed_from = path
 
     @property
@@ -433,6 +458,7 @@ class Trainer:
                     "step": self.step,
                     "tokens_seen": self.tokens_seen,
                     "nonfinite_total": self.nonfinite_total,
+                    "nonfinite_in_a_row": self.nonfinite_in_a_row,
                     "world_size": self.world_size,
                     "batch_size": self.cfg.train.batch_size,
                     "global_batch": self.global_batch,
@@ -443,7 +469,13 @@ class Trainer:
                 yaml.safe_dump({"step": self.step, "tokens_seen": self.tokens_seen, "eval": self.last_eval})
             )
 
-        path = ckpt.atomic_directory(root / f"{ckpt.PREFIX}{self.step:06d}", write, meta={"step": self.step})
+        self._refuse_nonfinite_weights("checkpoint")
+        try:
+            path = ckpt.atomic_directory(
+                root / f"{ckpt.PREFIX}{self.step:06d}", write, meta={"step": self.step}
+            )
+        except ckpt.CheckpointWriteError as err:
+            raise TrainingError(self._write_failed(err)) from err
         if self.is_main:
             ckpt.prune_checkpoints(root, self.cfg.train.keep_last)
         return path
@@ -451,11 +483,37 @@ class Trainer:
     def export(self) -> Path:
         """Write the final model (HF format: safetensors + config + tokenizer; for peft runs the
         adapter in peft format) to RUN_DIR/final."""
-        return ckpt.atomic_directory(
-            self.run_dir / "final",
-            self._save_model,
-            meta={"step": self.step},
+        self._refuse_nonfinite_weights("final model")
+        try:
+            return ckpt.atomic_directory(self.run_dir / "final", self._save_model, meta={"step": self.step})
+        except ckpt.CheckpointWriteError as err:
+            raise TrainingError(self._write_failed(err)) from err
+
+    def _refuse_nonfinite_weights(self, what: str) -> None:
+        """Weights with an inf/nan are never written (every rank calls this)."""
+        bad = self._nonfinite_weights()
+        if bad:
+            raise TrainingError(
+                f"refusing to write the {what} of step {self.step}: the weights hold inf/nan "
+                f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): an update overflowed "
+                f"(optim.lr={self.cfg.optim.lr} too high, or fp16 overflow). Earlier checkpoints are "
+                "intact. Resume from the last one with gradient clipping:\n"
+                f"  leantune train {self._resume_hint()} optim.clip_grad_norm=1.0\n"
+                "or start a new run with a lower optim.lr."
+            )
+
+    def _write_failed(self, err: ckpt.CheckpointWriteError) -> str:
+        """What a failed save means for the run, and how to go on (local: no collectives)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a skipped newer checkpoint would be reported twice
+            previous = ckpt.latest_valid_checkpoint(self.run_dir / "checkpoints")
+        kept = (
+            f"The newest intact checkpoint is {previous} (verified): nothing up to its step is lost."
+            if previous is not None
+            else "There is no earlier checkpoint: a new run would start over."
         )
+        fix = "Free some disk space" if err.disk_full else "Fix the storage problem"
+        return f"{err}.\n{kept}\n{fix}, then resume with:\n  leantune train {self._resume_hint()}"
 
     # ----------------------------------------------------------------- train
     def train_step(self) -> dict[str, Any]:
@@ -489,29 +547,50 @@ class Trainer:
             "loss": sum(losses) / len(losses),
             "tokens": tokens,
             "skipped": skipped,
+            # fused optimizers without a measuring pass: a tensor's inf/nan gradient was zeroed
+            "zeroed": not skipped and bool(getattr(result, "zeroed", False)),
             "grad_norm": None if result is None else result.grad_norm,
         }
 
     def _handle_nonfinite(self, out: dict[str, Any]) -> None:
-        if not out["skipped"]:
+        if not (out["skipped"] or out.get("zeroed")):
             self.nonfinite_in_a_row = 0
             return
         self.nonfinite_in_a_row += 1
         self.nonfinite_total += 1
+        what = (
+            f"skipped: non-finite {'loss' if not math.isfinite(out['loss']) else 'gradient'}"
+            if out["skipped"]
+            else "had a non-finite gradient in some tensors: they got a zero gradient, the rest updated"
+        )
         self.monitor.print(
-            f"warning: step {self.step} skipped: non-finite "
-            f"{'loss' if not math.isfinite(out['loss']) else 'gradient'} "
+            f"warning: step {self.step} {what} "
             f"({self.nonfinite_in_a_row} in a row, {self.nonfinite_total} in all)"
         )
         if self.nonfinite_in_a_row >= self.cfg.train.max_nonfinite:
+            bad = self._nonfinite_weights()
+            state = (
+                f"The weights are no longer finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}): "
+                "an update overflowed before these steps; nothing non-finite was saved."
+                if bad
+                else "No inf/nan reached the weights (skipped steps changed nothing; tensors with a "
+                "non-finite gradient got a zero one)."
+            )
             raise TrainingError(
                 f"{self.nonfinite_in_a_row} consecutive steps had a non-finite loss or gradient "
-                f"(last at step {self.step}). The weights were not updated by them and are still "
-                "finite. Likely causes: learning rate too high "
-                f"(optim.lr={self.cfg.optim.lr}), fp16 overflow without loss scaling, "
-                "or bad data. Lower optim.lr, set optim.clip_grad_norm, or use bf16; then resume with "
-                "train.resume=auto."
+                f"(last at step {self.step}, train.max_nonfinite={self.cfg.train.max_nonfinite}). "
+                f"{state} Likely causes: learning rate too high (optim.lr={self.cfg.optim.lr}), fp16 "
+                "overflow, or bad data. Resume from the last checkpoint with gradient clipping (it may "
+                f"change on resume):\n  leantune train {self._resume_hint()} optim.clip_grad_norm=1.0\n"
+                "or start a new run with a lower optim.lr (or model.dtype=bf16 instead of fp16)."
             )
+
+    def _nonfinite_weights(self) -> list[str]:
+        """Names of the parameters holding an inf/nan (every rank calls this; one host sync)."""
+        named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in self.model.named_parameters()]
+        flags = torch.stack([(~torch.isfinite(t.detach())).any().to(self.device) for _, t in named])
+        flags = all_reduce_sum(flags.float()).tolist()
+        return [n for (n, _), f in zip(named, flags) if f > 0]
 
     def evaluate(self) -> dict[str, Any]:
         """Eval loss, perplexity and exact-match accuracy on the evaluation set."""
@@ -617,10 +696,20 @@ class Trainer:
         return RunSummary(self.run_dir, self.step, final, metrics)
 
     def _resume_hint(self) -> str:
-        return (
-            f"{getattr(self, 'config_path', '') or ''} train.resume=auto train.run_name={self.run_dir.name} "
-            f"train.output_dir={self.cfg.train.output_dir}".strip()
-        )
+        """The arguments of ``leantune train`` that resume this run: its settings (the CLI's YAML
+        file and overrides, else every non-default setting) plus the resume keys."""
+        where = ("train.resume", "train.run_name", "train.output_dir")
+        path = getattr(self, "config_path", None)
+        overrides = getattr(self, "overrides", None)
+        if overrides is None:
+            overrides = [f"{k}={_as_override(v)}" for k, _, v in config_diff(Config(), self.cfg)]
+        settings = [o for o in overrides if o.split("=", 1)[0].strip() not in where]
+        resume = [
+            "train.resume=auto",
+            f"train.run_name={self.run_dir.name}",
+            f"train.output_dir={self.run_dir.parent}",  # also right after train.resume=<a run dir>
+        ]
+        return shlex.join([*([path] if path else []), *settings, *resume])
 
     # ----------------------------------------------------------------- close
     def _announce(self, resume_from: Path | None) -> None:

@@ -56,6 +56,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lengths", type=_ints, default=[256, 512, 1024], help="passkey / position-ppl lengths")
     p.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="passkey depths")
     p.add_argument("--samples-per-cell", type=int, default=5, help="passkey prompts per length x depth")
+    p.add_argument(
+        "--no-header",
+        action="store_true",
+        help="passkey prompts without the task instruction (shorter prompts, e.g. byte-level tokenizers)",
+    )
     p.add_argument("--bucket", type=int, default=128, help="position-ppl bucket size in tokens")
     p.add_argument("--out", help="where to write the heatmap / JSON (default: next to the model)")
     p.add_argument("--seed", type=int, default=0)
@@ -148,6 +153,7 @@ def _default(args: argparse.Namespace, loaded, device) -> int:
 
 def _passkey(args: argparse.Namespace, loaded) -> int:
     from leantune.longctx import evaluate_passkey, plot_passkey_heatmap
+    from leantune.longctx.passkey import HEADER
 
     grid = evaluate_passkey(
         loaded.model,
@@ -157,6 +163,7 @@ def _passkey(args: argparse.Namespace, loaded) -> int:
         samples_per_cell=args.samples_per_cell,
         seed=args.seed,
         add_bos=loaded.tokenizer.bos_token_id is not None,
+        header=None if args.no_header else HEADER,
     )
     print(grid.format())
     png = _out_path(args, loaded, "passkey.png")
@@ -195,7 +202,12 @@ def _position_ppl(args: argparse.Namespace, loaded, device) -> int:
         print(f"length {length} ({ids.shape[0]} sequences):")
         for b in buckets:
             print(f"  positions {b.start:>6}-{b.end:<6} loss {b.mean_nll:.4f}  ppl {b.perplexity:.3f}")
+    if not results:
+        raise ValueError(f"{args.data}: {len(stream)} tokens, fewer than the shortest of --lengths")
     out = _out_path(args, loaded, "position_ppl.json")
+    if out.suffix != ".json":
+        out = out / "position_ppl.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"written: {out}")
     return 0

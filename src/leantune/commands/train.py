@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
 
     trainer = Trainer(cfg)
     trainer.config_path = path
+    trainer.overrides = overrides  # repeated in the "resume with" hints
     try:
         summary = trainer.run()
     except (ConfigError, DataError, FileNotFoundError, CheckpointError) as err:
@@ -74,4 +75,13 @@ def run(args: argparse.Namespace) -> int:
     except TrainingError as err:
         print(f"leantune train: stopped: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: stopped at once, even during a save
+        if getattr(trainer, "run_dir", None) is None:
+            raise
+        print(
+            "leantune train: interrupted (a checkpoint being written is discarded). Resume from the "
+            f"last complete one with:\n  leantune train {trainer._resume_hint()}",
+            file=sys.stderr,
+        )
+        return 130
     return 130 if summary.interrupted else 0

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from leantune.data.encode import IGNORE_INDEX, Sample
+from leantune.data.records import DataError
 
 __all__ = ["BatchStream", "collate", "eval_batches"]
 
@@ -60,7 +61,7 @@ class BatchStream:
         self.world_size = world_size
         self.batches_per_epoch = len(samples) // world_size // batch_size
         if self.batches_per_epoch < 1:
-            raise ValueError(
+            raise DataError(
                 f"{len(samples)} training samples cannot fill one batch of {batch_size} on each of "
                 f"{world_size} rank(s); lower train.batch_size or add data"
             )

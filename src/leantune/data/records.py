@@ -1,7 +1,9 @@
 """Reading local data files (JSONL / JSON / Parquet) through ``datasets``, with precise errors.
 
-Files are read by the ``datasets`` library (local files only). When a file is malformed, the error
-names the file and the line (JSONL) or record, says what is wrong and how to fix it.
+JSON arrays and Parquet files are read by the ``datasets`` library (local files only); JSON-lines
+files are parsed line by line with ``json``, which keeps every value exactly as written (pyarrow
+would coerce a column of mixed types). When a file is malformed, the error names the file and the
+line (JSONL) or record, says what is wrong and how to fix it.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ class DataError(ValueError):
     """Bad training or evaluation data (the message says where and how to fix it)."""
 
 
-def _scan_jsonl(path: Path) -> None:
-    """Find the first malformed line of a JSON-lines file and raise a DataError naming it."""
+def _scan_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """The (line number, record) pairs of a JSON-lines file; a DataError names a malformed line."""
+    found = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, start=1):
             line = raw.strip()
@@ -48,12 +51,8 @@ def _scan_jsonl(path: Path) -> None:
                 raise DataError(
                     f"{path}:{lineno}: expected a JSON object per line, got {type(value).__name__}"
                 )
-
-
-def _line_numbers(path: Path) -> list[int]:
-    """Line number of each record of a JSON-lines file (blank lines are skipped by readers)."""
-    with path.open("rb") as fh:
-        return [i for i, raw in enumerate(fh, start=1) if raw.strip()]
+            found.append((lineno, value))
+    return found
 
 
 def _is_json_lines(path: Path) -> bool:
@@ -87,7 +86,12 @@ def load_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
         raise DataError(f"{p}: the file has no records (it is empty)")
     json_lines = builder == "json" and _is_json_lines(p)
     if json_lines:
-        _scan_jsonl(p)  # cheap, and gives file:line for the commonest mistake
+        # Parsed here, with file:line for every error, and exactly: through datasets (pyarrow), a
+        # column of mixed types is coerced ("007" -> 7) and a bad value is blamed on the wrong line.
+        found = _scan_jsonl(p)
+        if not found:
+            raise DataError(f"{p}: the file has no records (it is empty)")
+        return [rec for _, rec in found], [f"{p}:{n}" for n, _ in found]
     import datasets
 
     datasets.disable_progress_bars()
@@ -98,14 +102,7 @@ def load_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     records = ds.to_list()
     if not records:
         raise DataError(f"{p}: the file has no records (it is empty)")
-    if json_lines:
-        lines = _line_numbers(p)
-        where = [f"{p}:{n}" for n in lines] if len(lines) == len(records) else None
-    else:
-        where = None
-    if where is None:
-        where = [f"{p} record {i + 1}" for i in range(len(records))]
-    return records, where
+    return records, [f"{p} record {i + 1}" for i in range(len(records))]
 
 
 def detect_format(records: list[dict[str, Any]], source: str) -> str:

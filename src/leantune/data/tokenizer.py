@@ -65,7 +65,14 @@ def load_tokenizer(path: str | Path | None, *, trust_remote_code: bool = False):
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"tokenizer directory {str(root)!r} does not exist")
-    tok = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:  # transformers' "cannot find / instantiate" errors
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"no usable tokenizer in {str(root)!r} ({first}): it needs the files written by "
+            "tokenizer.save_pretrained (tokenizer.json, tokenizer_config.json); or set model.tokenizer"
+        ) from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ValueError(f"the tokenizer in {str(root)!r} has neither a pad nor an eos token")

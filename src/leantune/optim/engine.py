@@ -12,6 +12,12 @@ On top of the hooks the engine provides what earlier fused optimizers lacked:
   coefficient is computed once, then the second pass updates. Cost: one extra backward.
 * **fp16 dynamic loss scaling** without corrupting weights: overflow is detected in the measuring
   pass, before any weight changes, with a single host synchronisation per step.
+* **no NaN in the weights** without a measuring pass either: the whole gradient is not known before
+  the first update, so the step cannot be skipped; instead each parameter's gradient is checked
+  just before its update. On the CPU a parameter with an inf/nan gradient is left untouched (one
+  read-only sum per tensor); on accelerators the gradient is zeroed on the device (no per-tensor
+  host sync). The step reports ``zeroed=True`` (one host sync per step). With clipping or dynamic
+  loss scaling such a step is skipped whole instead.
 * **gradient accumulation**: the first ``k-1`` calls of ``opt.backward`` move each gradient into an
   fp32 accumulation buffer (the memory cost: 4 bytes per trainable parameter while accumulating);
   the ``k``-th call applies one update with the mean gradient.
@@ -57,12 +63,17 @@ class BackwardResult:
         grad_norm: global L2 norm of the (unscaled, averaged) gradient, when it was measured
             (clipping or dynamic loss scaling), else ``None``.
         loss_scale: the loss scale used for this backward, ``None`` without loss scaling.
+        zeroed: without a measuring pass, some parameter's gradient was inf/nan: that parameter
+            was not updated (CPU) or updated with a zero gradient (accelerators), the others
+            normally, so no weight or optimizer state became NaN; the step should be counted as
+            a numerical fault.
     """
 
     updated: bool
     skipped: bool = False
     grad_norm: float | None = None
     loss_scale: float | None = None
+    zeroed: bool = False
 
 
 class _Phase(Enum):
@@ -158,6 +169,35 @@ class GradientView:
             total = sq if total is None else total + sq
         return total
 
+    def has_nonfinite(self, max_elements: int) -> bool:
+        """Whether any element of the effective gradient is inf/nan (a host bool: meant for CPU).
+
+        One read-only ``sum`` per chunk: NaN and inf propagate into it, and a finite gradient
+        cannot overflow an fp32 sum unless its elements already exceed ~1e29.
+        """
+        for rows in self.chunks(max_elements):
+            if not math.isfinite(torch.sum(self.chunk(rows), dtype=torch.float32).item()):
+                return True
+        return False
+
+    def zero_unless_finite(self, max_elements: int) -> Tensor:
+        """Zero the gradient in place if any element of the effective gradient is inf/nan.
+
+        Returns a 0-d bool tensor, True when it was zeroed. No host sync: one ``aminmax`` read
+        (NaN propagates, inf shows; no overflow as with ``sum(g^2)``) and one write. The
+        gradient and accumulation buffer must be owned by the caller.
+        """
+        ref = self._grad if self._grad is not None else self._acc
+        bad = torch.zeros((), dtype=torch.bool, device=ref.device)
+        for rows in self.chunks(max_elements):
+            lo, hi = torch.aminmax(self.chunk(rows))
+            bad |= ~(torch.isfinite(lo) & torch.isfinite(hi))
+        keep = (~bad).float()  # x * 1.0 is exact; nan_to_num first, as nan * 0.0 is nan
+        for t in (self._grad, self._acc):
+            if t is not None:
+                t.nan_to_num_(0.0, 0.0, 0.0).mul_(keep)  # ~7x faster than masked_fill_ on CPU
+        return bad
+
 
 def _param_groups(params: ParamsLike) -> list[dict[str, Any]] | list[Any]:
     if isinstance(params, nn.Module):
@@ -243,6 +283,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._inv_scale = 1.0
         self._clip_coef = 1.0
         self._square_sums: dict[torch.device, Tensor] = {}
+        self._guard = False  # zero non-finite gradients before updating (no measuring pass)
+        self._zeroed: dict[torch.device, Tensor] = {}
         self._seen: set[int] = set()
         self._hooks: dict[Tensor, Any] = {}
         self.refresh_hooks()
@@ -342,8 +384,35 @@ class FusedOptimizer(torch.optim.Optimizer):
         if measuring:
             self._add_square_sum(view.square_sum(self.chunk_elements))
             return
+        self._apply(p, view)
+
+    def _apply(self, p: Tensor, view: GradientView) -> None:
+        """Update ``p``. Without a measuring pass nothing has checked the gradient yet. On the CPU,
+        where reading a flag costs nothing, a parameter whose gradient holds an inf/nan is not
+        updated at all (one read-only pass over the gradient); on accelerators, where a per-tensor
+        host sync would stall the device, that gradient is zeroed on the device instead. Either way
+        the step is flagged (``BackwardResult.zeroed``)."""
         with torch.no_grad():
-            self._update(p, view, self._group_of[p], state)
+            if self._guard:
+                local = self._local(p)
+                if local.device.type == "cpu":
+                    if view.has_nonfinite(self.chunk_elements):
+                        self._zeroed[local.device] = torch.ones((), dtype=torch.bool)
+                        return
+                else:
+                    bad = view.zero_unless_finite(self.chunk_elements)
+                    current = self._zeroed.get(bad.device)
+                    self._zeroed[bad.device] = bad if current is None else current | bad
+            self._update(p, view, self._group_of[p], self.state[p])
+
+    def _any_zeroed(self) -> bool:
+        """Whether any rank zeroed a non-finite gradient this step (the one host sync per step)."""
+        flags = list(self._zeroed.values())
+        self._zeroed.clear()
+        total = torch.zeros((), dtype=torch.float32) if not flags else flags[0].float()
+        for f in flags[1:]:
+            total = total + f.float().to(total.device)
+        return self.collectives.sum_square_norms(total).item() > 0
 
     def _view(self, grad: Tensor | None, acc: Tensor | None, *, clip_coef: float) -> GradientView:
         """The effective gradient; for replicated data parallelism, averaged over the ranks."""
@@ -425,17 +494,20 @@ class FusedOptimizer(torch.optim.Optimizer):
             if self.clip_grad_norm is not None:
                 self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
             self._seen.clear()
-        with self._in_phase(_Phase.UPDATE):
-            scaled.backward(retain_graph=retain_graph)
-            for p in self._unseen_accumulated():
-                view = self._view(None, self.state[p].pop("grad_acc"), clip_coef=self._clip_coef)
-                with torch.no_grad():
-                    self._update(p, view, self._group_of[p], self.state[p])
+        self._guard, self._zeroed = not measure, {}
+        try:
+            with self._in_phase(_Phase.UPDATE):
+                scaled.backward(retain_graph=retain_graph)
+                for p in self._unseen_accumulated():
+                    self._apply(p, self._view(None, self.state[p].pop("grad_acc"), clip_coef=self._clip_coef))
+        finally:
+            self._guard = False
+        zeroed = not measure and self._any_zeroed()
         self._seen.clear()
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False)
         self.step()  # a no-op that tells LR schedulers and step hooks that an update happened
-        return BackwardResult(updated=True, grad_norm=grad_norm, loss_scale=scale_reported)
+        return BackwardResult(updated=True, grad_norm=grad_norm, loss_scale=scale_reported, zeroed=zeroed)
 
     def _drop_accumulation(self) -> None:
         for p in self._hooks:

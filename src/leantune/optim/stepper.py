@@ -89,19 +89,22 @@ class Stepper:
                 p.grad.mul_(1.0 / scale)
         if self.clip_grad_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.clip_grad_value)
-        grad_norm = None
         dynamic = self.loss_scaler is not None and self.loss_scaler.dynamic
         if self.clip_grad_norm is not None or dynamic:
             max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else math.inf
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            grad_norm = float(norm)
-            if not math.isfinite(grad_norm):
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.loss_scaler is not None:
-                    self.loss_scaler.update(overflow=True)
-                return BackwardResult(updated=False, skipped=True, grad_norm=grad_norm, loss_scale=reported)
+        else:
+            # Measured without clipping too (one read of the gradients, one host sync per step):
+            # a step on an inf/nan gradient would write NaN into the weights and the moments.
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        grad_norm = float(norm)
+        if not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.loss_scaler is not None:
+                self.loss_scaler.update(overflow=True)
+            return BackwardResult(updated=False, skipped=True, grad_norm=grad_norm, loss_scale=reported)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.loss_scaler is not None:

@@ -1,0 +1,200 @@
+"""Atomic checkpoints: temporary directory, fsync, rename, manifest with sizes and checksums;
+loading verifies and falls back to the previous good checkpoint with a warning; keep-last-K never
+deletes the only good one."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from leantune import checkpoint as ckpt
+from leantune.config import load_config
+from leantune.trainer import Trainer
+from tests.reliability.common import assert_same_weights, losses, run_args
+
+
+def _write_files(files):
+    def write(tmp):
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).write_bytes(data)
+
+    return write
+
+
+FILES = {"model/model.safetensors": b"w" * 1000, "optim/.metadata": b"m" * 10, "training_state.pt": b"t" * 99}
+
+
+def test_written_in_a_temporary_directory_fsynced_then_renamed(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoints" / "step-000005"
+    synced_files, synced_dirs, seen = [], [], {}
+    monkeypatch.setattr(ckpt, "_fsync_file", lambda p: synced_files.append(p.name))
+    real_dir = ckpt._fsync_dir
+    monkeypatch.setattr(ckpt, "_fsync_dir", lambda p: (synced_dirs.append(p), real_dir(p)))
+
+    def write(tmp):
+        seen["tmp"] = tmp.name
+        seen["target existed"] = target.exists()
+        _write_files(FILES)(tmp)
+
+    assert ckpt.atomic_directory(target, write, meta={"step": 5}) == target
+    assert seen == {"tmp": f".step-000005.tmp-{os.getpid()}", "target existed": False}
+    assert sorted(synced_files) == sorted(p.rsplit("/", 1)[-1] for p in FILES)  # every file, before
+    assert target.parent in synced_dirs  # the rename itself is made durable
+    manifest = json.loads((target / ckpt.MANIFEST).read_text())
+    assert manifest["meta"] == {"step": 5}
+    assert manifest["files"] == {
+        rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in FILES.items()
+    }
+    assert sorted(p.name for p in target.parent.iterdir()) == ["step-000005"]
+
+
+def test_a_failed_write_leaves_the_old_directory_untouched_and_no_temporary(tmp_path):
+    target = tmp_path / "final"
+    ckpt.atomic_directory(target, _write_files({"a": b"old"}))
+
+    def fails(tmp):
+        (tmp / "a").write_bytes(b"half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ckpt.atomic_directory(target, fails)
+    assert (target / "a").read_bytes() == b"old"
+    ckpt.verify_checkpoint(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def _corrupt_missing_manifest(d):
+    (d / ckpt.MANIFEST).unlink()
+
+
+def _corrupt_bad_manifest(d):
+    (d / ckpt.MANIFEST).write_text("{not json")
+
+
+def _corrupt_missing_file(d):
+    (d / "training_state.pt").unlink()
+
+
+def _corrupt_truncated(d):
+    with open(d / "model" / "model.safetensors", "r+b") as fh:
+        fh.truncate(500)
+
+
+def _corrupt_flipped_byte(d):
+    path = d / "model" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[123] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+CORRUPTIONS = {
+    "no manifest": (_corrupt_missing_manifest, r"no manifest\.json \(the write did not finish\)"),
+    "unreadable manifest": (_corrupt_bad_manifest, r"unreadable manifest\.json"),
+    "missing file": (_corrupt_missing_file, r"training_state\.pt is missing"),
+    "truncated file": (_corrupt_truncated, r"model/model\.safetensors has 500 bytes, expected 1000"),
+    "flipped byte": (_corrupt_flipped_byte, r"model/model\.safetensors is corrupt \(checksum mismatch\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPTIONS))
+def test_verification_catches_it_and_loading_falls_back_with_a_warning(case, tmp_path):
+    corrupt, message = CORRUPTIONS[case]
+    root = tmp_path / "checkpoints"
+    for step in (3, 6):
+        ckpt.atomic_directory(root / f"step-{step:06d}", _write_files(FILES))
+    corrupt(root / "step-000006")
+    with pytest.raises(ckpt.CheckpointError, match=message):
+        ckpt.verify_checkpoint(root / "step-000006")
+    with pytest.warns(UserWarning, match=rf"skipping checkpoint: .*step-000006: {message}.*; falling back"):
+        assert ckpt.latest_valid_checkpoint(root) == root / "step-000003"
+
+
+def test_keep_last_never_deletes_the_only_good_checkpoint(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (3, 6, 9):
+        ckpt.atomic_directory(root / f"step-{step:06d}", _write_files(FILES))
+    _corrupt_truncated(root / "step-000009")
+    (root / "step-000012").mkdir()  # a checkpoint directory without a manifest
+    with pytest.warns(UserWarning):
+        deleted = ckpt.prune_checkpoints(root, keep_last=1)
+    assert [p.name for p in deleted] == ["step-000003", "step-000009"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-000006", "step-000012"]
+    with pytest.warns(UserWarning, match="step-000012"):
+        assert ckpt.latest_valid_checkpoint(root) == root / "step-000006"
+    # normal pruning: the newest K, oldest first to go
+    for step in (15, 18):
+        ckpt.atomic_directory(root / f"step-{step:06d}", _write_files(FILES))
+    ckpt.prune_checkpoints(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-000015", "step-000018"]
+
+
+def test_pruning_removes_leftovers_of_dead_writers_only(tmp_path):
+    root = tmp_path / "checkpoints"
+    ckpt.atomic_directory(root / "step-000003", _write_files(FILES))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        for pid in (int(dead.stdout), live.pid):
+            (root / f".step-000006.tmp-{pid}").mkdir()
+        ckpt.prune_checkpoints(root, keep_last=2)
+        names = sorted(p.name for p in root.iterdir())
+        assert names == [f".step-000006.tmp-{live.pid}", "step-000003"]  # a live writer is left alone
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait()
+
+
+class StopAt(Trainer):
+    """Receives a SIGTERM (as the handler would record it) during step ``stop_at``."""
+
+    stop_at = 7
+
+    def train_step(self):
+        out = super().train_step()
+        if self.step + 1 == self.stop_at:
+            self._stop_signal = signal.SIGTERM
+        return out
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_still_matches_exactly(tmp_path, reference, capsys):
+    args = run_args("adamw", tmp_path, "run")
+    part = StopAt(load_config(None, args)).run()
+    assert part.interrupted and part.steps == 7
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in ckpt.find_checkpoints(root)] == ["step-000006", "step-000007"]
+    _corrupt_flipped_byte(root / "step-000007")  # bit rot, same size
+    resumed = Trainer(load_config(None, [*args, "train.resume=auto"]))
+    with pytest.warns(UserWarning, match=r"step-000007: model/model\.safetensors is corrupt"):
+        summary = resumed.run()
+    assert resumed.resumed_from.name == "step-000006" and summary.metrics["steps_this_run"] == 6
+    ref = reference("adamw")
+    assert_same_weights(ref / "final", summary.final_dir)
+    assert losses(summary.run_dir) == losses(ref)
+
+
+def test_a_killed_export_leaves_no_garbage_behind(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    stale = tmp_path / f".final.tmp-{int(dead.stdout)}"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 100)
+    ckpt.atomic_directory(tmp_path / "final", _write_files({"model.safetensors": b"y"}))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_text_files_are_replaced_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "config.yaml"
+    ckpt.write_text_atomic(path, "old: 1\n")
+    monkeypatch.setattr(os, "replace", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):  # killed just before the rename
+        ckpt.write_text_atomic(path, "new: 2\n")
+    assert path.read_text() == "old: 1\n"
+    monkeypatch.undo()
+    ckpt.write_text_atomic(path, "new: 2\n")  # and the next write clears the leftover
+    assert path.read_text() == "new: 2\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
