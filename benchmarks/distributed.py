@@ -92,6 +92,7 @@ def worker(args: argparse.Namespace) -> None:
     records = [None] * world
     if world > 1:
         dist.all_gather_object(records, record)
+        dist.barrier()
         dist.destroy_process_group()
     else:
         records = [record]

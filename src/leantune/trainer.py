@@ -788,7 +788,12 @@ class Trainer:
         if is_distributed():
             import torch.distributed as dist
 
-            dist.destroy_process_group()
+            # Every rank must be done (rank 0 plots and prints last) before the group goes away:
+            # tearing it down under a peer still using it aborts that peer.
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
 
     def run(self) -> RunSummary:
         """setup -> train -> plot -> close, printing a summary."""

@@ -59,4 +59,5 @@ if world == 1 or dist.get_rank() == 0:
     with open(sys.argv[1], "w") as fh:
         json.dump({"world_size": world, "local_param_bytes": local, "peak_rss_bytes": peak}, fh)
 if world > 1:
+    dist.barrier()
     dist.destroy_process_group()

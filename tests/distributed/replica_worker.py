@@ -36,4 +36,5 @@ for step in range(STEPS):
 if rank == 0:
     with open(sys.argv[2], "w") as fh:
         json.dump({"steps": STEPS, "max_diff_per_step": diffs}, fh)
+dist.barrier()
 dist.destroy_process_group()
