@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from leantune.optim import LOMO, AdaLomo, InBackward, stochastic_round
+from leantune.optim.precision import NoiseTable
 from tests.helpers import batch, loss_of, tiny_llama
 
 LOW = [torch.bfloat16, torch.float16]
@@ -20,8 +21,9 @@ def ulp_above(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return lo.float(), hi.float()
 
 
+@pytest.mark.parametrize("source", ["randint", "table"])
 @pytest.mark.parametrize("dtype", LOW)
-def test_stochastic_rounding_is_unbiased_within_a_statistical_bound(dtype):
+def test_stochastic_rounding_is_unbiased_within_a_statistical_bound(dtype, source):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(512, generator=g) * torch.logspace(-3, 3, 512)
     x = x.to(torch.float32)
@@ -29,9 +31,11 @@ def test_stochastic_rounding_is_unbiased_within_a_statistical_bound(dtype):
     assert torch.all((lo <= x) & (x <= hi))
     n = 4000
     gen = torch.Generator().manual_seed(1)
+    # "table": the optimizers' source, a seeded table read at random offsets.
+    noise = NoiseTable(0, torch.device("cpu"), gen) if source == "table" else None
     total = torch.zeros_like(x, dtype=torch.float64)
     for _ in range(n):
-        r = stochastic_round(x.clone(), dtype, gen).float()
+        r = stochastic_round(x.clone(), dtype, gen, noise=noise).float()
         assert torch.all((r == lo) | (r == hi))  # only the two neighbours are ever produced
         total += r.double()
     mean = total / n

@@ -275,7 +275,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.rounding = rounding
         self.seed = int(seed)
         self.chunk_elements = DEFAULT_CHUNK_ELEMENTS
-        self.writer = WriteBack(rounding, self._generator)
+        self.writer = WriteBack(rounding, self._generator, lambda: self.seed + self.collectives.seed_offset())
         self.collectives = Collectives()
         self._generators: dict[str, torch.Generator] = {}
         self._micro_step = 0

