@@ -31,13 +31,24 @@ Configurations (``--only`` takes these names):
 No configuration clips gradients (clipping by global norm costs every fused optimizer an extra
 backward, which is a different benchmark).
 
+Precision (``--dtype``): ``fp32`` or ``bf16`` weights (and gradients, state, activations), or
+``mixed``: bf16 mixed precision with fp32 master weights (fp32 weights, gradients and optimizer
+state; the forward runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``). Activation
+checkpointing (``--grad-checkpointing``) is transformers' non-reentrant per-layer checkpointing.
+Each result also splits the step into forward and backward + update (``forward_times_s``,
+``backward_update_times_s``) and records the model construction (``build_s``, and
+``build_peak_rss_gib``: the high-water mark of imports + construction, before the reset).
+
 How peak memory is measured: after the model and batch are built the worker returns freed heap to
 the OS (``malloc_trim``) and resets the kernel's high-water mark (``echo 5 > /proc/self/clear_refs``),
 so ``peak_rss`` is the largest RSS over the warmup + timed steps (it includes the resident weights,
 the optimizer state and the interpreter); the JSON also splits it into warmup and timed steps.
-``ru_maxrss`` (whole process, including model construction) is reported too; it is the headline
-only when the reset is not permitted. RSS also counts heap that glibc keeps after a free, so a few
-tens of MiB between configurations can be allocator noise rather than live tensors.
+``process_peak_rss`` is the whole process's peak (imports, model construction and the steps: the
+larger of the high-water mark before the reset and the peaks after it); it is the headline only
+when the reset is not permitted. (``ru_maxrss`` is recorded too, but the kernel derives it from the
+same high-water mark, so after a reset it no longer covers model construction.) RSS also counts
+heap that glibc keeps after a free, so a few tens of MiB between configurations can be allocator
+noise rather than live tensors.
 
 Run (from the repository root, venv active)::
 
@@ -69,6 +80,7 @@ from pathlib import Path
 from typing import Any
 
 GIB = 1024**3
+DTYPES = ("fp32", "bf16", "mixed")  # mixed: fp32 (master) weights, gradients, state; bf16 autocast
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "optim_step"
 TARGETS = {"memory_vs_floor": 1.05, "time_vs_floor": 1.10}  # for leantune AdaLomo
 
@@ -149,14 +161,11 @@ def _drop_grad(p) -> None:
     p.grad = None
 
 
-def _make_step(cfg: Config, model) -> tuple[Callable[[Any], Any], list[str]]:
-    """Build the optimizer of ``cfg``; return ``step(ids) -> loss`` and notes for the report."""
+def _make_update(cfg: Config, model) -> tuple[Callable[[Any], None], list[str]]:
+    """Build the optimizer of ``cfg``; return ``update(loss)`` (backward + update) and report notes."""
     import torch
 
     from leantune.optim import build_optimizer
-
-    def forward(ids):
-        return model(input_ids=ids, labels=ids).loss
 
     notes: list[str] = []
     if cfg.kind == "floor":
@@ -164,34 +173,28 @@ def _make_step(cfg: Config, model) -> tuple[Callable[[Any], Any], list[str]]:
             if p.requires_grad:
                 p.register_post_accumulate_grad_hook(_drop_grad)
 
-        def step(ids):
-            loss = forward(ids)
+        def update(loss):
             loss.backward()
-            return loss
 
-        return step, notes
+        return update, notes
 
     if cfg.kind == "torch":
         opt = build_optimizer(cfg.optimizer, model, **cfg.kwargs)
 
-        def step(ids):
-            loss = forward(ids)
+        def update(loss):
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            return loss
 
-        return step, notes
+        return update, notes
 
     if cfg.kind == "leantune":
         opt = build_optimizer(cfg.optimizer, model, **cfg.kwargs)
 
-        def step(ids):
-            loss = forward(ids)
+        def update(loss):
             opt.backward(loss)
-            return loss
 
-        return step, notes
+        return update, notes
 
     if cfg.kind == "lomo_optim":
         import lomo_optim
@@ -220,22 +223,47 @@ def _make_step(cfg: Config, model) -> tuple[Callable[[Any], Any], list[str]]:
         if getattr(opt, "loss_scale", None):
             notes.append(f"{cfg.optimizer} default loss_scale={opt.loss_scale} kept (applied in fp32 too)")
 
-        def step(ids):
-            loss = forward(ids)
+        def update(loss):
             opt.fused_backward(loss, lr)
-            return loss
 
-        return step, notes
+        return update, notes
 
     raise ValueError(f"unknown configuration kind {cfg.kind!r}")
+
+
+def _forward(model, ids, *, mixed: bool = False):
+    """The loss of one batch; the model output (logits) dies here, before backward."""
+    import torch
+
+    if not mixed:
+        return model(input_ids=ids, labels=ids).loss
+    # bf16 mixed precision with fp32 master weights: linears run in bf16 on cached bf16 copies of the
+    # fp32 weights; gradients reach the fp32 weights, so every optimizer sees fp32 tensors.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return model(input_ids=ids, labels=ids).loss
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers' API).
+
+    transformers 5 renamed ``gradient_checkpointing_enable`` (deprecated, a FutureWarning) to
+    ``activation_checkpointing_enable``; both default to ``use_reentrant=False`` there, which is
+    passed explicitly for transformers 4.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def run_worker(params: dict[str, Any]) -> dict[str, Any]:
     """Run one configuration in this process and return its measurements.
 
     ``params`` holds ``config`` (a :data:`CONFIGS` key), ``preset``, ``seq``, ``batch``, ``steps``,
-    ``warmup``, ``dtype`` (``"fp32"``/``"bf16"``), ``grad_checkpointing`` and ``threads``. Cheap on a
-    tiny preset, so tests call it directly.
+    ``warmup``, ``dtype`` (``"fp32"``, ``"bf16"``, or ``"mixed"``: fp32 weights, forward under bf16
+    autocast), ``grad_checkpointing`` (non-reentrant activation checkpointing) and ``threads``.
+    Cheap on a tiny preset, so tests call it directly.
     """
     import resource
 
@@ -244,20 +272,28 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
     from leantune.models import build_model, count_parameters, resolve_dtype
 
     cfg = CONFIGS[params["config"]]
+    mixed = params["dtype"] == "mixed"
     torch.set_num_threads(int(params["threads"]))
-    model = build_model(preset=params["preset"], dtype=resolve_dtype(params["dtype"]), seed=0)
+    t_build = time.perf_counter()
+    # build_model initialises presets above 1B parameters directly in a low-precision dtype.
+    model = build_model(
+        preset=params["preset"], dtype=resolve_dtype("fp32" if mixed else params["dtype"]), seed=0
+    )
+    build_s = time.perf_counter() - t_build
     model.config.use_cache = False
     model.train()
     if params.get("grad_checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     gen = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, model.config.vocab_size, (params["batch"], params["seq"]), generator=gen)
-    step, notes = _make_step(cfg, model)
+    update, notes = _make_update(cfg, model)
 
     _release_free_memory()
     rss_ready_kib = _proc_status_kib("VmRSS")
+    build_hwm_kib = _proc_status_kib("VmHWM")  # imports + model construction (+ optimizer setup)
     peak_reset = _reset_peak_rss()
     times: list[float] = []
+    forward_times: list[float] = []
     cpu_times: list[float] = []
     losses: list[float] = []
     warmup_hwm_kib = None
@@ -267,10 +303,13 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
             warmup_hwm_kib = _proc_status_kib("VmHWM")
             _reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = step(ids)
+        loss = _forward(model, ids, mixed=mixed)
+        forward_times.append(time.perf_counter() - t0)
+        update(loss)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
         losses.append(float(loss.detach()))
+        del loss
     timed = times[params["warmup"] :]
     cpu_timed = cpu_times[params["warmup"] :]
 
@@ -284,13 +323,20 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
         "ok": True,
         "peak_rss_gib": _gib(peak_kib),
         "peak_rss_source": "VmHWM reset after setup" if peak_split else "ru_maxrss",
+        # getrusage's ru_maxrss reads the same high-water mark, so after a reset it misses construction.
         "ru_maxrss_gib": _gib(maxrss_kib),
+        "process_peak_rss_gib": _gib(max(peak_kib, build_hwm_kib or 0)) if peak_split else _gib(maxrss_kib),
         "peak_rss_warmup_gib": _gib(warmup_hwm_kib),
         "peak_rss_timed_gib": _gib(hwm_kib) if peak_split else None,
         "rss_ready_gib": _gib(rss_ready_kib),
+        "build_peak_rss_gib": _gib(build_hwm_kib),
+        "build_s": build_s,
         "s_per_step_median": statistics.median(timed) if timed else None,
         "s_per_step_mean": statistics.fmean(timed) if timed else None,
         "step_times_s": times,
+        # Split of each step: forward (loss) and the rest (backward + update, fused or not).
+        "forward_times_s": forward_times,
+        "backward_update_times_s": [t - f for t, f in zip(times, forward_times)],
         # CPU time of all threads: less sensitive than wall time to other processes on the machine
         # (a second opinion on a noisy machine), but it counts OpenMP spin-waiting as work.
         "cpu_s_per_step_median": statistics.median(cpu_timed) if cpu_timed else None,
@@ -299,6 +345,9 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
         "losses": losses,
         "final_loss": losses[-1] if losses else None,
         "parameters": count_parameters(model),
+        "weight_dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "autocast": "bf16" if mixed else None,
+        "grad_checkpointing": bool(params.get("grad_checkpointing")),
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "torch_threads": torch.get_num_threads(),
         "notes": notes,
@@ -338,16 +387,58 @@ def _parse_only(value: str | None) -> list[str]:
     return names
 
 
-def _run_subprocess(params: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(params)]
+def _raise_oom_score(adj: int) -> Callable[[], None]:
+    def preexec() -> None:
+        # Raising one's own oom_score_adj needs no privilege: if memory runs out, the kernel's OOM
+        # killer takes the benchmark worker rather than some other process on a shared machine.
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(adj))
+        except OSError:
+            pass
+
+    return preexec
+
+
+def run_in_subprocess(
+    params: dict[str, Any],
+    timeout: float | None = None,
+    *,
+    extra_env: dict[str, str] | None = None,
+    oom_score_adj: int | None = None,
+    script: str | Path | None = None,
+) -> dict[str, Any]:
+    """Run one configuration in a fresh ``python SCRIPT --worker JSON`` process; return its result.
+
+    Args:
+        params: the worker's parameters (see :func:`run_worker`); ``threads`` sets
+            ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` too.
+        timeout: seconds before the worker is killed (the result then says so).
+        extra_env: environment variables for the worker (e.g. ``MALLOC_MMAP_THRESHOLD_``).
+        oom_score_adj: written to the worker's ``/proc/self/oom_score_adj`` (1000: the OOM killer's
+            first choice), so that running out of memory kills the benchmark, not a neighbour.
+        script: another benchmark script with the same ``--worker JSON`` protocol (default: this
+            one). Its worker prints its result as one JSON object on the last line of stdout.
+
+    Returns:
+        The worker's result, or ``{"ok": False, "error": ...}`` when it timed out or died without
+        a result (return code -9: killed, typically by the OOM killer).
+    """
+    script = Path(script) if script is not None else Path(__file__)
+    cmd = [sys.executable, str(script.resolve()), "--worker", json.dumps(params)]
     threads = str(params["threads"])
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
-    label = CONFIGS[params["config"]].label
+    env.update(extra_env or {})
+    known = CONFIGS.get(params.get("config", ""))
+    label = known.label if known is not None else params.get("label", params.get("config", "?"))
+    preexec = _raise_oom_score(oom_score_adj) if oom_score_adj is not None else None
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=timeout, preexec_fn=preexec
+        )
     except subprocess.TimeoutExpired:
         return {
-            "config": params["config"],
+            "config": params.get("config"),
             "label": label,
             "ok": False,
             "error": f"timed out after {timeout} s",
@@ -360,13 +451,19 @@ def _run_subprocess(params: dict[str, Any], timeout: float | None) -> dict[str, 
             pass
     # No JSON: the process died (e.g. killed by the OOM killer: return code -9).
     tail = proc.stderr.strip().splitlines()[-5:]
+    why = " (SIGKILL: out of memory?)" if proc.returncode == -9 else ""
     return {
-        "config": params["config"],
+        "config": params.get("config"),
         "label": label,
         "ok": False,
-        "error": f"worker exited with code {proc.returncode}" + (f": {tail[-1]}" if tail else ""),
+        "error": f"worker exited with code {proc.returncode}{why}" + (f": {tail[-1]}" if tail else ""),
+        "returncode": proc.returncode,
         "traceback": "\n".join(tail),
     }
+
+
+def _run_subprocess(params: dict[str, Any], timeout: float | None) -> dict[str, Any]:
+    return run_in_subprocess(params, timeout)
 
 
 def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -378,6 +475,7 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in (
         "peak_rss_gib",
         "ru_maxrss_gib",
+        "process_peak_rss_gib",
         "s_per_step_median",
         "s_per_step_mean",
         "cpu_s_per_step_median",
@@ -496,6 +594,10 @@ def _yes_no(flag: bool | None) -> str:
     return {True: "**yes**", False: "**no**", None: "not measured"}[flag]
 
 
+def _dtype_text(dtype: str) -> str:
+    return "bf16 mixed precision (fp32 master weights, bf16 autocast)" if dtype == "mixed" else dtype
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     from leantune.models import human_count
 
@@ -510,7 +612,8 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Optimizer step: peak memory and time per step",
         "",
-        f"LLaMA shape `{setup['preset']}` ({params}random init), {setup['dtype']}, seq {setup['seq']}, "
+        f"LLaMA shape `{setup['preset']}` ({params}random init), {_dtype_text(setup['dtype'])}, "
+        f"seq {setup['seq']}, "
         f"batch {setup['batch']}, gradient checkpointing {'on' if setup['grad_checkpointing'] else 'off'}; "
         f"{setup['steps']} timed steps after {setup['warmup']} warmup, {setup['repeats']} repeat(s); "
         "each configuration in a fresh subprocess, all in the same run.",
@@ -655,8 +758,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration (default: 8)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
-    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weight dtype (default: fp32)")
-    ap.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing")
+    ap.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="fp32",
+        help="weight dtype; mixed: fp32 weights, forward under bf16 autocast (default: fp32)",
+    )
+    ap.add_argument(
+        "--grad-checkpointing", action="store_true", help="activation checkpointing (non-reentrant)"
+    )
     ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
     ap.add_argument("--threads", type=int, default=2, help="torch threads, same for all (default: 2)")
     ap.add_argument(
