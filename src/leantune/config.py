@@ -124,11 +124,11 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 600
+    max_steps: int = 800
     """Number of optimizer steps (0 = derive from `epochs`)."""
     epochs: float = 0.0
     """Number of passes over the training data when `max_steps` is 0."""
-    batch_size: int = 32
+    batch_size: int = 64
     """Micro-batch size (sequences per forward/backward)."""
     accumulation_steps: int = 1
     """Micro-batches per optimizer step (gradients averaged)."""

@@ -632,6 +632,7 @@ class Trainer:
         window: list[dict[str, Any]] = []
         t0 = time.perf_counter()
         run_t0, run_tokens, run_start_step = t0, 0, self.step
+        paused = 0.0  # seconds spent evaluating and saving: not training throughput
         try:
             while self.step < self.total_steps:
                 self._maybe_redraw_hft()
@@ -662,15 +663,19 @@ class Trainer:
                 else:
                     self.monitor.advance(self.step)
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < self.total_steps:
+                    t_pause = time.perf_counter()
                     self.monitor.log_eval(self.step, self.evaluate())
                     t0 = time.perf_counter()  # evaluation time is not training throughput
+                    paused += t0 - t_pause
                 if (
                     cfg.train.save_every
                     and self.step % cfg.train.save_every == 0
                     and self.step < self.total_steps
                 ):
+                    t_pause = time.perf_counter()
                     self.save()
                     t0 = time.perf_counter()
+                    paused += t0 - t_pause
                 if all_agree(self._stop_signal is not None, self.device):
                     path = self.save()
                     name = signal.Signals(self._stop_signal or signal.SIGTERM).name
@@ -682,7 +687,7 @@ class Trainer:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
-        train_time = time.perf_counter() - run_t0
+        train_time = time.perf_counter() - run_t0 - paused
         metrics = self.evaluate()
         if metrics:
             self.monitor.log_eval(self.step, metrics)

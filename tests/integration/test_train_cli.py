@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -178,3 +179,32 @@ def test_resume_refuses_a_different_training_config(tmp_path):
         Trainer(load_config(None, [*common, "train.resume=auto", "optim.lr=0.01", "train.max_steps=6"])).run()
     with pytest.raises(Exception, match="already holds checkpoints"):
         Trainer(load_config(None, common)).run()
+
+
+class SlowEval(Trainer):
+    """Evaluation takes a known, long time."""
+
+    def evaluate(self):
+        time.sleep(1.0)
+        return super().evaluate()
+
+
+def test_throughput_excludes_evaluation_and_checkpoint_time(tmp_path):
+    cfg = load_config(
+        None,
+        [
+            *TINY,
+            f"train.output_dir={tmp_path}",
+            "train.run_name=r",
+            "train.max_steps=6",
+            "eval.every=1",
+            "eval.accuracy_samples=0",
+            "train.save_every=2",
+            "log.plot=false",
+            "log.tensorboard=false",
+        ],
+    )
+    summary = SlowEval(cfg).run()
+    # five in-loop evaluations sleep 5 s in all; six steps of the `test` preset take well under 1 s
+    assert summary.metrics["train_seconds"] < 2.5
+    assert summary.metrics["tokens_per_s"] > 0
