@@ -2,7 +2,7 @@
 
 Same model (preset ``tiny``, random init, seed 0), same data (the built-in tasks ``add, reverse,
 sort, count``: 20000 generated training examples, 400 held-out evaluation prompts), same data order
-and the same step budget (600 steps of batch 32 = the default ``leantune train`` job; warmup 30,
+and the same step budget (600 steps of batch 32, about a third of the default job's 800 x 64; warmup 30,
 cosine to 10%) for every optimizer, each at its best learning rate from a small sweep:
 
 ============  ==================  ==========================================================

@@ -9,7 +9,7 @@ write: ``opt.backward(model(**batch).loss)`` over the same batches, no logging. 
 non-padding tokens of the batches. The ratio is the library's own overhead (config, monitoring,
 per-step metric syncs, progress bar, LR scheduler).
 
-Results: ``benchmarks/results/trainer_overhead.{md,json}``.
+Results: ``benchmarks/results/trainer_overhead.{md,json,png}``.
 """
 
 from __future__ import annotations
@@ -106,10 +106,14 @@ def main() -> None:
             rates[kind].append(run(kind, args.steps))
             print(kind, f"{rates[kind][-1]:.0f} tokens/s", flush=True)
     plain, lt = statistics.median(rates["plain"]), statistics.median(rates["leantune"])
+    from leantune.config import Config
+
+    default = Config()
     text = (
         "# Trainer overhead: `leantune train` vs a plain PyTorch loop\n\n"
         f"`{command}` — {datetime.now(timezone.utc).date()}, default job (preset tiny, built-in tasks, "
-        f"AdaLomo, batch 32), {args.steps} steps, medians of {args.repeats} alternating runs, each a fresh "
+        f"AdaLomo, batch {default.train.batch_size}), {args.steps} steps, medians of {args.repeats} "
+        "alternating runs, each a fresh "
         f"process; load average before {load_before[0]:.1f}.\n\n"
         "| loop | tokens/s (median) | runs |\n|---|--:|---|\n"
         f"| plain PyTorch loop | {plain:.0f} | {', '.join(f'{x:.0f}' for x in rates['plain'])} |\n"
@@ -123,6 +127,26 @@ def main() -> None:
     out.with_suffix(".json").write_text(
         json.dumps({"command": command, "steps": args.steps, "rates": rates, "ratio": lt / plain}, indent=1)
     )
+    plot(rates, out.with_suffix(".png"))
+
+
+def plot(rates: dict[str, list[float]], path: Path) -> None:
+    """Bar chart of the median tokens/s of both loops, each run as a dot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    names = list(rates)
+    ax.bar(names, [statistics.median(rates[n]) for n in names], color=["#888888", "#1f77b4"])
+    for i, n in enumerate(names):
+        ax.plot([i] * len(rates[n]), rates[n], "k.", ms=6)
+    ax.set_ylabel("tokens/s (median, dots: runs)")
+    ax.set_title("leantune train vs a plain loop, default job")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from leantune.checkpoint import find_checkpoints, verify_checkpoint
 from leantune.cli import main
 from leantune.config import load_config
 from leantune.optim import LOMO, AdaLomo, Stepper, build_optimizer
+from leantune.optim.collectives import Collectives
 from leantune.optim.engine import GradientView
 from leantune.trainer import Trainer, TrainingError
 from tests.helpers import batch, loss_of, tiny_llama
@@ -250,3 +251,29 @@ def test_device_side_zeroing_used_on_accelerators():
     copy = clean.clone()
     assert not bool(GradientView(clean, None).zero_unless_finite(8))
     assert torch.equal(clean, copy)
+
+
+class _ShardedInOneProcess(Collectives):
+    """Identity collectives that declare sharding (as FSDP2's do), in a single process."""
+
+    sharded = True
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_sharded_tensors_zero_a_nonfinite_gradient_instead_of_skipping_the_update(name):
+    # Under FSDP every rank must enter each tensor's shard collectives, so no rank may skip a tensor
+    # on its own: the non-finite gradient is zeroed and the update runs (with a zero gradient).
+    model = tiny_llama()
+    opt = FUSED[name](model)
+    opt.collectives = _ShardedInOneProcess()
+    bad = model.model.layers[1].mlp.up_proj.weight
+    calls = []
+    update = opt._update
+    opt._update = lambda p, view, group, state: (calls.append(p is bad), update(p, view, group, state))[1]
+    opt.backward(loss_of(model, batch(0)))
+    handle = bad.register_hook(lambda g: g * float("inf"))
+    result = opt.backward(loss_of(model, batch(1)))
+    handle.remove()
+    assert result.updated and result.zeroed and not result.skipped
+    assert calls.count(True) == 2  # the tensor with the inf gradient was updated both times
+    assert all(torch.isfinite(p).all() for p in model.parameters()) and _state_finite(opt)

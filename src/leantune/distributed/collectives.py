@@ -40,6 +40,8 @@ class ReplicatedCollectives(Collectives):
 class ShardedCollectives(Collectives):
     """Sum partial statistics over the shards of FSDP2 (DTensor, ``Shard(0)``) parameters."""
 
+    sharded = True
+
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
         self.rank = dist.get_rank(group)

@@ -21,9 +21,12 @@ class Collectives:
     Attributes:
         replicated: gradients are full, per-rank tensors that must be averaged across ranks in the
             hook (data parallel without sharding).
+        sharded: each rank holds a shard of every tensor, and updates run collectives across the
+            shards (so every rank must update every tensor: none may skip one on its own).
     """
 
     replicated: bool = False
+    sharded: bool = False
 
     def average_gradient(self, grad: Tensor) -> Tensor:
         """Average a replicated fp32 gradient over the data-parallel ranks (in place)."""

@@ -390,12 +390,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Update ``p``. Without a measuring pass nothing has checked the gradient yet. On the CPU,
         where reading a flag costs nothing, a parameter whose gradient holds an inf/nan is not
         updated at all (one read-only pass over the gradient); on accelerators, where a per-tensor
-        host sync would stall the device, that gradient is zeroed on the device instead. Either way
-        the step is flagged (``BackwardResult.zeroed``)."""
+        host sync would stall the device, that gradient is zeroed on the device instead (also on the
+        CPU when the tensor is sharded: every shard must take part in the update's collectives).
+        Either way the step is flagged (``BackwardResult.zeroed``)."""
         with torch.no_grad():
             if self._guard:
                 local = self._local(p)
-                if local.device.type == "cpu":
+                # A rank may skip a tensor on its own only when no shard collective follows.
+                if local.device.type == "cpu" and not self.collectives.sharded:
                     if view.has_nonfinite(self.chunk_elements):
                         self._zeroed[local.device] = torch.ones((), dtype=torch.bool)
                         return
