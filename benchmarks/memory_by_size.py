@@ -298,7 +298,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: one section per setting, then notes, machine and command."""
     from leantune.models import human_count
 
-    setup, machine = report["setup"], report["machine"]
+    setup = report["setup"]
     sizes = ", ".join(f"`{p}` ({human_count(report['presets'][p]['parameters'])})" for p in setup["presets"])
     lines = [
         "# Peak memory against model size, per optimizer",
@@ -344,8 +344,17 @@ def format_markdown(report: dict[str, Any]) -> str:
         "",
         "## Machine and command",
         "",
+        *machine_lines(report),
+    ]
+    return "\n".join(lines)
+
+
+def machine_lines(report: dict[str, Any]) -> list[str]:
+    """The "Machine and command" bullet points of a report (shared with ``scale_demo.py``)."""
+    machine = report["machine"]
+    return [
         f"- CPU: {machine['cpu_model']} ({machine['cpu_count']} logical CPUs), "
-        f"RAM {machine['ram_gib']:.1f} GiB",
+        f"RAM {machine['ram_gib']:.1f} GiB; torch threads {report['setup']['threads']}",
         f"- torch {machine['torch']}, transformers {machine['transformers']}, "
         f"lomo-optim {machine['lomo_optim']}, Python {machine['python']}",
         f"- load average before / after: {machine['loadavg_before']} / {machine.get('loadavg_after')}",
@@ -353,7 +362,6 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"- command: `{report['command']}`",
         "",
     ]
-    return "\n".join(lines)
 
 
 def plot(report: dict[str, Any], path: Path) -> bool:

@@ -386,15 +386,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             notes[note] = None
     lines += ["", "## Machine and command", ""]
     lines += [f"- note: {n}" for n in notes]
-    lines += [
-        f"- CPU: {machine['cpu_model']} ({machine['cpu_count']} logical CPUs), RAM {machine['ram_gib']:.1f} "
-        f"GiB; torch threads {setup['threads']}",
-        f"- torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}",
-        f"- load average before / after: {machine['loadavg_before']} / {machine.get('loadavg_after')}",
-        f"- date: {report['date']}; wall time {report.get('elapsed_s', 0) / 60:.1f} min",
-        f"- command: `{report['command']}`",
-        "",
-    ]
+    lines += memory_by_size.machine_lines(report)
     return "\n".join(lines)
 
 
