@@ -18,11 +18,11 @@ COMMANDS = ("train", "eval", "generate", "plot", "config", "estimate", "rope", "
 
 EPILOG = """\
 examples:
-  leantune train                                   # the built-in default job (~3 min on 2 CPU cores)
+  leantune train                                   # the built-in default job (~2 min on 2 CPU cores)
   leantune train my.yaml optim.name=adamw optim.lr=3e-4
-  leantune eval runs/default/final                 # loss, perplexity, task accuracy
-  leantune generate runs/default/final "Q: 12+34="
-  leantune plot runs/default                       # PNG of loss / eval / lr / tokens-per-second
+  leantune eval runs/RUN                           # loss, perplexity, task accuracy
+  leantune generate runs/RUN "sort 8213"           # -> 1238 after the default job
+  leantune plot runs/RUN                           # PNG of loss / eval / lr / tokens-per-second
   leantune config                                  # every config field, documented
   leantune estimate --model 8b --optim adalomo --seq 512 --dtype bf16 --grad-checkpointing
   leantune rope --head-dim 128 --train-len 4096 --base 10000 --target-len 16384

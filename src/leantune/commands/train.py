@@ -7,7 +7,7 @@ import sys
 
 HELP = """\
 Train a model. With no arguments: the built-in default job (a small LLaMA trained from scratch
-with AdaLomo on generated instruction tasks, ~3 minutes on 2 CPU cores).
+with AdaLomo on generated instruction tasks, ~2 minutes on 2 CPU cores).
 
 Settings come from an optional YAML file, then `section.key=value` overrides, e.g.
   leantune train optim.name=adamw optim.lr=3e-4 train.max_steps=1000
