@@ -16,7 +16,6 @@ cores of one, so tokens/s show the overhead of the collectives rather than a spe
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform
@@ -25,6 +24,8 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [
@@ -41,11 +42,10 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131
 
 
 def _peak_rss() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
+    kib = proc_status_kib("VmHWM")
+    if kib is None:
+        raise RuntimeError("no VmHWM")
+    return kib * 1024
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -78,9 +78,9 @@ def worker(args: argparse.Namespace) -> None:
         (p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size() for p in model.parameters()
     )
     vocab = model.config.vocab_size
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # peak over the training steps only
+    release_free_memory()
+    if not reset_peak_rss():  # peak over the training steps only
+        raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
     times = []
     for step in range(args.steps):
         g = torch.Generator().manual_seed(1000 * step + rank)

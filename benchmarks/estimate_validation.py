@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "estimate_validation"
 MiB, GiB = 1 << 20, 1 << 30
@@ -122,29 +124,10 @@ DEFAULT_MALLOC = ("0.1b-fp32-lomo", "0.1b-bf16-adamw")
 
 # ------------------------------------------------------------------------------------------ worker
 def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim() -> None:
-    import ctypes
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    kib = proc_status_kib(key)
+    if kib is None:
+        raise KeyError(key)
+    return kib * 1024
 
 
 def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -200,10 +183,10 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         mask = torch.ones_like(ids)
         mask[-1, -(cfg["seq"] // 4) :] = 0
         batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-    _trim()
+    release_free_memory()
     after_build = _status_bytes("VmRSS")
     build_peak = _status_bytes("VmHWM")  # imports + model construction (a preset initialises in fp32)
-    reset_ok = _reset_peak()
+    reset_ok = reset_peak_rss()
     peaks, seconds, losses = [], [], []
     for _ in range(int(cfg["steps"])):
         t0 = time.perf_counter()
@@ -216,12 +199,12 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             del loss
         seconds.append(time.perf_counter() - t0)
         peaks.append(_status_bytes("VmHWM"))
-        _reset_peak()
+        reset_peak_rss()
     inner = getattr(opt, "optimizer", opt)
     tensors = [t for st in getattr(inner, "state", {}).values() for t in st.values()]
     tensors += [t for bufs in getattr(inner, "_buffers", {}).values() for t in bufs]  # AdaLomo workspaces
     state = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
-    _trim()
+    release_free_memory()
     after_steps = _status_bytes("VmRSS")
     return {
         "baseline_rss": baseline,

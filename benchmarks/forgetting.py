@@ -42,8 +42,6 @@ Results: ``benchmarks/results/forgetting.{json,md,png}`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import datetime as _dt
 import json
 import os
@@ -55,6 +53,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "forgetting"
 MIB = 1024**2
@@ -91,33 +91,6 @@ REFERENCE = "full_adalomo"
 
 
 # ----------------------------------------------------------------------------- process memory
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    # Linux >= 4.0: writing 5 resets VmHWM to the current RSS (the peak then excludes setup).
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim() -> None:
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so RSS tracks live memory
-
-
 def _state_bytes(optimizer: Any) -> int:
     import torch
 
@@ -194,12 +167,12 @@ def _learning_worker(args: argparse.Namespace) -> dict[str, Any]:
         """Resets the peak-RSS mark when the loop starts and reads it when the loop ends."""
 
         def train(self):
-            _trim()
-            self.mem = {"peak_reset": _reset_peak_rss(), "rss_start_kib": _status_kib("VmRSS")}
+            release_free_memory()
+            self.mem = {"peak_reset": reset_peak_rss(), "rss_start_kib": proc_status_kib("VmRSS")}
             return super().train()
 
         def evaluate(self):  # called once, right after the loop (eval.every=0): read the peak
-            self.mem.setdefault("peak_kib", _status_kib("VmHWM"))
+            self.mem.setdefault("peak_kib", proc_status_kib("VmHWM"))
             return {}
 
     shutil.rmtree(work / overrides[-1].split("=", 1)[1], ignore_errors=True)  # its run directory
@@ -272,15 +245,15 @@ def _memory_worker(args: argparse.Namespace) -> dict[str, Any]:
         return float(loss.detach())
 
     step()  # warm-up: optimizer state is created here
-    _trim()
-    rss_ready = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    release_free_memory()
+    rss_ready = proc_status_kib("VmRSS")
+    reset = reset_peak_rss()
     times = []
     for _ in range(args.memory_steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    peak = _status_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {
         "config": setup.name,

@@ -53,8 +53,6 @@ position per base), ``..._passkey.png`` (accuracy heatmaps) and ``..._memory.png
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import datetime as _dt
 import json
 import math
@@ -68,6 +66,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "longctx_extrapolation"
 MIB = 1024**2
@@ -222,33 +222,6 @@ def format_predictions(preds: list[dict[str, Any]], train_len: int, lengths: lis
 
 
 # ----------------------------------------------------------------------------- process memory
-
-
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    # Linux >= 4.0: writing 5 resets VmHWM to the current RSS, so the peak excludes model loading.
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim() -> None:
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------- workers
@@ -425,15 +398,15 @@ def _memory_worker(args: argparse.Namespace) -> dict[str, Any]:
     trainer = Trainer(load_config(None, overrides))
     trainer.setup()
     trainer.train_step()  # warm-up: AdaLomo's state and the autograd workspace are created here
-    _trim()
-    rss_ready = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    release_free_memory()
+    rss_ready = proc_status_kib("VmRSS")
+    reset = reset_peak_rss()
     times = []
     for _ in range(args.memory_steps):
         t0 = time.perf_counter()
         out = trainer.train_step()
         times.append(time.perf_counter() - t0)
-    peak = _status_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     theta = trainer.model.config.rope_parameters["rope_theta"]
     return {
         "seq": args.seq,

@@ -79,6 +79,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
+
 GIB = 1024**3
 DTYPES = ("fp32", "bf16", "mixed")  # mixed: fp32 (master) weights, gradients, state; bf16 autocast
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "optim_step"
@@ -117,44 +119,8 @@ CONFIGS: dict[str, Config] = {
 
 
 # --------------------------------------------------------------------------------------- worker
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _gib(kib: int | None) -> float | None:
     return None if kib is None else kib * 1024 / GIB
-
-
-def _reset_peak_rss() -> bool:
-    # Linux >= 4.0: writing 5 resets VmHWM to the current RSS, so the peak excludes model
-    # construction (bf16 models are built in fp32 first, which would otherwise dominate).
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _release_free_memory() -> None:
-    # Return freed heap pages (model-construction temporaries) to the OS so that the RSS the steps
-    # start from is the live data, identical for every configuration.
-    import gc
-
-    gc.collect()
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _drop_grad(p) -> None:
@@ -288,10 +254,10 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
     ids = torch.randint(0, model.config.vocab_size, (params["batch"], params["seq"]), generator=gen)
     update, notes = _make_update(cfg, model)
 
-    _release_free_memory()
-    rss_ready_kib = _proc_status_kib("VmRSS")
-    build_hwm_kib = _proc_status_kib("VmHWM")  # imports + model construction (+ optimizer setup)
-    peak_reset = _reset_peak_rss()
+    release_free_memory()
+    rss_ready_kib = proc_status_kib("VmRSS")
+    build_hwm_kib = proc_status_kib("VmHWM")  # imports + model construction (+ optimizer setup)
+    peak_reset = reset_peak_rss()
     times: list[float] = []
     forward_times: list[float] = []
     cpu_times: list[float] = []
@@ -300,8 +266,8 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
     for i in range(params["warmup"] + params["steps"]):
         if i == params["warmup"] and peak_reset:
             # Split the peak: the first steps allocate optimizer state and settle the allocator.
-            warmup_hwm_kib = _proc_status_kib("VmHWM")
-            _reset_peak_rss()
+            warmup_hwm_kib = proc_status_kib("VmHWM")
+            reset_peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         loss = _forward(model, ids, mixed=mixed)
         forward_times.append(time.perf_counter() - t0)
@@ -313,7 +279,7 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
     timed = times[params["warmup"] :]
     cpu_timed = cpu_times[params["warmup"] :]
 
-    hwm_kib = _proc_status_kib("VmHWM")  # since the last reset: the timed steps only
+    hwm_kib = proc_status_kib("VmHWM")  # since the last reset: the timed steps only
     maxrss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     peak_split = peak_reset and hwm_kib is not None
     peak_kib = max(hwm_kib, warmup_hwm_kib or 0) if peak_split else maxrss_kib

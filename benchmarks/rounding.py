@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import datetime as _dt
 import difflib
 import json
@@ -75,6 +74,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rounding"
 MIB = 1024**2
@@ -115,33 +116,6 @@ DEFAULT_SETUPS = [n for n in SETUPS if n != "lomo-fp16-stochastic"]
 
 
 # ----------------------------------------------------------------------------- process memory
-def _status_kib(key: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    # Linux >= 4.0: writing 5 resets VmHWM to the current RSS (the peak then excludes setup).
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _trim() -> None:
-    import gc
-
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed heap back, so RSS tracks live memory
-
-
 # ----------------------------------------------------------------------------- instrumentation
 # Per-step timings: wall clock and process CPU time. With one torch thread the CPU time is the work
 # itself; on a shared machine it is far less disturbed by other processes than the wall clock.
@@ -298,8 +272,8 @@ def _measured_trainer(measure_every: int):
 
         def train(self):
             self.start_eval = self._loss_only()  # the pre-trained model in this run's dtype
-            _trim()
-            self.mem = {"peak_reset": _reset_peak_rss(), "rss_start_kib": _status_kib("VmRSS")}
+            release_free_memory()
+            self.mem = {"peak_reset": reset_peak_rss(), "rss_start_kib": proc_status_kib("VmRSS")}
             return super().train()
 
         def train_step(self) -> dict[str, Any]:
@@ -325,7 +299,7 @@ def _measured_trainer(measure_every: int):
             if self.step < self.total_steps:
                 self.last_eval = self._loss_only()
                 return self.last_eval
-            self.mem.setdefault("peak_kib", _status_kib("VmHWM"))  # before evaluation allocates
+            self.mem.setdefault("peak_kib", proc_status_kib("VmHWM"))  # before evaluation allocates
             return super().evaluate()
 
     return Measured
@@ -480,9 +454,9 @@ def _memory_worker(s: dict[str, Any], setup: Setup) -> dict[str, Any]:
         return float(loss.detach())
 
     step()  # warm-up: optimizer state and Kahan buffers are created here
-    _trim()
-    rss_ready = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    release_free_memory()
+    rss_ready = proc_status_kib("VmRSS")
+    reset = reset_peak_rss()
     losses = []
     for _ in range(s["memory_steps"]):
         with clock.step():
@@ -493,7 +467,7 @@ def _memory_worker(s: dict[str, Any], setup: Setup) -> dict[str, Any]:
         "seq": s["memory_seq"],
         "batch": s["memory_batch"],
         "parameters": sum(p.numel() for p in model.parameters()),
-        "peak_rss_mib": _status_kib("VmHWM") / 1024,
+        "peak_rss_mib": proc_status_kib("VmHWM") / 1024,
         "rss_ready_mib": rss_ready / 1024,
         "peak_rss_source": "VmHWM reset after warm-up" if reset else "VmHWM (process)",
         **clock.medians(),

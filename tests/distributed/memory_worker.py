@@ -6,7 +6,6 @@ steps only (construction builds the full model on every rank before sharding it)
 rank's local parameter bytes and peak RSS.
 """
 
-import ctypes
 import json
 import os
 import sys
@@ -18,14 +17,14 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from leantune.distributed.collectives import ShardedCollectives
 from leantune.distributed.strategy import apply_fsdp
 from leantune.optim import AdaLomo
+from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 
 def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    kib = proc_status_kib("VmHWM")
+    if kib is None:
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return kib * 1024
 
 
 torch.set_num_threads(1)
@@ -48,9 +47,9 @@ opt = AdaLomo(model, lr=1e-3)
 if world > 1:
     opt.collectives = ShardedCollectives()
 local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in model.parameters())
-ctypes.CDLL("libc.so.6").malloc_trim(0)
-with open("/proc/self/clear_refs", "w") as fh:
-    fh.write("5")  # reset the peak (VmHWM): measure the training steps, not construction
+release_free_memory()
+if not reset_peak_rss():  # measure the training steps, not construction
+    raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs)")
 for step in range(2):
     ids = torch.randint(0, 8000, (1, 64), generator=torch.Generator().manual_seed(step))
     opt.backward(model(input_ids=ids, labels=ids).loss)
