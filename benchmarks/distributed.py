@@ -98,6 +98,10 @@ def worker(args: argparse.Namespace) -> None:
         records = [record]
     if rank == 0:
         Path(args.out).write_text(json.dumps(records))
+    if world > 1:
+        from leantune.distributed.runtime import exit_worker
+
+        exit_worker(0)  # skips interpreter teardown, where gloo can abort a finished worker
 
 
 def run_config(strategy: str, nproc: int, optim: str, args: argparse.Namespace, tmp: Path) -> dict:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from leantune.distributed.collectives import ShardedCollectives
+from leantune.distributed.runtime import exit_worker
 from leantune.distributed.strategy import apply_fsdp
 from leantune.optim import AdaLomo
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
@@ -60,3 +61,4 @@ if world == 1 or dist.get_rank() == 0:
 if world > 1:
     dist.barrier()
     dist.destroy_process_group()
+    exit_worker(0)  # skips interpreter teardown, where gloo can abort a finished worker

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from leantune.distributed.collectives import ReplicatedCollectives
+from leantune.distributed.runtime import exit_worker
 from leantune.models import build_model
 from leantune.optim import AdaLomo
 
@@ -38,3 +39,4 @@ if rank == 0:
         json.dump({"steps": STEPS, "max_diff_per_step": diffs}, fh)
 dist.barrier()
 dist.destroy_process_group()
+exit_worker(0)  # skips interpreter teardown, where gloo can abort a finished worker

@@ -50,13 +50,9 @@ def split_items(items: list[str]) -> tuple[str | None, list[str]]:
 def run(args: argparse.Namespace) -> int:
     code = _train(args)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # A torchrun worker leaves without interpreter teardown: FSDP's device mesh and DTensors
-        # still reference the process group after destroy_process_group(), and destroying it during
-        # finalization can make gloo's worker threads abort the process (SIGABRT, "terminate called
-        # without an active exception") after a run that finished and saved everything.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from leantune.distributed.runtime import exit_worker
+
+        exit_worker(code)
     return code
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ __all__ = [
     "all_agree",
     "all_reduce_sum",
     "barrier",
+    "exit_worker",
     "init_distributed",
     "is_distributed",
     "run_on_main",
@@ -106,3 +108,17 @@ def run_on_main(fn: Callable[[], T]) -> T:
     if kind == "error":
         raise value
     return value
+
+
+def exit_worker(code: int = 0) -> NoReturn:
+    """Leave a torchrun worker process without interpreter teardown.
+
+    FSDP's device mesh and DTensors still reference the process group after
+    ``destroy_process_group()``; if the group is finalised during interpreter shutdown, gloo's
+    worker threads can abort the process (SIGABRT, "terminate called without an active
+    exception") after a run that finished and wrote everything. Flushing and ``os._exit`` skips that
+    teardown. Call it only once all output (files, logs) is written and closed.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

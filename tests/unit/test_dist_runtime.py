@@ -1,0 +1,48 @@
+"""leantune.distributed.runtime in one process: set-up without torchrun, and leaving a worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from leantune.distributed.runtime import init_distributed, run_on_main
+
+
+def test_single_process_without_torchrun(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    env = init_distributed("ddp", device="cpu")
+    assert (env.rank, env.world_size, env.backend, env.is_main) == (0, 1, None, True)
+    assert env.device == torch.device("cpu")
+    assert run_on_main(lambda: 41 + 1) == 42
+
+
+def test_strategy_none_under_torchrun_is_an_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="dist.strategy=none: set dist.strategy=ddp or fsdp"):
+        init_distributed("none", device="cpu")
+
+
+def test_cuda_requested_without_cuda_is_an_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        init_distributed("none", device="cuda")
+
+
+def test_exit_worker_flushes_and_skips_interpreter_teardown():
+    # atexit handlers (and the finalisation in which gloo can abort) must not run; buffered output must
+    # not be lost, and the exit code is the one given
+    code = (
+        "import atexit, sys\n"
+        "from leantune.distributed.runtime import exit_worker\n"
+        "atexit.register(lambda: print('teardown ran'))\n"
+        "sys.stdout.write('out-without-newline'); sys.stderr.write('err-without-newline')\n"
+        "exit_worker(3)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert proc.stdout == "out-without-newline"
+    assert proc.stderr == "err-without-newline"
