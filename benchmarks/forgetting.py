@@ -45,15 +45,14 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import benchlib
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "forgetting"
@@ -290,15 +289,8 @@ def _run_child(args: argparse.Namespace, worker: str) -> dict[str, Any]:
     ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRANSFORMERS_VERBOSITY": "error"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {worker} failed:\n{proc.stderr[-4000:]}")
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT ") :])
-    result["process_wall_seconds"] = wall
-    print(f"  {worker}: done in {wall:.0f} s", flush=True)
+    result = benchlib.run_worker(cmd, env, worker)
+    print(f"  {worker}: done in {result['process_wall_seconds']:.0f} s", flush=True)
     return result
 
 
@@ -398,8 +390,8 @@ def _markdown(res: dict[str, Any]) -> str:
         "picks peft's orthogonal init. HFT: seed 0; stage 1 did not use HFT, so stage 2 is the "
         "model's first HFT stage (index 0). Exact overrides of every run are in the JSON.",
         f"- Machine: {res['machine']['platform']}, {res['machine']['cpus']} CPUs shared with other "
-        f"jobs, {s['threads']} thread(s) per run, load average before / after "
-        f"{res['machine']['load_before']} / {res['machine']['load_after']}: times are noisy.",
+        f"jobs, {s['threads']} thread(s) per run, load average (1/5/15 min) before "
+        f"{res['machine']['load_before']}, after {res['machine']['load_after']}: times are noisy.",
     ]
     return "\n".join(out) + "\n"
 
@@ -464,10 +456,7 @@ def _plot(res: dict[str, Any], path: Path) -> None:
 
 
 def _load_average() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
+    return benchlib.format_load(benchlib.loadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -500,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
         result = _memory_worker(args) if args.worker.startswith("memory:") else _learning_worker(args)
-        print("RESULT " + json.dumps(result), flush=True)
+        benchlib.emit_result(result)
         return 0
 
     names = list(SETUPS) if not args.only else [n.strip() for n in args.only.split(",")]
@@ -543,13 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": sweep,
         "memory": memory,
         "total_seconds": time.perf_counter() - t0,
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "load_before": load_before,
-            "load_after": _load_average(),
-        },
+        "machine": {**benchlib.machine(), "load_before": load_before, "load_after": _load_average()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     json_path, md_path, png_path = (args.out.with_suffix(s) for s in (".json", ".md", ".png"))

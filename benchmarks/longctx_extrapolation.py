@@ -60,13 +60,13 @@ import os
 import platform
 import random
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import benchlib
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "longctx_extrapolation"
@@ -456,23 +456,13 @@ def _run_child(args: argparse.Namespace, extra: list[str], label: str) -> dict[s
     }
     if "memory" in extra:  # RSS tracks live memory (see leantune.estimate); costs time, so not for training
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker {label} failed:\n{proc.stderr[-4000:]}")
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT ") :])
-    result["process_wall_seconds"] = wall
-    print(f"  {label}: done in {wall:.0f} s", flush=True)
+    result = benchlib.run_worker(cmd, env, label)
+    print(f"  {label}: done in {result['process_wall_seconds']:.0f} s", flush=True)
     return result
 
 
 def _load_average() -> str:
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return "?"
+    return benchlib.format_load(benchlib.loadavg())
 
 
 def _ppl(nll: float) -> str:
@@ -750,7 +740,8 @@ def _observations(res: dict[str, Any]) -> list[str]:
         obs.append(
             f"- Ordering: the formulas give base {base_lo:g} the shorter critical period ({b_lo:,.0f} vs "
             f"{b_hi:,.0f} tokens for base {base_hi:g}), i.e. it should break first. Observed onsets "
-            f"{o_lo} vs {o_hi} and x{last[base_lo]:.2f} vs x{last[base_hi]:.2f} at 4T-8T: "
+            f"{o_lo} vs {o_hi} and x{last[base_lo]:.2f} vs x{last[base_hi]:.2f} in the last window "
+            f"[{lengths[-2]}, {lengths[-1]}): "
             + (
                 f"base {base_lo:g} breaks later and less - the critical period alone does NOT predict "
                 "this; it is what the paper's Theorem 1 says qualitatively (smaller bases extrapolate "
@@ -833,8 +824,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         render(json.loads(args.render.read_text()), args.out)
         return 0
-    args.factors = [int(x) for x in str(args.factors).split(",") if x.strip()]
-    args.depths = [float(x) for x in str(args.depths).split(",") if x.strip()]
+    try:
+        args.factors = [int(x) for x in str(args.factors).split(",") if x.strip()]
+        args.depths = [float(x) for x in str(args.depths).split(",") if x.strip()]
+    except ValueError as err:
+        p.error(f"--factors takes integers and --depths numbers, comma-separated: {err}")
+    if sorted(set(args.factors)) != args.factors or args.factors[:1] != [1] or len(args.factors) < 2:
+        # T itself is the reference of every comparison (perplexity, passkey, digit accuracy)
+        p.error(f"--factors must start at 1 and increase, at least two values (e.g. 1,2,4,8): {args.factors}")
+    if not all(0 <= d <= 1 for d in args.depths) or not args.depths:
+        p.error(f"--depths must be fractions in [0, 1]; got {args.depths}")
 
     if args.worker:
         import torch
@@ -846,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
             result = _memory_worker(args)
         else:
             result = _extrapolation_worker(args)
-        print("RESULT " + json.dumps(result), flush=True)
+        benchlib.emit_result(result)
         return 0
 
     bases = [float(x) for x in args.bases.split(",") if x.strip()]

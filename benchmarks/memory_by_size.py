@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import difflib
-import importlib.util
 import json
 import math
 import os
@@ -59,22 +58,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import benchlib
+import optim_step
+
 HERE = Path(__file__).resolve().parent
-
-
-def _load_sibling(name: str):
-    """Import ``benchmarks/<name>.py`` (the benchmarks directory is not a package)."""
-    module_name = f"leantune_bench_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-optim_step = _load_sibling("optim_step")
 CONFIGS = optim_step.CONFIGS
 
 GIB = 1024**3
@@ -619,7 +606,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\ninterrupted: writing what was measured", file=sys.stderr)
     else:
         report["complete"] = True
-    report["machine"]["loadavg_after"] = optim_step._loadavg()
+    report["machine"]["loadavg_after"] = benchlib.loadavg()
     report["elapsed_s"] = time.perf_counter() - t_start
     write_report(report, out, png=True)
     for s in settings:

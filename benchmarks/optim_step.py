@@ -68,7 +68,6 @@ import datetime as _dt
 import difflib
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -79,6 +78,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import benchlib
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 GIB = 1024**3
@@ -671,48 +671,25 @@ def _plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
 
 
 def _machine_info(threads: int) -> dict[str, Any]:
-    import torch
-    import transformers
-
     try:
         import lomo_optim
 
         lomo_version = lomo_optim.__version__
     except ImportError:
         lomo_version = "not installed"
-    cpu_model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu_model = next(
-                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu_model
-            )
-    except OSError:
-        pass
-    ram = 0.0
-    try:
-        with open("/proc/meminfo") as f:
-            ram = next(int(ln.split()[1]) for ln in f if ln.startswith("MemTotal")) * 1024 / GIB
-    except (OSError, StopIteration):
-        pass
+    m = benchlib.machine()
     return {
-        "cpu_model": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "ram_gib": ram,
+        "cpu_model": m["cpu_model"],
+        "cpu_count": m["cpus"],
+        "ram_gib": m["ram_gib"] or 0.0,
         "threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "torch": m["torch"],
+        "transformers": m["transformers"],
         "lomo_optim": lomo_version,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "loadavg_before": _loadavg(),
+        "python": m["python"],
+        "platform": m["platform"],
+        "loadavg_before": benchlib.loadavg(),
     }
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -790,7 +767,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"{done} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
     results = {n: _aggregate(rs) for n, rs in runs.items()}
     _add_ratios(results)
-    machine["loadavg_after"] = _loadavg()
+    machine["loadavg_after"] = benchlib.loadavg()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {

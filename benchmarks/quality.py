@@ -45,22 +45,21 @@ Results: ``benchmarks/results/quality.{json,md,png}`` (``--out`` to change).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import difflib
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import benchlib
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality"
 TASKS = ["add", "reverse", "sort", "count"]
@@ -196,26 +195,15 @@ def _run_child(settings: dict[str, Any], opt: str, lr: float, seed: int, timeout
     payload = json.dumps({"settings": settings, "optimizer": opt, "lr": lr, "seed": seed})
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", payload]
     env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]), "TRANSFORMERS_VERBOSITY": "error"}
-    t0 = time.perf_counter()
     name = _run_name(opt, lr, seed)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"  {name}: timed out", flush=True)
-        return {
-            "optimizer": opt,
-            "lr": lr,
-            "seed": seed,
-            "ok": False,
-            "error": f"timed out after {timeout:.0f} s",
-        }
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        res = benchlib.run_worker(cmd, env, name, timeout)
+    except benchlib.WorkerError as err:
+        last = (err.stderr.strip().splitlines() or [err.reason])[-1]
         print(f"  {name}: FAILED ({last})", flush=True)
-        return {"optimizer": opt, "lr": lr, "seed": seed, "ok": False, "error": proc.stderr[-3000:]}
-    res = json.loads(lines[-1][len("RESULT ") :])
-    res.update(ok=True, process_wall_seconds=time.perf_counter() - t0)
+        error = err.stderr[-3000:] if err.stderr else err.reason
+        return {"optimizer": opt, "lr": lr, "seed": seed, "ok": False, "error": error}
+    res["ok"] = True
     print(
         f"  {name}: eval loss {res['eval_loss']:.4f}, exact match {res['acc']:.1%} "
         f"({res['process_wall_seconds']:.0f} s)",
@@ -406,7 +394,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"| {label} | {r['lr']:g}{mark} | {r['eval_loss']:.4f} | {_f(r['acc'], '.1%')} | "
             f"{r['cpu_s_per_step']:.3f} | {r['skipped_steps']} |"
         )
-    load = m["load_before"], m["load_after"]
+    load = tuple(benchlib.format_load(x) for x in (m["load_before"], m["load_after"]))
     out += [
         "",
         "Notes:",
@@ -421,10 +409,10 @@ def format_markdown(report: dict[str, Any]) -> str:
         "less disturbed by other processes). LOMO's exact global-norm clipping runs backward twice, SGD "
         "clips after a single backward (same update).",
         f"- Machine: {m['platform']}, {m['cpu_model']}, {m['cpus']} CPUs shared with other jobs, load "
-        f"average (1/5/15 min) before {_load(load[0])}, after {_load(load[1])}: times are indicative. "
+        f"average (1/5/15 min) before {load[0]}, after {load[1]}: times are indicative. "
         f"Total {report['total_seconds'] / 60:.1f} min. Command: `{report['command']}`; every run's "
         "`leantune train` overrides are in the JSON.",
-        _source_note(report.get("source")),
+        benchlib.source_note(report.get("source")),
     ]
     if s.get("jobs", 1) > 1:
         out.append(
@@ -435,23 +423,6 @@ def format_markdown(report: dict[str, Any]) -> str:
             last = (r.get("error") or "?").strip().splitlines()[-1:] or ["?"]
             out.append(f"- **{_run_name(r['optimizer'], r['lr'], r['seed'])} failed**: `{last[0]}`")
     return "\n".join(out) + "\n"
-
-
-def _source_note(src: dict[str, Any] | None) -> str:
-    if not src:
-        return "- Code: unknown."
-    where = (
-        f"git {src['git_commit']}" if src.get("git_commit") else f"`{src['package']}` (not a git checkout)"
-    )
-    dirty = src.get("uncommitted")
-    if dirty:
-        shown = ", ".join(f"`{f}`" for f in dirty[:8]) + (", ..." if len(dirty) > 8 else "")
-        where += f" with uncommitted changes in {len(dirty)} file(s) ({shown})"
-    return f"- Code: leantune from {where}; source digest `{src['digest']}`."
-
-
-def _load(x: list[float] | None) -> str:
-    return "?" if not x else " / ".join(f"{v:.2f}" for v in x)
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
@@ -494,56 +465,6 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _machine() -> dict[str, Any]:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-    }
-
-
-def _source() -> dict[str, Any]:
-    """Which leantune code ran: the package directory, a digest of its sources, and the git commit
-    with the uncommitted files under ``src/`` when it is a checkout (so a result can be traced back
-    even when it was measured on work in progress)."""
-    import hashlib
-
-    import leantune
-
-    root = Path(leantune.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    info: dict[str, Any] = {"package": str(root), "digest": digest.hexdigest()[:16]}
-
-    def git(*cmd: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.rstrip() if out.returncode == 0 else None  # porcelain lines start with a space
-
-    info["git_commit"] = git("rev-parse", "--short", "HEAD")
-    if info["git_commit"] is not None:
-        status = git("status", "--porcelain", "--", ".") or ""
-        info["uncommitted"] = [line[3:] for line in status.splitlines()]
-    return info
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def _floats(text: str) -> list[float]:
@@ -589,7 +510,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
-        print("RESULT " + json.dumps(run_worker(json.loads(args.worker))), flush=True)
+        benchlib.emit_result(run_worker(json.loads(args.worker)))
         return 0
     names = list(OPTIMIZERS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     for n in names:
@@ -632,7 +553,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
         confirm_seeds=confirm_seeds,
         jobs=args.jobs,
     )
-    load_before = _loadavg()
+    load_before = benchlib.loadavg()
     t0 = time.perf_counter()
     n_runs = sum(len(g) for g in grids.values())
     print(f"sweep: {n_runs} runs of {args.steps} steps ({', '.join(names)})", flush=True)
@@ -668,8 +589,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
                 n: {"label": OPTIMIZERS[n].label, "overrides": list(OPTIMIZERS[n].overrides)} for n in names
             },
             "total_seconds": time.perf_counter() - t0,
-            "machine": {**_machine(), "load_before": load_before, "load_after": _loadavg()},
-            "source": _source(),
+            "machine": {**benchlib.machine(), "load_before": load_before, "load_after": benchlib.loadavg()},
+            "source": benchlib.source(),
         }
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,17 +64,16 @@ import datetime as _dt
 import difflib
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import benchlib
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rounding"
@@ -504,20 +503,14 @@ def _run_child(settings: dict[str, Any], job: str, timeout: float) -> dict[str, 
         json.dumps({"job": job, "settings": settings}),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]), "TRANSFORMERS_VERBOSITY": "error"}
-    t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"config": job, "ok": False, "error": f"timed out after {timeout:.0f} s"}
-    wall = time.perf_counter() - t0
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        print(f"  {job}: FAILED ({tail[0]})", flush=True)
-        return {"config": job, "ok": False, "error": proc.stderr[-3000:]}
-    result = json.loads(lines[-1][len("RESULT ") :])
+        result = benchlib.run_worker(cmd, env, job, timeout)
+    except benchlib.WorkerError as err:
+        last = (err.stderr.strip().splitlines() or [err.reason])[-1]
+        print(f"  {job}: FAILED ({last})", flush=True)
+        return {"config": job, "ok": False, "error": err.stderr[-3000:] if err.stderr else err.reason}
     result["ok"] = True
-    result["process_wall_seconds"] = wall
+    wall = result["process_wall_seconds"]
     print(f"  {job}: done in {wall:.0f} s", flush=True)
     return result
 
@@ -726,8 +719,9 @@ def format_markdown(report: dict[str, Any]) -> str:
             "model, per parameter. The time goal depends on the work per step: the extra time is this "
             "cost × parameters, while forward and backward grow with the tokens per step.",
         ]
-    load = machine["load_before"], machine["load_after"]
-    busy = max(x[0] for x in load if x) > 0.5 * (machine["cpus"] or 1) if all(load) else True
+    raw_load = machine["load_before"], machine["load_after"]
+    busy = max(x[0] for x in raw_load if x) > 0.5 * (machine["cpus"] or 1) if all(raw_load) else True
+    load = tuple(benchlib.format_load(x) for x in raw_load)
     out += [
         "",
         "Notes:",
@@ -744,7 +738,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         "scaling adds a measuring backward pass; its time is not comparable to bf16's. fp16 is left out of "
         "the larger-model runs.",
         f"- Machine: {machine['platform']}, {machine['cpu_model']}, {machine['cpus']} CPUs shared with other "
-        f"jobs; load average (1/5/15 min) before {_f3(load[0])}, after {_f3(load[1])}. "
+        f"jobs; load average (1/5/15 min) before {load[0]}, after {load[1]}. "
         + (
             "**The machine was busy: time ratios are indicative only; rerun on a quiet machine before "
             "relying on the 5% time target.**"
@@ -753,30 +747,13 @@ def format_markdown(report: dict[str, Any]) -> str:
         ),
         f"- Total {report['total_seconds'] / 60:.1f} min. Command: `{report['command']}`. Every run's "
         "`leantune train` overrides are in the JSON.",
-        _source_note(report.get("source")),
+        benchlib.source_note(report.get("source")),
     ]
     for r in failed:
         out.append(
             f"- **{r['config']} failed**: `{r['error'].strip().splitlines()[-1] if r['error'] else '?'}`"
         )
     return "\n".join(out) + "\n"
-
-
-def _source_note(src: dict[str, Any] | None) -> str:
-    if not src:
-        return "- Code: unknown."
-    where = (
-        f"git {src['git_commit']}" if src.get("git_commit") else f"`{src['package']}` (not a git checkout)"
-    )
-    dirty = src.get("uncommitted")
-    if dirty:
-        shown = ", ".join(f"`{f}`" for f in dirty[:8]) + (", ..." if len(dirty) > 8 else "")
-        where += f" with uncommitted changes in {len(dirty)} file(s) ({shown})"
-    return f"- Code: leantune from {where}; source digest `{src['digest']}`."
-
-
-def _f3(load: list[float] | None) -> str:
-    return "?" if not load else " / ".join(f"{x:.2f}" for x in load)
 
 
 def format_text_table(report: dict[str, Any]) -> str:
@@ -864,59 +841,6 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _machine() -> dict[str, Any]:
-    import torch
-
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cpus": os.cpu_count(),
-        "cpu_model": cpu,
-    }
-
-
-def _source() -> dict[str, Any]:
-    """Which leantune code ran: the package directory, a digest of its sources, and the git commit
-    with the uncommitted files under ``src/`` when it is a checkout (so a result can be traced back
-    even when it was measured on work in progress)."""
-    import hashlib
-
-    import leantune
-
-    root = Path(leantune.__file__).resolve().parent
-    digest = hashlib.sha256()
-    for f in sorted(root.rglob("*.py")):
-        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-    info: dict[str, Any] = {"package": str(root), "digest": digest.hexdigest()[:16]}
-
-    def git(*cmd: str) -> str | None:
-        try:
-            out = subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return out.stdout.rstrip() if out.returncode == 0 else None  # porcelain lines start with a space
-
-    info["git_commit"] = git("rev-parse", "--short", "HEAD")
-    if info["git_commit"] is not None:
-        status = git("status", "--porcelain", "--", ".") or ""
-        info["uncommitted"] = [line[3:] for line in status.splitlines()]
-    return info
-
-
-def _loadavg() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
@@ -1002,7 +926,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
     args = parser.parse_args(argv)
     if args.worker:
         params = json.loads(args.worker)
-        print("RESULT " + json.dumps(run_worker(params)), flush=True)
+        benchlib.emit_result(run_worker(params))
         return 0
     names = DEFAULT_SETUPS if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     for n in names:
@@ -1017,7 +941,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
         args.work = Path(tempfile.mkdtemp(prefix="leantune-rounding-"))
     args.work.mkdir(parents=True, exist_ok=True)
     settings = _settings(args)
-    load_before = _loadavg()
+    load_before = benchlib.loadavg()
     t0 = time.perf_counter()
     pretrain = _pretrain(settings, args.timeout)
     if not pretrain.get("ok"):
@@ -1047,8 +971,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
             "setups": {n: vars(SETUPS[n]) for n in names},
             "targets": TARGETS,
             "total_seconds": time.perf_counter() - t0,
-            "machine": {**_machine(), "load_before": load_before, "load_after": _loadavg()},
-            "source": _source(),
+            "machine": {**benchlib.machine(), "load_before": load_before, "load_after": benchlib.loadavg()},
+            "source": benchlib.source(),
         }
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

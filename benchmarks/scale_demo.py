@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib.util
 import json
 import math
 import shlex
@@ -50,23 +49,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
+import memory_by_size
+import optim_step
+
 HERE = Path(__file__).resolve().parent
 
-
-def _load_sibling(name: str):
-    """Import ``benchmarks/<name>.py`` (the benchmarks directory is not a package)."""
-    module_name = f"leantune_bench_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    spec = importlib.util.spec_from_file_location(module_name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
-
-
-optim_step = _load_sibling("optim_step")
-memory_by_size = _load_sibling("memory_by_size")
 
 GIB = 1024**3
 DEFAULT_OUT = HERE / "results" / "scale_demo"
@@ -587,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("\ninterrupted: writing what was measured", file=sys.stderr)
     else:
         report["complete"] = True
-    report["machine"]["loadavg_after"] = optim_step._loadavg()
+    report["machine"]["loadavg_after"] = benchlib.loadavg()
     save(png=True)
     print(format_markdown(report))
     print(f"wrote {', '.join(report['files'].values())}")

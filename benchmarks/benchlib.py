@@ -1,0 +1,140 @@
+"""What the benchmark scripts share: where and with which code a result was measured, and the worker
+subprocess protocol (a worker prints one ``RESULT {json}`` line; the parent reads the last one).
+
+The scripts import it as a sibling module: ``python benchmarks/X.py`` (and torchrun) put this
+directory first on ``sys.path``; the tests add it through pytest's ``pythonpath`` setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+RESULT_PREFIX = "RESULT "
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def ram_gib() -> float | None:
+    """Total RAM (``MemTotal`` in ``/proc/meminfo``), or None where it cannot be read."""
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as fh:
+        return next(int(ln.split()[1]) for ln in fh if ln.startswith("MemTotal")) / 1024**2
+    return None
+
+
+def machine() -> dict[str, Any]:
+    """The machine and the main library versions, for a report's provenance."""
+    import torch
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "ram_gib": ram_gib(),
+    }
+
+
+def loadavg() -> list[float] | None:
+    """The 1/5/15-minute load averages (rounded), or None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def format_load(load: list[float] | None) -> str:
+    return "?" if not load else " / ".join(f"{x:.2f}" for x in load)
+
+
+def source() -> dict[str, Any]:
+    """Which leantune code ran: the package directory, a digest of its sources, and the git commit
+    with the uncommitted files under the package when it is a checkout (so a result can be traced
+    back even when it was measured on work in progress)."""
+    import leantune
+
+    root = Path(leantune.__file__).resolve().parent
+    digest = hashlib.sha256()
+    for f in sorted(root.rglob("*.py")):
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    info: dict[str, Any] = {"package": str(root), "digest": digest.hexdigest()[:16]}
+
+    def git(*cmd: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *cmd], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.rstrip() if out.returncode == 0 else None  # porcelain lines start with a space
+
+    info["git_commit"] = git("rev-parse", "--short", "HEAD")
+    if info["git_commit"] is not None:
+        status = git("status", "--porcelain", "--", ".") or ""
+        info["uncommitted"] = [line[3:] for line in status.splitlines()]
+    return info
+
+
+def source_note(src: dict[str, Any] | None) -> str:
+    """``source()`` as one Markdown list item."""
+    if not src:
+        return "- Code: unknown."
+    where = (
+        f"git {src['git_commit']}" if src.get("git_commit") else f"`{src['package']}` (not a git checkout)"
+    )
+    dirty = src.get("uncommitted")
+    if dirty:
+        shown = ", ".join(f"`{f}`" for f in dirty[:8]) + (", ..." if len(dirty) > 8 else "")
+        where += f" with uncommitted changes in {len(dirty)} file(s) ({shown})"
+    return f"- Code: leantune from {where}; source digest `{src['digest']}`."
+
+
+def emit_result(result: Any) -> None:
+    """A worker's answer to its parent: one line on stdout."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+class WorkerError(RuntimeError):
+    """A worker subprocess exited non-zero, timed out or printed no result."""
+
+    def __init__(self, label: str, reason: str, stderr: str = "") -> None:
+        super().__init__(f"worker {label} {reason}" + (f":\n{stderr[-4000:]}" if stderr else ""))
+        self.label = label
+        self.reason = reason
+        self.stderr = stderr
+
+
+def run_worker(
+    cmd: list[str], env: dict[str, str], label: str, timeout: float | None = None
+) -> dict[str, Any]:
+    """Run ``cmd`` (stdout and stderr captured) and return its last ``RESULT`` line's JSON, with the
+    process's wall time added as ``process_wall_seconds``. Raises :class:`WorkerError`."""
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as err:
+        raise WorkerError(label, f"timed out after {timeout:.0f} s") from err
+    wall = time.perf_counter() - t0
+    lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0:
+        raise WorkerError(label, f"failed (exit code {proc.returncode})", proc.stderr)
+    if not lines:
+        raise WorkerError(label, "printed no RESULT line", proc.stderr)
+    result = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    result["process_wall_seconds"] = wall
+    return result

@@ -1,0 +1,57 @@
+"""benchmarks/forgetting.py end to end on the tiny ``test`` preset: stage 1, two stage-2 configurations
+(full AdaLomo and HFT + AdaLomo), one learning-rate sweep point and the memory runs, each in its own
+subprocess, then the report."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "forgetting.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_forgetting", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_unknown_configuration_is_a_clear_error(bench, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--only", "full_adalomo,hft_adalom"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown configuration(s) ['hft_adalom']" in err and "hft_adalomo" in err
+
+
+def test_two_configurations_end_to_end(bench, tmp_path):
+    out = tmp_path / "forgetting"
+    argv = [
+        "--preset", "test", "--steps-a", "3", "--steps-b", "3", "--batch", "4", "--eval-samples", "4",
+        "--max-new-tokens", "4", "--only", "full_adalomo,hft_adalomo", "--sweep", "hft_adalomo",
+        "--sweep-lrs", "0.01", "--memory-preset", "test", "--memory-seq", "16", "--out", str(out),
+    ]  # fmt: skip
+    assert bench.main(argv) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert 0.0 <= res["stage1"]["acc_a"] <= 1.0
+    full, hft = res["stage2"]
+    assert (full["config"], hft["config"]) == ("full_adalomo", "hft_adalomo")
+    # HFT freezes about half of the parameters; full fine-tuning trains all of them
+    assert full["trainable_parameters"] == full["total_parameters"]
+    assert 0.3 < hft["trainable_parameters"] / hft["total_parameters"] < 0.7
+    assert [(r["config"], r["lr"]) for r in res["sweep"]] == [("hft_adalomo@0.01", 0.01)]
+    assert [m["config"] for m in res["memory"]] == ["full_adalomo", "hft_adalomo"]
+    assert all(m["peak_rss_mib"] > 0 for m in res["memory"])
+    assert res["machine"]["cpus"] and res["machine"]["load_before"]
+    text = out.with_suffix(".md").read_text()
+    assert "| full FT, AdaLomo | 0.05 | 100.0% |" in text and "HFT + AdaLomo" in text
+    assert "## Learning rate sweep" in text and "## Memory and time on a larger model" in text
+    assert out.with_suffix(".png").stat().st_size > 1000

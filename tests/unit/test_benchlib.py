@@ -1,0 +1,87 @@
+"""benchmarks/benchlib.py: the worker protocol (RESULT line, failures, timeouts) and provenance."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import benchlib
+
+
+def _python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_run_worker_returns_the_last_result_line_and_the_wall_time():
+    code = (
+        "import benchlib; print('noise'); benchlib.emit_result({'x': 1}); "
+        "benchlib.emit_result({'x': 2, 'nested': [1.5, None]})"
+    )
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(benchlib.__file__)}
+    result = benchlib.run_worker(_python(code), env, "ok")
+    assert result["x"] == 2 and result["nested"] == [1.5, None]
+    assert 0 < result["process_wall_seconds"] < 60
+
+
+@pytest.mark.parametrize(
+    "code, reason",
+    [
+        ("import sys; sys.stderr.write('boom here'); sys.exit(3)", "failed (exit code 3)"),
+        ("print('no result')", "printed no RESULT line"),
+        # a result followed by a crash is still a failure: the worker did not finish
+        ("print('RESULT {}'); raise SystemExit(1)", "failed (exit code 1)"),
+    ],
+)
+def test_run_worker_failures_name_the_worker_and_keep_stderr(code, reason):
+    with pytest.raises(benchlib.WorkerError) as exc:
+        benchlib.run_worker(_python(code), dict(os.environ), "job-7")
+    err = exc.value
+    assert isinstance(err, RuntimeError)
+    assert err.label == "job-7" and err.reason == reason
+    assert str(err).startswith(f"worker job-7 {reason}")
+    if "boom" in code:
+        assert "boom here" in err.stderr and "boom here" in str(err)
+
+
+def test_run_worker_timeout():
+    with pytest.raises(benchlib.WorkerError, match="timed out after 1 s"):
+        benchlib.run_worker(_python("import time; time.sleep(30)"), dict(os.environ), "slow", timeout=1)
+
+
+def test_machine_and_load():
+    m = benchlib.machine()
+    import torch
+
+    assert m["torch"] == torch.__version__ and m["cpus"] == os.cpu_count()
+    assert m["cpu_model"] and m["python"].count(".") == 2
+    assert m["ram_gib"] is None or m["ram_gib"] > 0.1
+    load = benchlib.loadavg()
+    assert load is None or (len(load) == 3 and all(x >= 0 for x in load))
+    assert benchlib.format_load([0.5, 1.25, 2.0]) == "0.50 / 1.25 / 2.00"
+    assert benchlib.format_load(None) == "?"
+
+
+def test_source_identifies_the_code(tmp_path):
+    src = benchlib.source()
+    import leantune
+
+    assert src["package"] == os.path.dirname(os.path.abspath(leantune.__file__))
+    assert len(src["digest"]) == 16 and benchlib.source()["digest"] == src["digest"]  # stable
+    in_git = (
+        subprocess.run(["git", "-C", src["package"], "rev-parse"], capture_output=True).returncode == 0
+    )
+    assert (src["git_commit"] is not None) == in_git
+
+
+def test_source_note():
+    assert benchlib.source_note(None) == "- Code: unknown."
+    clean = {"package": "/x/leantune", "digest": "abcd", "git_commit": "1234567", "uncommitted": []}
+    assert benchlib.source_note(clean) == "- Code: leantune from git 1234567; source digest `abcd`."
+    dirty = {**clean, "uncommitted": [f"f{i}.py" for i in range(10)]}
+    note = benchlib.source_note(dirty)
+    assert "uncommitted changes in 10 file(s)" in note and "`f7.py`, ..." in note and "f8.py" not in note
+    loose = {"package": "/x/leantune", "digest": "abcd", "git_commit": None}
+    assert "`/x/leantune` (not a git checkout)" in benchlib.source_note(loose)
