@@ -288,6 +288,8 @@ def test_two_live_fused_optimizers_on_one_model_are_refused():
         (lambda m: AdaLomo(m, lr="big"), "Invalid learning rate"),
         (lambda m: LOMO(m, lr=-0.1), "Invalid learning rate"),
         (lambda m: AdaLomo(m, weight_decay=-1.0), "Invalid weight_decay"),
+        (lambda m: LOMO(m, lr=True), "Invalid learning rate"),
+        (lambda m: LOMO(m, weight_decay=float("nan")), "Invalid weight_decay"),
         (lambda m: AdaLomo(m, eps=(0.0, 1e-3)), "Invalid eps"),
         (lambda m: AdaLomo(m, eps=1e-3), "Invalid eps"),
         (lambda m: AdaLomo(m, decay_rate=0.5), "Invalid decay_rate"),

@@ -213,6 +213,13 @@ def _param_groups(params: ParamsLike) -> list[dict[str, Any]] | list[Any]:
     return params
 
 
+def check_lr_and_weight_decay(lr: float, weight_decay: float) -> None:
+    """The torch.optim checks (and messages) for the two hyperparameters every fused update has."""
+    for name, value in (("learning rate", lr), ("weight_decay value", weight_decay)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+            raise ValueError(f"Invalid {name}: {value!r} (must be >= 0)")
+
+
 def _check_positive(name: str, value: float | None, *, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from leantune.optim.engine import FusedOptimizer, GradientView, ParamsLike, as_rows
+from leantune.optim.engine import FusedOptimizer, GradientView, ParamsLike, as_rows, check_lr_and_weight_decay
 from leantune.optim.precision import LossScaler, WriteBack
 
 __all__ = ["LOMO", "lomo_update"]
@@ -90,14 +90,7 @@ class LOMO(FusedOptimizer):
         rounding: str = "nearest",
         seed: int = 0,
     ) -> None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr!r} (must be >= 0)")
-        if (
-            isinstance(weight_decay, bool)
-            or not isinstance(weight_decay, (int, float))
-            or not weight_decay >= 0.0
-        ):
-            raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (must be >= 0)")
+        check_lr_and_weight_decay(lr, weight_decay)
         super().__init__(
             params,
             {"lr": lr, "weight_decay": weight_decay},
