@@ -180,15 +180,45 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base: str | Path) -
     model.save_pretrained(str(directory), safe_serialization=True)
 
 
-def save_base(model: nn.Module, directory: str | Path, tokenizer: Any | None = None) -> None:
+def _is_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh")  # a DTensor: an FSDP2 shard of a parameter
+
+
+def save_base(
+    model: nn.Module, directory: str | Path, tokenizer: Any | None = None, *, write: bool = True
+) -> None:
     """Write the *base* model of a peft model to ``directory`` in HF format (original key names,
-    adapter weights left out), so that the adapter can be loaded and merged later."""
+    adapter weights left out), so that the adapter can be loaded and merged later.
+
+    Under FSDP2 every rank must call this: the shards are gathered tensor by tensor, and only the
+    rank with ``write=True`` keeps and writes them.
+    """
     from peft import get_base_model_state_dict
 
-    state = {k: v.detach().contiguous() for k, v in get_base_model_state_dict(model).items()}
+    state = {}
+    for key, value in get_base_model_state_dict(model).items():
+        full = value.full_tensor() if _is_sharded(value) else value  # collective: same order on all ranks
+        if write:
+            state[key] = full.detach().cpu().contiguous()
+    if not write:
+        return
     model.get_base_model().save_pretrained(str(directory), state_dict=state, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(directory))
+
+
+def _copy_full_into(views: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Copy the full tensors of ``state`` into ``views`` (views of the model's parameters: plain, or
+    FSDP2 shards, which receive their own slice). Every rank must call this with the same keys."""
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        for key in sorted(state):
+            dst, src = views[key], state[key]
+            if _is_sharded(dst):
+                src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
+                dst, src = dst.to_local(), src.to_local()
+            dst.copy_(src)
 
 
 def load_base_weights(model: nn.Module, directory: str | Path) -> None:
@@ -202,7 +232,16 @@ def load_base_weights(model: nn.Module, directory: str | Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    missing, unexpected = set_base_model_state_dict(model, state, strict=False)
+    if any(_is_sharded(p) for p in model.parameters()):
+        from peft import get_base_model_state_dict
+
+        views = get_base_model_state_dict(model)  # detached views of the (sharded) parameters
+        unexpected = sorted(set(state) - set(views))
+        missing = sorted(set(views) - set(state))
+        if not unexpected:
+            _copy_full_into(views, {k: v for k, v in state.items() if k in views})
+    else:
+        missing, unexpected = set_base_model_state_dict(model, state, strict=False)
     tied = {n for n, _ in model.get_base_model().named_parameters(remove_duplicate=False)} - {
         n for n, _ in model.get_base_model().named_parameters()
     }
@@ -222,8 +261,19 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     path = Path(directory) / ADAPTER_WEIGHTS
     if not path.is_file():
         raise AdapterError(f"{directory}: no {ADAPTER_WEIGHTS}")
-    result = set_peft_model_state_dict(model, load_file(str(path)), adapter_name=_ADAPTER)
-    unexpected = list(getattr(result, "unexpected_keys", []))
+    state = load_file(str(path))
+    if any(_is_sharded(p) for p in model.parameters()):
+        from peft import get_peft_model_state_dict
+
+        # peft's loader copies plain tensors into the parameters, which FSDP2 shards refuse; its
+        # state dict of the adapter (file key names) holds views of them instead, filled here.
+        views = get_peft_model_state_dict(model, adapter_name=_ADAPTER)
+        unexpected = sorted(set(state) - set(views))
+        if not unexpected:
+            _copy_full_into(views, state)
+    else:
+        result = set_peft_model_state_dict(model, state, adapter_name=_ADAPTER)
+        unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:
         raise AdapterError(
             f"{directory}: adapter weights do not match the model (unexpected {unexpected[:5]})"

@@ -416,6 +416,12 @@ class Config:
         if self.dist.strategy != "fsdp" and (self.dist.cpu_offload or self.dist.mixed_precision):
             key = "dist.cpu_offload" if self.dist.cpu_offload else "dist.mixed_precision"
             raise ConfigError(f"{key} applies to dist.strategy=fsdp only (now {self.dist.strategy!r})")
+        if self.peft.method in ("prefix", "prompt") and self.dist.strategy == "fsdp":
+            raise ConfigError(
+                f"peft.method={self.peft.method} does not work with dist.strategy=fsdp: peft computes "
+                "the virtual-token embeddings it saves from the sharded prompt encoder on one rank "
+                "only, and the save hangs. Use dist.strategy=ddp, or peft.method=lora|ia3 with fsdp"
+            )
         if needs_create_graph(self.optim.name) and self.dist.strategy != "none":
             raise ConfigError(
                 f"optim.name={self.optim.name} estimates the Hessian with torch.autograd.grad on the "

@@ -278,8 +278,7 @@ class Trainer:
         if not (base / ckpt.MANIFEST).is_file():
 
             def write(tmp: Path) -> None:
-                if self.is_main:
-                    adapters.save_base(self.model, tmp, self.tokenizer)
+                adapters.save_base(self.model, tmp, self.tokenizer, write=self.is_main)
 
             ckpt.atomic_directory(base, write)
         return base.resolve()

@@ -198,6 +198,60 @@ def test_sharded_checkpoint_resumes_on_another_number_of_ranks(text_file, refere
     )
 
 
+ADAPTED = {
+    "lora": ["peft.method=lora"],
+    "ia3": ["peft.method=ia3"],
+    "hft": ["train.hft=true"],
+}
+ADAPTED_CASES = [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "ia3"), ("ddp", "hft"), ("fsdp", "hft")]
+
+
+@pytest.fixture(scope="module")
+def adapted_reference(text_file, tmp_path_factory):
+    """One-rank runs with the global batch of the two-rank runs, one per PEFT/HFT setting used."""
+    out = tmp_path_factory.mktemp("adapted")
+    for name in sorted({name for _, name in ADAPTED_CASES}):
+        launch([*common(text_file, out), *OPTIMIZERS["adalomo"], *ADAPTED[name], "train.batch_size=8",
+                f"train.run_name={name}"], 1)  # fmt: skip
+    return out
+
+
+def adapted_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    adapter = run_dir / "final" / "adapter_model.safetensors"
+    return load_file(str(adapter)) if adapter.is_file() else final_weights(run_dir)
+
+
+@pytest.mark.parametrize(("strategy", "name"), ADAPTED_CASES, ids=[f"{s}-{n}" for s, n in ADAPTED_CASES])
+def test_adapters_and_hft_on_two_ranks_resume_and_equal_one_rank(
+    text_file, adapted_reference, tmp_path, strategy, name
+):
+    """peft adapters and HFT under ddp / fsdp: trained, saved (base model gathered from the shards),
+    interrupted after step 3 and resumed (adapter weights loaded into the shards), the result equals
+    an uninterrupted one-rank run."""
+    args = [
+        *common(text_file, tmp_path),
+        *OPTIMIZERS["adalomo"],
+        *ADAPTED[name],
+        "train.batch_size=4",
+        f"dist.strategy={strategy}",
+        "train.run_name=r",
+        "train.save_every=3",
+        "train.keep_last=3",
+    ]
+    launch(args, 2)
+    run, ref = tmp_path / "r", adapted_reference / name
+    if name != "hft":  # the base model of a preset run is written once, gathered from the shards
+        assert_weights_close(load_file(str(run / "base" / "model.safetensors")),
+                             load_file(str(ref / "base" / "model.safetensors")), rtol=0, atol=0)  # fmt: skip
+    truncate_to_checkpoint(run, 3)
+    proc = launch([*args, "train.resume=auto"], 2)
+    assert "resumed from" in proc.stdout and "step-000003" in proc.stdout
+    got, want = adapted_weights(run), adapted_weights(ref)
+    assert (name == "hft") == ("lm_head.weight" in want or "model.embed_tokens.weight" in want)
+    assert_weights_close(got, want)
+    torch.testing.assert_close(torch.tensor(losses(run)), torch.tensor(losses(ref)), rtol=1e-5, atol=1e-6)
+
+
 def test_resume_refuses_a_different_global_batch(text_file, tmp_path):
     base = [*common(text_file, tmp_path), *OPTIMIZERS["adalomo"], "train.run_name=r", "train.save_every=3"]
     launch([*base, "train.batch_size=4", "train.max_steps=3"], 1)

@@ -229,6 +229,8 @@ def test_resume_helpers_restore_adapter_and_base(saved_adapter):
         (["peft.r=0"], "peft.r must be >= 1"),
         (["peft.dropout=1"], r"peft.dropout must be in \[0, 1\)"),
         (["peft.method=loraa"], "peft.method must be none, lora"),
+        (["peft.method=prompt", "dist.strategy=fsdp"], "prompt does not work with dist.strategy=fsdp"),
+        (["peft.method=prefix", "dist.strategy=fsdp"], r"Use dist.strategy=ddp, or peft.method=lora\|ia3"),
     ],
 )
 def test_config_errors(overrides, message):

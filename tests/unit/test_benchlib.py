@@ -70,9 +70,7 @@ def test_source_identifies_the_code(tmp_path):
 
     assert src["package"] == os.path.dirname(os.path.abspath(leantune.__file__))
     assert len(src["digest"]) == 16 and benchlib.source()["digest"] == src["digest"]  # stable
-    in_git = (
-        subprocess.run(["git", "-C", src["package"], "rev-parse"], capture_output=True).returncode == 0
-    )
+    in_git = subprocess.run(["git", "-C", src["package"], "rev-parse"], capture_output=True).returncode == 0
     assert (src["git_commit"] is not None) == in_git
 
 
