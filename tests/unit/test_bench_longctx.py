@@ -3,26 +3,19 @@ a few steps, and the report re-rendered from the committed results."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "benchmarks" / "longctx_extrapolation.py"
 COMMITTED = ROOT / "benchmarks" / "results" / "longctx_extrapolation.json"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_longctx", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    return importlib.import_module("longctx_extrapolation")  # benchmarks/ is on pytest's pythonpath
 
 
 @pytest.mark.parametrize(
