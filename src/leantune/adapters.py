@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leantune.checkpoint import is_shard, is_sharded
 from leantune.config import PeftConfig
 
 __all__ = [
@@ -180,10 +181,6 @@ def save_adapter(model: nn.Module, directory: str | Path, *, base: str | Path) -
     model.save_pretrained(str(directory), safe_serialization=True)
 
 
-def _is_sharded(t: torch.Tensor) -> bool:
-    return hasattr(t, "device_mesh")  # a DTensor: an FSDP2 shard of a parameter
-
-
 def save_base(
     model: nn.Module, directory: str | Path, tokenizer: Any | None = None, *, write: bool = True
 ) -> None:
@@ -197,7 +194,7 @@ def save_base(
 
     state = {}
     for key, value in get_base_model_state_dict(model).items():
-        full = value.full_tensor() if _is_sharded(value) else value  # collective: same order on all ranks
+        full = value.full_tensor() if is_shard(value) else value  # collective: same order on all ranks
         if write:
             state[key] = full.detach().cpu().contiguous()
     if not write:
@@ -215,7 +212,7 @@ def _copy_full_into(views: dict[str, torch.Tensor], state: dict[str, torch.Tenso
     with torch.no_grad():
         for key in sorted(state):
             dst, src = views[key], state[key]
-            if _is_sharded(dst):
+            if is_shard(dst):
                 src = distribute_tensor(src.to(dst.device, dst.dtype), dst.device_mesh, dst.placements)
                 dst, src = dst.to_local(), src.to_local()
             dst.copy_(src)
@@ -232,7 +229,7 @@ def load_base_weights(model: nn.Module, directory: str | Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update(load_file(str(f)))
-    if any(_is_sharded(p) for p in model.parameters()):
+    if is_sharded(model):
         from peft import get_base_model_state_dict
 
         views = get_base_model_state_dict(model)  # detached views of the (sharded) parameters
@@ -262,7 +259,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path) -> None:
     if not path.is_file():
         raise AdapterError(f"{directory}: no {ADAPTER_WEIGHTS}")
     state = load_file(str(path))
-    if any(_is_sharded(p) for p in model.parameters()):
+    if is_sharded(model):
         from peft import get_peft_model_state_dict
 
         # peft's loader copies plain tensors into the parameters, which FSDP2 shards refuse; its

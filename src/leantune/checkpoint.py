@@ -45,6 +45,8 @@ __all__ = [
     "atomic_directory",
     "capture_rng",
     "find_checkpoints",
+    "is_shard",
+    "is_sharded",
     "latest_valid_checkpoint",
     "prune_checkpoints",
     "restore_rng",
@@ -373,8 +375,14 @@ def _unsafe(path: Any, err: BaseException) -> str:
 # ------------------------------------------------------------------ model and optimizer state
 
 
-def _is_sharded(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "device_mesh") for p in model.parameters())
+def is_shard(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor: an FSDP2 shard of a parameter (or a view of one)."""
+    return hasattr(t, "device_mesh")
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s parameters are FSDP2 shards."""
+    return any(is_shard(p) for p in model.parameters())
 
 
 def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
@@ -384,7 +392,7 @@ def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
     """
     dist = _dist()
     state = None
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -411,7 +419,7 @@ def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
         n for n, _ in model.named_parameters()
     }
-    if _is_sharded(model):
+    if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         dist = _dist()
