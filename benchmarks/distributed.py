@@ -25,7 +25,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
+from leantune.rss import proc_status_bytes, release_free_memory, reset_peak_rss
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CONFIGS = [
@@ -39,13 +39,6 @@ CONFIGS = [
 # glibc keeps freed large blocks in its heap after adapting its mmap threshold; fixing the
 # threshold makes RSS follow the live tensors instead of the allocator's history.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-
-
-def _peak_rss() -> int:
-    kib = proc_status_kib("VmHWM")
-    if kib is None:
-        raise RuntimeError("no VmHWM")
-    return kib * 1024
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -88,7 +81,12 @@ def worker(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         stepper.backward(train_model(input_ids=ids, labels=ids).loss)
         times.append(time.perf_counter() - t0)
-    record = {"rank": rank, "local_param_bytes": local, "peak_rss_bytes": _peak_rss(), "step_seconds": times}
+    record = {
+        "rank": rank,
+        "local_param_bytes": local,
+        "peak_rss_bytes": proc_status_bytes("VmHWM"),
+        "step_seconds": times,
+    }
     records = [None] * world
     if world > 1:
         dist.all_gather_object(records, record)

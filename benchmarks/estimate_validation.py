@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
+from leantune.rss import proc_status_bytes, release_free_memory, reset_peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "estimate_validation"
@@ -123,13 +123,6 @@ DEFAULT_MALLOC = ("0.1b-fp32-lomo", "0.1b-bf16-adamw")
 
 
 # ------------------------------------------------------------------------------------------ worker
-def _status_bytes(key: str) -> int:
-    kib = proc_status_kib(key)
-    if kib is None:
-        raise KeyError(key)
-    return kib * 1024
-
-
 def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     """Build, train ``steps`` steps, report memory (runs in its own process)."""
     import resource
@@ -143,7 +136,7 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     from leantune.models import build_model, resolve_dtype
     from leantune.optim import as_stepper, build_optimizer, is_fused
 
-    baseline = _status_bytes("VmRSS")
+    baseline = proc_status_bytes("VmRSS")
     mixed = cfg["dtype"] == "mixed"
     dtype = resolve_dtype("fp32" if mixed else cfg["dtype"])
     overrides = {}
@@ -184,8 +177,8 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         mask[-1, -(cfg["seq"] // 4) :] = 0
         batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
     release_free_memory()
-    after_build = _status_bytes("VmRSS")
-    build_peak = _status_bytes("VmHWM")  # imports + model construction (a preset initialises in fp32)
+    after_build = proc_status_bytes("VmRSS")
+    build_peak = proc_status_bytes("VmHWM")  # imports + model construction (a preset initialises in fp32)
     reset_ok = reset_peak_rss()
     peaks, seconds, losses = [], [], []
     for _ in range(int(cfg["steps"])):
@@ -198,14 +191,14 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
             losses.append(loss.detach().item())
             del loss
         seconds.append(time.perf_counter() - t0)
-        peaks.append(_status_bytes("VmHWM"))
+        peaks.append(proc_status_bytes("VmHWM"))
         reset_peak_rss()
     inner = getattr(opt, "optimizer", opt)
     tensors = [t for st in getattr(inner, "state", {}).values() for t in st.values()]
     tensors += [t for bufs in getattr(inner, "_buffers", {}).values() for t in bufs]  # AdaLomo workspaces
     state = sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
     release_free_memory()
-    after_steps = _status_bytes("VmRSS")
+    after_steps = proc_status_bytes("VmRSS")
     return {
         "baseline_rss": baseline,
         "after_steps_rss": after_steps,

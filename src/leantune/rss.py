@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["proc_status_kib", "reset_peak_rss", "release_free_memory"]
+__all__ = ["proc_status_bytes", "proc_status_kib", "reset_peak_rss", "release_free_memory"]
 
 
 def proc_status_kib(key: str) -> int | None:
@@ -21,6 +21,18 @@ def proc_status_kib(key: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def proc_status_bytes(key: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes, for code that cannot go on without it.
+
+    Raises:
+        RuntimeError: the field is not there (not Linux, or an unknown field).
+    """
+    kib = proc_status_kib(key)
+    if kib is None:
+        raise RuntimeError(f"no {key} in /proc/self/status")
+    return kib * 1024
 
 
 def reset_peak_rss() -> bool:

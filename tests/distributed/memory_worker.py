@@ -18,15 +18,7 @@ from leantune.distributed.collectives import ShardedCollectives
 from leantune.distributed.runtime import exit_worker
 from leantune.distributed.strategy import apply_fsdp
 from leantune.optim import AdaLomo
-from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
-
-
-def peak_rss_bytes() -> int:
-    kib = proc_status_kib("VmHWM")
-    if kib is None:
-        raise RuntimeError("no VmHWM in /proc/self/status")
-    return kib * 1024
-
+from leantune.rss import proc_status_bytes, release_free_memory, reset_peak_rss
 
 torch.set_num_threads(1)
 world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -54,7 +46,7 @@ if not reset_peak_rss():  # measure the training steps, not construction
 for step in range(2):
     ids = torch.randint(0, 8000, (1, 64), generator=torch.Generator().manual_seed(step))
     opt.backward(model(input_ids=ids, labels=ids).loss)
-peak = peak_rss_bytes()
+peak = proc_status_bytes("VmHWM")
 if world == 1 or dist.get_rank() == 0:
     with open(sys.argv[1], "w") as fh:
         json.dump({"world_size": world, "local_param_bytes": local, "peak_rss_bytes": peak}, fh)
