@@ -118,6 +118,16 @@ class WorkerError(RuntimeError):
         self.reason = reason
         self.stderr = stderr
 
+    @property
+    def last_line(self) -> str:
+        """One line for a progress log: the worker's last stderr line, or the reason."""
+        return (self.stderr.strip().splitlines() or [self.reason])[-1]
+
+    @property
+    def detail(self) -> str:
+        """What a report keeps of the failure: the end of stderr, or the reason."""
+        return self.stderr[-3000:] if self.stderr else self.reason
+
 
 def run_worker(
     cmd: list[str], env: dict[str, str], label: str, timeout: float | None = None

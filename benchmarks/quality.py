@@ -199,10 +199,8 @@ def _run_child(settings: dict[str, Any], opt: str, lr: float, seed: int, timeout
     try:
         res = benchlib.run_worker(cmd, env, name, timeout)
     except benchlib.WorkerError as err:
-        last = (err.stderr.strip().splitlines() or [err.reason])[-1]
-        print(f"  {name}: FAILED ({last})", flush=True)
-        error = err.stderr[-3000:] if err.stderr else err.reason
-        return {"optimizer": opt, "lr": lr, "seed": seed, "ok": False, "error": error}
+        print(f"  {name}: FAILED ({err.last_line})", flush=True)
+        return {"optimizer": opt, "lr": lr, "seed": seed, "ok": False, "error": err.detail}
     res["ok"] = True
     print(
         f"  {name}: eval loss {res['eval_loss']:.4f}, exact match {res['acc']:.1%} "

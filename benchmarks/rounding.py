@@ -506,9 +506,8 @@ def _run_child(settings: dict[str, Any], job: str, timeout: float) -> dict[str, 
     try:
         result = benchlib.run_worker(cmd, env, job, timeout)
     except benchlib.WorkerError as err:
-        last = (err.stderr.strip().splitlines() or [err.reason])[-1]
-        print(f"  {job}: FAILED ({last})", flush=True)
-        return {"config": job, "ok": False, "error": err.stderr[-3000:] if err.stderr else err.reason}
+        print(f"  {job}: FAILED ({err.last_line})", flush=True)
+        return {"config": job, "ok": False, "error": err.detail}
     result["ok"] = True
     wall = result["process_wall_seconds"]
     print(f"  {job}: done in {wall:.0f} s", flush=True)

@@ -44,11 +44,14 @@ def test_run_worker_failures_name_the_worker_and_keep_stderr(code, reason):
     assert str(err).startswith(f"worker job-7 {reason}")
     if "boom" in code:
         assert "boom here" in err.stderr and "boom here" in str(err)
+        assert err.last_line == "boom here" and err.detail == "boom here"
 
 
 def test_run_worker_timeout():
-    with pytest.raises(benchlib.WorkerError, match="timed out after 1 s"):
+    with pytest.raises(benchlib.WorkerError, match="timed out after 1 s") as exc:
         benchlib.run_worker(_python("import time; time.sleep(30)"), dict(os.environ), "slow", timeout=1)
+    # no stderr: the reason stands for both
+    assert exc.value.last_line == exc.value.detail == "timed out after 1 s"
 
 
 def test_machine_and_load():
