@@ -60,6 +60,11 @@ def loadavg() -> list[float] | None:
         return None
 
 
+def fmt(x: float | None, spec: str, suffix: str = "") -> str:
+    """A number for a report table, or an en dash for a missing one."""
+    return "–" if x is None else f"{x:{spec}}{suffix}"
+
+
 def format_load(load: list[float] | None) -> str:
     return "?" if not load else " / ".join(f"{x:.2f}" for x in load)
 

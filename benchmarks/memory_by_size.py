@@ -60,6 +60,7 @@ from typing import Any
 
 import benchlib
 import optim_step
+from benchlib import fmt
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = optim_step.CONFIGS
@@ -231,10 +232,6 @@ def _progress(r: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- report
-def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
-    return optim_step._fmt(x, spec, suffix)
-
-
 def _cell_status(r: dict[str, Any] | None) -> str:
     if r is None:
         return "not run"
@@ -261,12 +258,12 @@ def _setting_tables(report: dict[str, Any], setting: str) -> list[str]:
             r = runs.get(p, {}).get(name)
             if r is not None and r["status"] == "ok":
                 row += [
-                    _fmt(r["peak_rss_gib"], ".2f"),
-                    _fmt(r.get("memory_vs_floor"), ".2f", "×"),
-                    _fmt(r["s_per_step_median"], ".3g"),
+                    fmt(r["peak_rss_gib"], ".2f"),
+                    fmt(r.get("memory_vs_floor"), ".2f", "×"),
+                    fmt(r["s_per_step_median"], ".3g"),
                 ]
                 err = r.get("prediction_error")
-                err_text = _fmt(None if err is None else err * 100, "+.1f", "%")
+                err_text = fmt(None if err is None else err * 100, "+.1f", "%")
                 crow.append(f"{r['peak_rss_gib']:.2f} / {r['predicted_peak_gib']:.2f} ({err_text})")
             else:
                 row += [_cell_status(r), "", ""]

@@ -79,6 +79,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+from benchlib import fmt
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 GIB = 1024**3
@@ -498,10 +499,6 @@ def _targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if x is None else f"{x:{spec}}{suffix}"
-
-
 TABLE_HEAD = [
     "optimizer",
     "peak RSS GiB",
@@ -524,14 +521,14 @@ def _rows(results: dict[str, dict[str, Any]]) -> list[list[str]]:
         rows.append(
             [
                 r["label"],
-                _fmt(r["peak_rss_gib"], ".2f"),
-                _fmt(r["s_per_step_median"], ".3g"),
-                _fmt(r.get("memory_vs_floor"), ".3f", "×"),
-                _fmt(r.get("time_vs_floor"), ".3f", "×"),
-                _fmt(r.get("cpu_time_vs_floor"), ".3f", "×"),
-                _fmt(r.get("memory_vs_adamw"), ".3f", "×"),
-                _fmt(r.get("time_vs_adamw"), ".3f", "×"),
-                _fmt(r["final_loss"], ".4f"),
+                fmt(r["peak_rss_gib"], ".2f"),
+                fmt(r["s_per_step_median"], ".3g"),
+                fmt(r.get("memory_vs_floor"), ".3f", "×"),
+                fmt(r.get("time_vs_floor"), ".3f", "×"),
+                fmt(r.get("cpu_time_vs_floor"), ".3f", "×"),
+                fmt(r.get("memory_vs_adamw"), ".3f", "×"),
+                fmt(r.get("time_vs_adamw"), ".3f", "×"),
+                fmt(r["final_loss"], ".4f"),
             ]
         )
     return rows
@@ -595,13 +592,13 @@ def format_markdown(report: dict[str, Any]) -> str:
         "## Targets for leantune AdaLomo",
         "",
         f"- peak memory ≤ {targets['adalomo_memory_target']}× floor: "
-        f"{_yes_no(targets['adalomo_memory_met'])} ({_fmt(targets['adalomo_memory_vs_floor'], '.3f', '×')})",
+        f"{_yes_no(targets['adalomo_memory_met'])} ({fmt(targets['adalomo_memory_vs_floor'], '.3f', '×')})",
         f"- time per step ≤ {targets['adalomo_time_target']}× floor: "
-        f"{_yes_no(targets['adalomo_time_met'])} ({_fmt(targets['adalomo_time_vs_floor'], '.3f', '×')})",
+        f"{_yes_no(targets['adalomo_time_met'])} ({fmt(targets['adalomo_time_vs_floor'], '.3f', '×')})",
         f"- faster than AdamW: {_yes_no(targets['adalomo_faster_than_adamw'])} "
-        f"({_fmt(results.get('adalomo', {}).get('time_vs_adamw'), '.3f', '×')} AdamW's time)",
+        f"({fmt(results.get('adalomo', {}).get('time_vs_adamw'), '.3f', '×')} AdamW's time)",
         f"- faster than lomo-optim AdaLomo: {_yes_no(targets['adalomo_faster_than_lomo_optim_adalomo'])} "
-        f"({_fmt(targets['adalomo_time_vs_lomo_optim_adalomo'], '.3f', '×')} its time)",
+        f"({fmt(targets['adalomo_time_vs_lomo_optim_adalomo'], '.3f', '×')} its time)",
         "",
         "## Notes",
         "",

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+from benchlib import fmt
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "quality"
 TASKS = ["add", "reverse", "sort", "count"]
@@ -285,10 +286,6 @@ def summarize(runs: list[dict[str, Any]], grids: dict[str, list[float]]) -> dict
     return {"runs": runs, "best": best, "seed_stats": seeds, "adalomo_vs_adamw": gap}
 
 
-def _f(x: float | None, spec: str) -> str:
-    return "–" if x is None else f"{x:{spec}}"
-
-
 def format_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     best = report["best"]
@@ -298,7 +295,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     out = [
         "# Quality: AdamW, AdaLomo, LOMO, Adafactor, SGD on the built-in instruction tasks",
         "",
-        f"Preset `{s['preset']}` ({_f(params, ',')} parameters, random init), built-in tasks "
+        f"Preset `{s['preset']}` ({fmt(params, ',')} parameters, random init), built-in tasks "
         f"`{', '.join(tasks)}` ({s['num_train']} training examples, {s['num_eval']} held-out prompts), "
         f"{s['steps']} steps of batch {s['batch']}, warmup {s['warmup']}, cosine to 10%, seed 0, fp32, "
         f"{s['threads']} thread(s) per run, each run in a fresh subprocess."
@@ -322,8 +319,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         out.append(
             f"| {OPTIMIZERS[opt].label} | {sweep} | {b['lr']:g}{edge} | {b['eval_loss']:.4f} | "
             f"{b['eval_ppl']:.3f} | "
-            + " | ".join(_f(b.get(f"acc/{t}"), ".1%") for t in tasks)
-            + f" | {_f(b['acc'], '.1%')} | {b['step_seconds']:.0f} | {b['cpu_s_per_step']:.3f} |"
+            + " | ".join(fmt(b.get(f"acc/{t}"), ".1%") for t in tasks)
+            + f" | {fmt(b['acc'], '.1%')} | {b['step_seconds']:.0f} | {b['cpu_s_per_step']:.3f} |"
         )
     extended = s.get("extended") or {}
     if extended:
@@ -389,7 +386,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             continue
         mark = " **best**" if best.get(r["optimizer"], {}).get("lr") == r["lr"] else ""
         out.append(
-            f"| {label} | {r['lr']:g}{mark} | {r['eval_loss']:.4f} | {_f(r['acc'], '.1%')} | "
+            f"| {label} | {r['lr']:g}{mark} | {r['eval_loss']:.4f} | {fmt(r['acc'], '.1%')} | "
             f"{r['cpu_s_per_step']:.3f} | {r['skipped_steps']} |"
         )
     load = tuple(benchlib.format_load(x) for x in (m["load_before"], m["load_after"]))

@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+from benchlib import fmt
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rounding"
@@ -578,13 +579,9 @@ def summarize(pretrain: dict[str, Any], finetune: list[dict[str, Any]], memory: 
     return {"pretrain": pretrain, "finetune": finetune, "memory": memory, "goals": goals}
 
 
-def _f(x: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if x is None else f"{x:{spec}}{suffix}"
-
-
 def _x(row: dict[str, Any], key: str, spec: str = ".2f") -> str:
     """``row[key]`` as a ratio to bf16-nearest, e.g. ``1.04×``."""
-    return _f(row.get(f"{key}_vs_nearest"), spec, "×")
+    return fmt(row.get(f"{key}_vs_nearest"), spec, "×")
 
 
 def _yes(flag: bool | None) -> str:
@@ -614,8 +611,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"**Phase 1 (pre-train, shared):** fp32, AdaLomo lr {s['pretrain_lr']:g}, {s['pretrain_steps']} "
         f"steps on `{', '.join(s['pretrain_tasks'])}` (never on phase 2's eval prompts). On phase 2's "
         f"eval set: loss {pre.get('eval_loss', float('nan')):.4f}, exact match "
-        f"{_f(pre.get('acc'), '.1%')}"
-        + "".join(f", {t} {_f(pre.get(f'acc/{t}'), '.1%')}" for t in tasks)
+        f"{fmt(pre.get('acc'), '.1%')}"
+        + "".join(f", {t} {fmt(pre.get(f'acc/{t}'), '.1%')}" for t in tasks)
         + ".",
         "",
         f"**Phase 2 (fine-tune, per configuration):** from that fp32 checkpoint loaded in the row's "
@@ -634,11 +631,11 @@ def format_markdown(report: dict[str, Any]) -> str:
     for r in rows:
         out.append(
             f"| {r['label']} | {r['eval_loss_start']:.4f} | {r['eval_loss']:.4f} | "
-            f"{_f(r.get('eval_loss_vs_fp32'), '.3f', '×')} | {r['eval_loss_fp32_compute']:.4f} | "
-            f"{r['eval_ppl']:.3f} | {_f(r.get('acc'), '.1%')} | "
-            + " | ".join(_f(r.get(f"acc/{t}"), ".1%") for t in tasks)
-            + f" | {_f(r['changed_fraction'], '.1%')} | "
-            f"{_f(r['below_bf16_half_ulp_fraction'] if r['dtype'] == 'fp32' else None, '.1%')} |"
+            f"{fmt(r.get('eval_loss_vs_fp32'), '.3f', '×')} | {r['eval_loss_fp32_compute']:.4f} | "
+            f"{r['eval_ppl']:.3f} | {fmt(r.get('acc'), '.1%')} | "
+            + " | ".join(fmt(r.get(f"acc/{t}"), ".1%") for t in tasks)
+            + f" | {fmt(r['changed_fraction'], '.1%')} | "
+            f"{fmt(r['below_bf16_half_ulp_fraction'] if r['dtype'] == 'fp32' else None, '.1%')} |"
         )
     out += [
         "",
@@ -704,13 +701,14 @@ def format_markdown(report: dict[str, Any]) -> str:
         ]
         for opt, g in goals.items():
             out.append(
-                f"| {'AdaLomo' if opt == 'adalomo' else 'LOMO'} | {_f(g['eval_loss_vs_fp32'], '.4f', '×')} | "
-                f"{_yes(g['loss_met'])} | {_f(g['bytes_vs_nearest'], '.3f', '×')} | "
-                f"{_f(g['peak_rss_vs_nearest_large'], '.3f', '×')} | "
-                f"{_f(g['time_vs_nearest'], '.3f', '×')} ({_f(g['wall_time_vs_nearest'], '.2f', '×')}) | "
-                f"{_yes(g['time_met'])} | {_f(g['time_vs_nearest_large'], '.2f', '×')} "
-                f"({_f(g['wall_time_vs_nearest_large'], '.2f', '×')}) | {_yes(g['time_met_large'])} | "
-                f"{_f(g['extra_write_ns_per_parameter'], '.1f')} |"
+                f"| {'AdaLomo' if opt == 'adalomo' else 'LOMO'} | "
+                f"{fmt(g['eval_loss_vs_fp32'], '.4f', '×')} | "
+                f"{_yes(g['loss_met'])} | {fmt(g['bytes_vs_nearest'], '.3f', '×')} | "
+                f"{fmt(g['peak_rss_vs_nearest_large'], '.3f', '×')} | "
+                f"{fmt(g['time_vs_nearest'], '.3f', '×')} ({fmt(g['wall_time_vs_nearest'], '.2f', '×')}) | "
+                f"{_yes(g['time_met'])} | {fmt(g['time_vs_nearest_large'], '.2f', '×')} "
+                f"({fmt(g['wall_time_vs_nearest_large'], '.2f', '×')}) | {_yes(g['time_met_large'])} | "
+                f"{fmt(g['extra_write_ns_per_parameter'], '.1f')} |"
             )
         out += [
             "",
@@ -776,13 +774,13 @@ def format_text_table(report: dict[str, Any]) -> str:
             [
                 r["label"],
                 f"{r['eval_loss']:.4f}",
-                _f(r.get("eval_loss_vs_fp32"), ".3f"),
-                _f(r.get("acc"), ".1%"),
-                _f(r["changed_fraction"], ".1%"),
+                fmt(r.get("eval_loss_vs_fp32"), ".3f"),
+                fmt(r.get("acc"), ".1%"),
+                fmt(r["changed_fraction"], ".1%"),
                 f"{r['cpu_s_per_step']:.4f}",
-                _f(r.get("cpu_s_per_step_vs_nearest"), ".3f"),
+                fmt(r.get("cpu_s_per_step_vs_nearest"), ".3f"),
                 f"{1e3 * r['update_cpu_s_per_step']:.2f}",
-                _f(r.get("update_cpu_s_per_step_vs_nearest"), ".2f"),
+                fmt(r.get("update_cpu_s_per_step_vs_nearest"), ".2f"),
             ]
         )
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]

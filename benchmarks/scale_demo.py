@@ -52,6 +52,7 @@ from typing import Any
 import benchlib
 import memory_by_size
 import optim_step
+from benchlib import fmt
 
 HERE = Path(__file__).resolve().parent
 
@@ -204,10 +205,6 @@ def run_adamw(args: argparse.Namespace, dtype: str, out: dict[str, Any], on_resu
 
 
 # ------------------------------------------------------------------------------------------ report
-def _f(x: float | None, spec: str, suffix: str = "") -> str:
-    return optim_step._fmt(x, spec, suffix)
-
-
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     """Headline numbers: what AdaLomo trained, the largest AdamW run per dtype, the size ratio."""
     ada = report.get("adalomo") or {}
@@ -251,7 +248,7 @@ def _adalomo_md(report: dict[str, Any]) -> list[str]:
         "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     head = f"| `{p['preset']}` | {human_count(ada['parameters'])} | bf16 | on | {p['seq']} × {p['batch']} | "
-    pred = _f(ada["predicted_peak_gib"], ".2f")
+    pred = fmt(ada["predicted_peak_gib"], ".2f")
     if ada.get("ok"):
         lines.append(
             head + f"{ada['peak_rss_gib']:.2f} | {ada['process_peak_rss_gib']:.2f} | {pred} | "
@@ -300,9 +297,9 @@ def _adamw_md(report: dict[str, Any]) -> list[str]:
             ok = rec is not None and rec.get("ok")
             lines.append(
                 f"| {optim_step._dtype_text(dtype)} | `{e['preset']}` | {human_count(e['parameters'])} | "
-                f"{pred:.2f} | {status} | {_f(rec['peak_rss_gib'] if ok else None, '.2f')} | "
-                f"{_f(rec['process_peak_rss_gib'] if ok else None, '.2f')} | "
-                f"{_f(rec['s_per_step_median'] if ok else None, '.1f')} |"
+                f"{pred:.2f} | {status} | {fmt(rec['peak_rss_gib'] if ok else None, '.2f')} | "
+                f"{fmt(rec['process_peak_rss_gib'] if ok else None, '.2f')} | "
+                f"{fmt(rec['s_per_step_median'] if ok else None, '.1f')} |"
             )
     return lines
 
