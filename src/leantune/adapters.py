@@ -21,6 +21,12 @@ Files:
 Method notes (peft 0.21, transformers 5, ``LlamaForCausalLM``): LoRA, DoRA, rsLoRA, IA3 and prompt
 tuning work with activation checkpointing; prefix tuning does not (peft refuses it), and prefix
 and prompt tuning have no weights to merge (:func:`merge_adapter` refuses them).
+
+Mixture-of-experts models keep their experts in 3-D tensors, not ``nn.Linear`` layers. With
+``target_modules=[all-linear]``, LoRA also adapts them, and the routers, as parameters (peft's
+``target_parameters``), for every family whose experts :mod:`leantune.anatomy` finds; DoRA and LoRA
+dropout do not exist for parameters in peft and are refused for such models, IA3 adapts their linear
+layers only (the log says so).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from leantune.anatomy import AnatomyError, model_anatomy
 from leantune.checkpoint import is_shard, is_sharded
 from leantune.config import PeftConfig
 
@@ -41,6 +48,7 @@ __all__ = [
     "BASE_DIR",
     "METHODS",
     "AdapterError",
+    "adapter_notes",
     "build_peft_config",
     "is_adapter_dir",
     "is_prompt_learning",
@@ -49,6 +57,7 @@ __all__ = [
     "load_adapter_weights",
     "load_base_weights",
     "merge_adapter",
+    "moe_parameter_targets",
     "resolve_base",
     "save_adapter",
     "save_base",
@@ -74,6 +83,39 @@ def _linear_leaf_names(model: nn.Module) -> list[str]:
         n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
     }
     return sorted(names)
+
+
+def moe_parameter_targets(model: nn.Module) -> list[str]:
+    """peft ``target_parameters`` for the experts and routers of a MoE model, relative to the block
+    (``mlp.experts.gate_up_proj``, ``mlp.gate.weight``); empty for a dense model. Routers that are
+    ``nn.Linear`` layers are left to ``all-linear``."""
+    try:
+        anatomy = model_anatomy(model, probe=False)
+    except AnatomyError:
+        return []
+    linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    out = set()
+    for full in (*anatomy.experts, *anatomy.routers):
+        if full in linear:
+            continue
+        block = next(b.name for b in anatomy.blocks if full.startswith(b.name + "."))
+        out.add(full[len(block) + 1 :])
+    return sorted(out)
+
+
+def adapter_notes(model: nn.Module, cfg: PeftConfig) -> list[str]:
+    """Lines for the log about what an adapter leaves out of a MoE model (nothing for dense ones)."""
+    targets = moe_parameter_targets(model)
+    if not targets or cfg.method in ("prefix", "prompt"):
+        return []
+    if cfg.method == "ia3":
+        return ["ia3 scales nn.Linear layers only: the experts' 3-D tensors are not adapted"]
+    if cfg.target_modules != ["all-linear"]:
+        return [
+            "the experts' 3-D tensors are not adapted (peft.target_modules names linear layers); "
+            "peft.target_modules=[all-linear] adapts them too"
+        ]
+    return [f"experts and routers adapted as parameters: {', '.join(targets)}"]
 
 
 def lora_init(cfg: PeftConfig, optimizer: str | None = None) -> bool | str:
@@ -111,15 +153,33 @@ def build_peft_config(cfg: PeftConfig, model: nn.Module | None = None, optimizer
     task = peft.TaskType.CAUSAL_LM
     match cfg.method:
         case "lora":
+            params = moe_parameter_targets(model) if model is not None and target == "all-linear" else []
+            init = lora_init(cfg, optimizer)
+            if params:
+                family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+                for bad, what in (
+                    (cfg.use_dora, "peft.use_dora=true"),
+                    (cfg.dropout > 0, "peft.dropout > 0"),
+                ):
+                    if bad:
+                        raise AdapterError(
+                            f"{what} on {family}: peft has no DoRA or dropout for LoRA on parameters, "
+                            "and [all-linear] adapts this model's experts (3-D tensors) as parameters. "
+                            "Turn it off, or adapt linear layers only "
+                            "(e.g. peft.target_modules=[q_proj,v_proj])"
+                        )
+                if init == "orthogonal":
+                    init = True  # peft's orthogonal init needs nn.Linear: done by wrap_model instead
             return peft.LoraConfig(
                 task_type=task,
                 r=cfg.r,
                 lora_alpha=cfg.alpha,
                 lora_dropout=cfg.dropout,
                 target_modules=target,
+                target_parameters=params or None,
                 use_dora=cfg.use_dora,
                 use_rslora=cfg.use_rslora,
-                init_lora_weights=lora_init(cfg, optimizer),
+                init_lora_weights=init,
             )
         case "ia3":
             if target == "all-linear":
@@ -157,11 +217,40 @@ def wrap_model(model: nn.Module, cfg: PeftConfig, *, optimizer: str | None = Non
         wrapped = peft.get_peft_model(model, config)
     except ValueError as err:
         raise AdapterError(f"peft.method={cfg.method}: {err}") from None
+    if (
+        cfg.method == "lora"
+        and lora_init(cfg, optimizer) == "orthogonal"
+        and config.init_lora_weights is True
+    ):
+        _orthogonal_init(wrapped)
     if not any(p.requires_grad for p in wrapped.parameters()):
         raise AdapterError(
             f"peft.method={cfg.method} left no trainable parameter (check peft.target_modules)"
         )
     return wrapped
+
+
+@torch.no_grad()
+def _orthogonal_init(model: nn.Module) -> None:
+    """peft's orthogonal LoRA init (B != 0, B @ A = 0: the model is unchanged at step 0) for every
+    LoRA layer, including peft's ParamWrapper (LoRA on parameters: one A/B pair per expert), which
+    peft's own orthogonal init does not handle."""
+    from peft.tuners.lora.layer import LoraLayer, ParamWrapper
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name in module.lora_A:
+            if not isinstance(module, ParamWrapper):
+                module.orthogonal_init(name)
+                continue
+            r, experts = module.r[name], module.num_experts
+            a, b = module.lora_A[name].weight, module.lora_B[name].weight  # (E*r, in), (out, r*E)
+            b_view = b.view(b.shape[0], r, experts)
+            for e in range(experts):
+                q, _ = torch.linalg.qr(torch.randn(r, r))
+                a[e * r : (e + 1) * r] = (torch.randn(a.shape[1], r // 2) @ q[0::2]).T.to(a.dtype) / 10.0
+                b_view[:, :, e] = (torch.randn(r // 2, b.shape[0]).T @ q[1::2]).to(b.dtype) / 10.0
 
 
 def is_adapter_dir(path: str | Path) -> bool:

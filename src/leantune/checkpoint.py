@@ -396,9 +396,20 @@ def save_model(model: torch.nn.Module, tokenizer: Any, directory: Path) -> None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # A tied head appears under both names there; the HF file keeps one, as save_pretrained
+        # does for an unsharded model (transformers re-ties them on load).
+        for alias in _tied_aliases(model):
+            state.pop(alias, None)
     if dist is None or dist.get_rank() == 0:
         model.save_pretrained(directory, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(directory)
+
+
+def _tied_aliases(model: torch.nn.Module) -> set[str]:
+    """Names under which a parameter appears a second time (a head tied to the embeddings)."""
+    return {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
+        n for n, _ in model.named_parameters()
+    }
 
 
 def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
@@ -416,9 +427,7 @@ def read_safetensors_dir(directory: Path) -> dict[str, torch.Tensor]:
 
 def load_model_weights(model: torch.nn.Module, directory: Path) -> None:
     """Load HF safetensors weights into ``model`` (plain, DDP-replicated or FSDP2-sharded)."""
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {
-        n for n, _ in model.named_parameters()
-    }
+    tied = _tied_aliases(model)
     if is_sharded(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

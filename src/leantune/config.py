@@ -56,8 +56,9 @@ class ModelConfig:
     """Weight dtype: fp32, bf16 or fp16 (fp16 needs `optim.loss_scale`)."""
     trust_remote_code: bool = False
     """Allow custom modelling code shipped with `path` (runs code from that directory)."""
-    attn_implementation: str = "sdpa"
-    """Attention kernel passed to transformers: sdpa or eager."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto (sdpa where the model family supports it, else eager; the choice is
+    logged), sdpa or eager. An explicit sdpa for a family without it is an error."""
     gradient_checkpointing: bool = False
     """Activation checkpointing (non-reentrant): recompute each layer in backward to save memory."""
     rope_theta: float | None = None
@@ -251,8 +252,9 @@ class Config:
                 + _suggest(self.model.preset, list(PRESETS)),
             ),
             (
-                self.model.attn_implementation in ("sdpa", "eager"),
-                f"model.attn_implementation must be sdpa or eager, got {self.model.attn_implementation!r}",
+                self.model.attn_implementation in ("auto", "sdpa", "eager"),
+                "model.attn_implementation must be auto, sdpa or eager, got "
+                f"{self.model.attn_implementation!r}",
             ),
             (self.data.max_length >= 8, f"data.max_length must be >= 8, got {self.data.max_length}"),
             (
@@ -385,11 +387,40 @@ class Config:
                 "lomo): DistributedDataParallel fixes the trainable parameters when it is built"
             )
         self._validate_combinations(is_fused(self.optim.name))
+        self._validate_devices()
         return self
+
+    def _validate_devices(self) -> None:
+        """The device settings against this machine: refused here, before anything starts (also
+        before ``dist.nproc`` starts its workers)."""
+        import torch
+
+        name = self.train.device
+        if name != "auto":
+            try:
+                dev = torch.device(name)
+            except (RuntimeError, ValueError):
+                raise ConfigError(
+                    f"train.device={name!r} is not a device: use auto, cpu, cuda or cuda:N"
+                ) from None
+            if dev.type == "cuda" and not torch.cuda.is_available():
+                raise ConfigError(f"train.device={name} but CUDA is not available here; use train.device=cpu")
+            if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+                raise ConfigError(
+                    f"train.device={name} but this machine has {torch.cuda.device_count()} CUDA device(s)"
+                )
+            if dev.type not in ("cpu", "cuda"):
+                raise ConfigError(f"train.device={name}: leantune trains on cpu or cuda")
+        cuda = name.startswith("cuda") or (name == "auto" and torch.cuda.is_available())
+        if self.dist.cpu_offload and not cuda:
+            raise ConfigError(
+                "dist.cpu_offload=true needs CUDA (it keeps the sharded parameters in host memory "
+                "while the GPU computes); on the CPU they are already there: set dist.cpu_offload=false"
+            )
 
     def _validate_combinations(self, fused: bool) -> None:
         """Options that would be silently ignored or wrong together."""
-        from leantune.optim import needs_create_graph
+        from leantune.optim import is_elementwise, needs_create_graph
 
         own = {
             "lr": "optim.lr",
@@ -421,6 +452,14 @@ class Config:
                 f"peft.method={self.peft.method} does not work with dist.strategy=fsdp: peft computes "
                 "the virtual-token embeddings it saves from the sharded prompt encoder on one rank "
                 "only, and the save hangs. Use dist.strategy=ddp, or peft.method=lora|ia3 with fsdp"
+            )
+        in_backward = self.optim.name.lower().replace("-", "_").endswith("_in_backward")
+        if self.dist.strategy == "fsdp" and in_backward and not is_elementwise(self.optim.name):
+            raise ConfigError(
+                f"optim.name={self.optim.name} under dist.strategy=fsdp would compute its statistics on "
+                "one shard of each tensor only; use adalomo or lomo (their statistics are summed over "
+                "the shards), an elementwise optimizer in backward (adamw_in_backward, sgd_in_backward, "
+                "lion_in_backward, adan_in_backward), or dist.strategy=ddp"
             )
         if needs_create_graph(self.optim.name) and self.dist.strategy != "none":
             raise ConfigError(

@@ -42,10 +42,11 @@ read from the libraries' code, not validated on hardware.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +168,10 @@ class ModelShape:
     attention_bias: bool = False
     mlp_bias: bool = False
     name: str = "custom"
+    config: dict[str, Any] | None = field(default=None, compare=False, repr=False)
+    """The model's ``config.json`` when transformers knows its family: parameters and activations
+    then come from the family's own modelling code (:mod:`leantune.footprint`), not the LLaMA
+    formulas below."""
 
     def __post_init__(self) -> None:
         for key in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -222,6 +227,9 @@ class ModelShape:
         """
         if "hidden_size" not in config and isinstance(config.get("text_config"), dict):
             config = config["text_config"]
+        known = _transformers_config(config)
+        if known is not None:
+            return cls._from_transformers(config, known, name)
         required = (
             "hidden_size",
             "intermediate_size",
@@ -245,6 +253,36 @@ class ModelShape:
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
             name=name,
+        )
+
+    @classmethod
+    def _from_transformers(cls, config: dict[str, Any], cfg: Any, name: str) -> ModelShape:
+        """A family transformers knows: its config's attributes (``attribute_map`` reads GPT-2's
+        ``n_embd`` as ``hidden_size``), the parameters and widths of its fake model."""
+        try:
+            fp = _params_footprint(json.dumps(config, sort_keys=True))
+        except (ValueError, TypeError, RuntimeError, AttributeError, KeyError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"{name}: transformers cannot build a causal LM ({cfg.model_type}) from this "
+                f"config.json: {first}"
+            ) from None
+        heads = cfg.num_attention_heads
+        kv = getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or heads
+        if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+            kv = 1
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        return cls(
+            hidden_size=cfg.hidden_size,
+            intermediate_size=max(1, fp.ffn_width),
+            num_layers=len(fp.layers),
+            num_heads=heads,
+            num_kv_heads=kv if heads % kv == 0 else heads,
+            head_dim=head_dim,
+            vocab_size=cfg.vocab_size,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            name=name,
+            config=dict(config),
         )
 
     @classmethod
@@ -291,8 +329,18 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def footprint(self, dtype: str = "fp32", padded: bool = False) -> Any:
+        """The :class:`leantune.footprint.ModelFootprint` of ``config`` (``None`` without one)."""
+        if self.config is None:
+            return None
+        return _footprint(json.dumps(self.config, sort_keys=True), dtype, padded)
+
     def layer_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
-        """``(name, shape)`` of one decoder layer's parameters (linear weights are ``out x in``)."""
+        """``(name, shape)`` of one decoder layer's parameters (linear weights are ``out x in``);
+        for a model read from its config, the largest layer's."""
+        if self.config is not None:
+            fp = self.footprint()
+            return list(max(fp.layers, key=_layer_numel).params)
         h, i, q, kv = self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim
         out = [
             ("q_proj", (q, h)),
@@ -313,6 +361,8 @@ class ModelShape:
 
     def root_tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """Parameters outside the layers: embedding, final norm and ``lm_head`` (if untied)."""
+        if self.config is not None:
+            return list(self.footprint().root_params)
         out = [("embed_tokens", (self.vocab_size, self.hidden_size)), ("norm", (self.hidden_size,))]
         if not self.tie_word_embeddings:
             out.append(("lm_head", (self.vocab_size, self.hidden_size)))
@@ -320,11 +370,16 @@ class ModelShape:
 
     def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
         """Every parameter tensor (a tied matrix once); layer tensors are prefixed ``layers.N.``."""
+        if self.config is not None:
+            fp = self.footprint()
+            layers = [(f"layers.{i}.{n}", s) for i, layer in enumerate(fp.layers) for n, s in layer.params]
+            return layers + self.root_tensors()
         layers = [(f"layers.{n}.{k}", s) for n in range(self.num_layers) for k, s in self.layer_tensors()]
         return layers + self.root_tensors()
 
     @property
     def layer_parameters(self) -> int:
+        """Parameters of one decoder layer (the largest, when layers differ)."""
         return sum(math.prod(s) for _, s in self.layer_tensors())
 
     @property
@@ -334,11 +389,57 @@ class ModelShape:
     @property
     def parameters(self) -> int:
         """Distinct parameter elements (a tied matrix counted once)."""
+        if self.config is not None:
+            return sum(math.prod(s) for _, s in self.tensors())
         return self.num_layers * self.layer_parameters + self.root_parameters
 
     @property
     def num_tensors(self) -> int:
+        if self.config is not None:
+            return len(self.tensors())
         return self.num_layers * len(self.layer_tensors()) + len(self.root_tensors())
+
+    def cast_parameters(self) -> int:
+        """Elements that bf16 autocast copies in forward (every linear weight, the head too)."""
+        if self.config is not None:
+            return self.footprint().cast_numel
+        linear = self.parameters - self.vocab_size * self.hidden_size * (0 if self.tie_word_embeddings else 1)
+        return linear - (2 * self.num_layers + 1) * self.hidden_size  # the norms are not cast
+
+
+def _layer_numel(layer: Any) -> int:
+    return sum(math.prod(s) for _, s in layer.params)
+
+
+def _transformers_config(config: dict[str, Any]) -> Any:
+    """The transformers config of a ``config.json`` whose family transformers knows, else None."""
+    model_type = config.get("model_type")
+    if not model_type:
+        return None
+    try:
+        from transformers import AutoConfig
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    if model_type not in CONFIG_MAPPING:
+        return None
+    data = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(model_type, **data)
+    except (TypeError, ValueError):
+        return None
+
+
+@functools.lru_cache(maxsize=32)
+def _footprint(config_json: str, dtype: str, padded: bool) -> Any:
+    from leantune.footprint import model_footprint
+
+    return model_footprint(json.loads(config_json), dtype, padded=padded)
+
+
+@functools.lru_cache(maxsize=32)
+def _params_footprint(config_json: str) -> Any:
+    return _footprint(config_json, "fp32", False)
 
 
 def _check_int(key: str, value: Any) -> None:
@@ -570,7 +671,8 @@ class MemoryBreakdown:
         out: dict[str, Any] = {k: getattr(self, k) for k in _TERMS}
         out |= {"total": self.total, "moment": self.moment, "moments": dict(self.moments)}
         out |= {"parameters": self.shape.parameters, "notes": dict(self.notes)}
-        out |= {"model": asdict(self.shape), "setup": asdict(self.setup)}
+        model = {f.name: getattr(self.shape, f.name) for f in fields(self.shape) if f.name != "config"}
+        out |= {"model": model, "setup": asdict(self.setup)}
         return out
 
     def format(self) -> str:
@@ -638,6 +740,27 @@ def _fused_scratch(base: str, kind: _OptimModel | None, shape: tuple[int, ...], 
     return int(reduced + full + (n * w if low else 0) + scratch * n * w)
 
 
+def _activations(shape: ModelShape, setup: TrainSetup) -> tuple[list[float], float, float, bool]:
+    """(bytes saved per layer, by the tail, per token of a layer's input; counted on the family's
+    code?) for one micro-batch."""
+    tokens = setup.tokens
+    residual = (4 if setup.dtype == "mixed" else _COMPUTE_BYTES[setup.dtype]) * shape.hidden_size
+    fp = shape.footprint(setup.dtype, setup.padded)
+    if fp is not None:
+        layers = [layer.saved(setup.seq_len, setup.batch_size) for layer in fp.layers]
+        # the footprint's forward had no labels: the loss saves them (int64)
+        return layers, fp.tail(setup.seq_len) * setup.batch_size + 8 * tokens, residual, True
+    per_tok = activation_bytes_per_token(
+        shape, setup.dtype, padded_len=setup.seq_len if setup.padded else None
+    )
+    return (
+        [tokens * per_tok["layer"]] * shape.num_layers,
+        tokens * per_tok["tail"],
+        per_tok["layer_input"],
+        False,
+    )
+
+
 def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     """Estimate the peak memory per device of one training step.
 
@@ -671,9 +794,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     fwd_weights = weights
     if mixed and not fsdp:
         # autocast caches a bf16 copy of every linear weight; each linear saves its copy for backward.
-        linear = params - vocab * hidden * (0 if shape.tie_word_embeddings else 1)
-        linear -= (2 * shape.num_layers + 1) * hidden  # the norms are not cast
-        fwd_weights += 2 * linear
+        fwd_weights += 2 * shape.cast_parameters()
 
     state = 0.0
     if kind is not None:
@@ -698,26 +819,28 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     # FSDP2 reduce-scatters a layer's unsharded gradients after its backward.
     unit_grads = shape.layer_parameters * w if fsdp else 0
 
-    per_tok = activation_bytes_per_token(
-        shape, setup.dtype, padded_len=setup.seq_len if setup.padded else None
-    )
-    layer_act, tail_act = tokens * per_tok["layer"], tokens * per_tok["tail"]
+    layer_acts, tail_act, layer_input, counted = _activations(shape, setup)
     rope = 2 * setup.seq_len * shape.head_dim * (4 if mixed else s)  # cos/sin, shared by all layers
     if setup.grad_checkpointing:
-        kept = shape.num_layers * tokens * per_tok["layer_input"] + tail_act + rope
+        kept = shape.num_layers * tokens * layer_input + tail_act + rope
         if setup.padded:  # the boolean 4-D mask is an input of every checkpointed layer
             kept += setup.batch_size * setup.seq_len**2
         # The last layer is recomputed for its backward; the tail's tensors are freed by then. When
         # the residual stream is fp32 the first norm saves the kept layer input itself: count once.
-        dedupe = tokens * per_tok["layer_input"] if per_tok["layer_input"] == 4 * hidden else 0
-        last_layer = kept - tail_act + layer_act - dedupe
+        dedupe = tokens * layer_input if layer_input == 4 * hidden and not counted else 0
+        last_layer = kept - tail_act + layer_acts[-1] - dedupe
         notes["activations"] = f"{shape.num_layers} layer inputs (checkpointing) + 1 layer recomputed"
     else:
-        kept = shape.num_layers * layer_act + tail_act + rope
+        kept = sum(layer_acts) + tail_act + (0 if counted else rope)  # counted: in layer 0 already
         last_layer = kept - tail_act
-        notes["activations"] = f"{shape.num_layers} layers x {format_bytes(layer_act)}"
+        mean = sum(layer_acts) / len(layer_acts)
+        notes["activations"] = f"{shape.num_layers} layers x {format_bytes(mean)}" + (
+            " (mean)" if len(set(layer_acts)) > 1 else ""
+        )
+    if counted:
+        notes["activations"] += ", counted on the family's own code"
     # Backward of SiLU(gate) * up: the incoming hidden-state gradient plus d(product), d(SiLU) and
-    # d(up) alive while only the product itself has been freed.
+    # d(up) alive while only the product itself has been freed (other MLPs: bounded by the same).
     mlp_bwd = s * tokens * (hidden + 2 * shape.intermediate_size)
     grad_hidden = s * tokens * hidden
 
@@ -786,6 +909,11 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     terms = {k: int(moments[peak].get(k, 0)) for k in ("weights", "gradients", "activations", "logits")}
     terms["temporaries"] = int(moments[peak].get("temporaries", 0))
     notes["logits"] = f"{tokens} tokens x {vocab} vocab, fp32 for the loss"
+    notes["model"] = (
+        "parameters and activations counted on the family's own modelling code (fake tensors)"
+        if counted
+        else "parameters and activations from the LLaMA formulas"
+    )
     if terms["weights"] > weights:
         notes["weights"] += " + bf16 autocast copies"
     for key in ("activations", "logits", "temporaries"):

@@ -8,7 +8,24 @@ from typing import Any
 
 import torch
 
-__all__ = ["LoadedModel", "resolve_model_dir", "load_for_inference"]
+__all__ = ["LoadedModel", "load_for_inference", "resolve_device", "resolve_model_dir"]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (cuda when available), ``cpu``, ``cuda`` or ``cuda:N`` as a torch device.
+
+    Raises:
+        ValueError: not a device name, or CUDA asked for where there is none.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but CUDA is not available here; use --device cpu")
+    return dev
 
 
 @dataclass

@@ -18,8 +18,10 @@ __all__ = [
     "DTYPES",
     "PRESETS",
     "Preset",
+    "ATTN_IMPLEMENTATIONS",
     "approx_parameters",
     "build_model",
+    "resolve_attention",
     "check_model_dir",
     "count_parameters",
     "get_rope_theta",
@@ -34,6 +36,8 @@ __all__ = [
 LOW_PRECISION_INIT_PARAMS = 1_000_000_000
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What model.attn_implementation may be: auto = sdpa where the family has it, else eager.
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -247,6 +251,45 @@ def check_model_dir(path: str | Path, what: str = "model.path") -> Path:
     return root
 
 
+def _causal_lm_class(config: Any) -> type | None:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
+def resolve_attention(config: Any, requested: str | None) -> str | None:
+    """The attention kernel to build a model of ``config`` with.
+
+    ``auto`` is ``sdpa`` when the family's model class supports it (transformers'
+    ``_supports_sdpa``), else ``eager``; ``None`` leaves it to transformers.
+
+    Raises:
+        ValueError: an unknown name, or ``sdpa`` for a family that does not support it.
+    """
+    if requested is None:
+        return None
+    if requested not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(
+            f"unknown attention implementation {requested!r}: use {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if requested == "eager":
+        return "eager"
+    cls = _causal_lm_class(config)
+    supported = bool(getattr(cls, "_supports_sdpa", False)) if cls is not None else True
+    if requested == "auto":
+        return "sdpa" if supported else "eager"
+    if not supported:
+        name = cls.__name__ if cls is not None else type(config).__name__
+        raise ValueError(
+            f"attn_implementation=sdpa: {name} ({config.model_type}) has no sdpa attention in "
+            "transformers; use model.attn_implementation=auto or eager"
+        )
+    return "sdpa"
+
+
 def build_model(
     *,
     preset: str | None = None,
@@ -267,7 +310,8 @@ def build_model(
         vocab_size: vocabulary size for a preset (the tokenizer's).
         seed: seed of the random initialisation of a preset.
         trust_remote_code: allow custom modelling code from ``path`` (off unless set).
-        attn_implementation: ``"sdpa"`` or ``"eager"`` (default: transformers' choice).
+        attn_implementation: ``"auto"``, ``"sdpa"`` or ``"eager"`` (see :func:`resolve_attention`;
+            default: transformers' choice).
         config_overrides: config fields to override (e.g. ``rope_theta``, ``rope_scaling``).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
@@ -277,15 +321,15 @@ def build_model(
     overrides = dict(config_overrides or {})
     theta = overrides.pop("rope_theta", None)
     scaling = overrides.pop("rope_scaling", None)
-    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if preset is not None:
         cfg = preset_config(preset, vocab_size=vocab_size, **overrides)
         if scaling is not None:
             set_rope_scaling(cfg, scaling)
         if theta is not None:
             set_rope_theta(cfg, theta)
-        if attn_implementation:
-            cfg._attn_implementation = attn_implementation
+        attn = resolve_attention(cfg, attn_implementation)
+        if attn:
+            cfg._attn_implementation = attn
         # Seeded init on CPU in fp32, then cast: the same seed gives the same model in every dtype.
         # Above LOW_PRECISION_INIT_PARAMS a transient fp32 copy (4 bytes per parameter: 32 GB for
         # an 8B model) would dwarf the training step itself, so large presets are initialised
@@ -311,6 +355,8 @@ def build_model(
         set_rope_scaling(cfg, scaling)
     if theta is not None:
         set_rope_theta(cfg, theta)
+    attn = resolve_attention(cfg, attn_implementation)
+    extra = {"attn_implementation": attn} if attn else {}
     return AutoModelForCausalLM.from_pretrained(
         root,
         config=cfg,

@@ -74,15 +74,6 @@ def _as_override(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but CUDA is not available; use train.device=cpu")
-    return dev
-
-
 def _build_scheduler(opt: torch.optim.Optimizer, cfg: Config, total_steps: int):
     from torch.optim import lr_scheduler as S
 
@@ -160,6 +151,7 @@ class Trainer:
         )
         self.optimizer, self.stepper = self._build_optimizer()
         attach_optimizer(self.optimizer, cfg.dist.strategy)
+        self._sync_optimizer_with_mask()
         self.scheduler = _build_scheduler(self.optimizer, cfg, self.total_steps)
         # Every rank must use rank 0's run directory (its default name is a timestamp).
         self.run_dir, resume_from = run_on_main(self._resolve_run_dir)
@@ -312,10 +304,30 @@ class Trainer:
             self._sync_optimizer_with_mask()
 
     def _sync_optimizer_with_mask(self) -> None:
-        # Fused optimizers hook exactly the trainable tensors; others drop the state of frozen ones.
+        # Fused optimizers hook exactly the trainable tensors and update only the trainable parts
+        # of fused tensors; others drop the state of frozen tensors.
+        if self.hft is None:
+            return
         if hasattr(self.optimizer, "refresh_hooks"):
             self.optimizer.refresh_hooks()
+            whole = {n: None for n, _ in self.model.named_parameters() if n not in self.hft.segments}
+            self.optimizer.set_segments({**whole, **self.hft.segments})
             return
+        if self.hft.segments:
+            from leantune.optim import optimizer_names
+
+            fused = ", ".join(sorted(self.hft.anatomy.fused)) or "fused tensors"
+            twin = f"{self.cfg.optim.name}_in_backward"
+            same = (
+                f"optim.name={twin} (the same optimizer, stepped in backward), "
+                if twin in optimizer_names()
+                else ""
+            )
+            raise ConfigError(
+                f"train.hft on {self.hft.anatomy.family}: {fused} hold several matrices in one tensor, "
+                "and HFT freezes some of them inside the update of an optimizer fused into backward; "
+                f"optim.name={self.cfg.optim.name} updates whole tensors in step(). Use {same}adalomo or lomo"
+            )
         for group in self.optimizer.param_groups:
             for p in group["params"]:
                 if not p.requires_grad:
@@ -519,8 +531,15 @@ class Trainer:
         """One optimizer step over ``accumulation_steps`` micro-batches."""
         losses, tokens, result, lost = [], 0, None, False
         for _ in range(self.cfg.train.accumulation_steps):
-            batch = {k: v.to(self.device) for k, v in self.stream.next_batch().items()}
-            tokens += int(batch["attention_mask"].sum())
+            batch = self.stream.next_batch()
+            n_tokens = int(batch["attention_mask"].sum())  # host tensor: no device sync
+            if n_tokens == batch["attention_mask"].numel():
+                # No padding: without the (all-ones) mask transformers builds none and SDPA takes
+                # its causal path with native grouped-query attention; given the mask, several
+                # families (sliding window, fused qkv) materialise an L x L mask in every layer.
+                del batch["attention_mask"]
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            tokens += n_tokens
             if lost:
                 continue  # this step is already lost; keep the data position exact
             loss = self.train_model(**batch).loss
@@ -529,7 +548,7 @@ class Trainer:
             local = [
                 loss.detach().float(),
                 (~torch.isfinite(loss)).float(),
-                batch["attention_mask"].sum().float(),
+                torch.tensor(float(n_tokens), device=loss.device),
             ]
             stats = all_reduce_sum(torch.stack(local)).tolist()
             losses.append(stats[0] / self.world_size)
@@ -724,13 +743,29 @@ class Trainer:
         m.print(render_config(self.cfg, comments=False).rstrip())
         n_total = count_parameters(self.model)
         n_train = count_parameters(self.model, trainable_only=True)
+        if self.hft is not None:  # fused tensors may train in parts
+            n_train = self.hft.report.trainable
+        attn = (
+            getattr(self.model.config, "_attn_implementation", None)
+            if hasattr(self.model, "config")
+            else None
+        )
+        how = (
+            " (auto: the family has no sdpa)"
+            if self.cfg.model.attn_implementation == "auto" and attn == "eager"
+            else ""
+        )
         m.print(
             f"model: {human_count(n_total)} parameters ({human_count(n_train)} trainable, "
             f"{n_train / max(n_total, 1):.2%}), {self.cfg.model.dtype} on {self.device} | "
-            f"optimizer: {self.cfg.optim.name}"
+            f"attention: {attn}{how} | optimizer: {self.cfg.optim.name}"
         )
         if self.cfg.peft.method != "none":
+            from leantune.adapters import adapter_notes
+
             m.print(f"peft: {self.cfg.peft.method}, {n_train:,} adapter parameters of {n_total:,}")
+            for note in adapter_notes(self.model.get_base_model(), self.cfg.peft):
+                m.print(f"peft: {note}")
         if self.hft is not None:
             from leantune.hft import freeze_summary
 

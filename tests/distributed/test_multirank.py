@@ -322,3 +322,59 @@ def test_fsdp_shards_weights_and_lowers_per_rank_memory(tmp_path):
     assert two["local_param_bytes"] <= 0.51 * single["local_param_bytes"]
     # Measured here: 1140 MiB for one process, 947 MiB per FSDP rank (weights 670 MB -> 335 MB).
     assert two["peak_rss_bytes"] < single["peak_rss_bytes"] - 100 * 2**20
+
+
+USER_LOOP = Path(__file__).with_name("user_loop_worker.py")
+
+
+def run_user_loop(tmp_path: Path, mode: str) -> dict:
+    out = tmp_path / f"{mode}.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        str(USER_LOOP),
+        mode,
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("mode", ["adalomo", "lomo-clip", "adamw-in-backward"])
+def test_a_plain_optimizer_on_a_users_fully_shard_model_equals_one_process(tmp_path, mode):
+    """The user shards the model with fully_shard and builds AdaLomo(model): no leantune trainer and
+    no distributed argument. AdaLomo's row/column statistics and RMS, and LOMO's clipping norm, must
+    be those of the whole tensors (summed over the shards), not of one shard."""
+    from tests.distributed.user_loop_common import STEPS, global_batch, tiny_model
+    from tests.distributed.user_loop_worker_ref import OPTIMIZERS
+
+    report = run_user_loop(tmp_path, mode)
+    assert report["collectives"] == "ShardedCollectives"
+    model = tiny_model()
+    opt = OPTIMIZERS[mode](model)
+    for step in range(STEPS):
+        ids, labels = global_batch(step)
+        opt.backward(model(input_ids=ids, labels=labels).loss)
+    got = load_file(str(tmp_path / f"{mode}.json.safetensors"))
+    assert_weights_close(got, {n: p.detach() for n, p in model.named_parameters()})
+
+
+@pytest.mark.parametrize(
+    ("mode", "message"),
+    [
+        ("ddp", r"cannot run inside DistributedDataParallel.*collectives='replicated'"),
+        (
+            "plain",
+            r"one of 2 ranks and the parameters are plain.*collectives='replicated'.*collectives='local'",
+        ),
+    ],
+)
+def test_ddp_wrapped_or_unchosen_replicated_models_are_refused(tmp_path, mode, message):
+    import re
+
+    error = run_user_loop(tmp_path, mode)["error"]
+    assert error is not None and re.search(message, error, re.S), error

@@ -269,7 +269,7 @@ def test_sharded_tensors_zero_a_nonfinite_gradient_instead_of_skipping_the_updat
     bad = model.model.layers[1].mlp.up_proj.weight
     calls = []
     update = opt._update
-    opt._update = lambda p, view, group, state: (calls.append(p is bad), update(p, view, group, state))[1]
+    opt._update = lambda t, view, group, state: (calls.append(t.key is bad), update(t, view, group, state))[1]
     opt.backward(loss_of(model, batch(0)))
     handle = bad.register_hook(lambda g: g * float("inf"))
     result = opt.backward(loss_of(model, batch(1)))

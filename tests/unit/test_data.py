@@ -201,3 +201,23 @@ def test_batch_stream_resumes_exactly_and_shards_by_rank(tok):
     assert len(r0._epoch_order()) == len(r1._epoch_order()) == 50
     with pytest.raises(ValueError, match="cannot fill one batch"):
         BatchStream(data.train[:3], 8, tok.pad_token_id)
+
+
+def test_a_template_that_writes_bos_gets_one_bos_and_generate_prompts_match_training():
+    """Llama 3's template writes <|begin_of_text|> itself; the tokenizer would add a second one."""
+    from leantune.data import chat_prompt_ids
+    from tests.families import build_tokenizer
+
+    llama3 = build_tokenizer()
+    msgs = [{"role": "user", "content": "add 2+3"}, {"role": "assistant", "content": "5"}]
+    (sample,), _ = encode_records(
+        [{"messages": msgs}], ["f:1"], "chat", llama3, max_length=256, overlong="truncate"
+    )
+    assert sample.input_ids.count(llama3.bos_token_id) == 1 and sample.input_ids[0] == llama3.bos_token_id
+    prompt = chat_prompt_ids(llama3, msgs[:1])
+    assert sample.input_ids[: len(prompt)] == prompt  # generation continues where training's prompt ends
+    assert all(label == IGNORE_INDEX for label in sample.labels[: len(prompt)])
+    # a template without bos (the built-in one): the tokenizer adds it, once
+    byte = build_byte_tokenizer()
+    ids = chat_prompt_ids(byte, msgs[:1])
+    assert ids[0] == byte.bos_token_id and ids.count(byte.bos_token_id) == 1

@@ -291,7 +291,9 @@ def test_hf_config_nested_text_config_and_errors(tmp_path):
     nested = _write_config(tmp_path / "vlm", model_type="llava", text_config=BASE_CONFIG)
     assert ModelShape.from_hf_dir(nested).hidden_size == 64
     broken = _write_config(tmp_path / "broken", model_type="bert", hidden_size=64)
-    with pytest.raises(ValueError, match="intermediate_size"):
+    with pytest.raises(
+        ValueError, match="broken: transformers cannot build a causal LM .bert. from this config"
+    ):
         ModelShape.from_hf_dir(broken)
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")

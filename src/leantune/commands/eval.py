@@ -70,11 +70,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from leantune.data import DataError
-    from leantune.inference import load_for_inference
-    from leantune.trainer import _device
+    from leantune.inference import load_for_inference, resolve_device
 
-    device = _device(args.device)
     try:
+        device = resolve_device(args.device)
         loaded = load_for_inference(args.checkpoint, device=device)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"leantune eval: {err}", file=sys.stderr)

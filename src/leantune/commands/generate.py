@@ -31,15 +31,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from leantune.data import chat_prompt_ids
     from leantune.evaluate import generate_texts
-    from leantune.inference import load_for_inference
-    from leantune.trainer import _device
+    from leantune.inference import load_for_inference, resolve_device
 
     if args.max_new_tokens < 1:
         print("leantune generate: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
     try:
-        loaded = load_for_inference(args.checkpoint, device=_device(args.device))
+        device = resolve_device(args.device)
+        loaded = load_for_inference(args.checkpoint, device=device)
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"leantune generate: {err}", file=sys.stderr)
         return 2
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = []
     for text in args.prompt:
         if args.chat:
-            ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+            ids = chat_prompt_ids(tok, [{"role": "user", "content": text}])
         else:
             if builtin and not text.endswith("\n"):
                 text += "\n"
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         loaded.model,
         tok,
         prompts,
-        device=_device(args.device),
+        device=device,
         max_new_tokens=args.max_new_tokens,
         do_sample=args.sample,
         temperature=args.temperature,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from leantune.data.encode import IGNORE_INDEX, EncodeStats, Sample, encode_records
+from leantune.data.encode import IGNORE_INDEX, EncodeStats, Sample, chat_prompt_ids, encode_records
 from leantune.data.loader import BatchStream, collate, eval_batches
 from leantune.data.records import DataError, detect_format, load_records, validate_records
 from leantune.data.tasks import TASKS, generate_examples
@@ -22,6 +22,7 @@ __all__ = [
     "build_byte_tokenizer",
     "build_datasets",
     "collate",
+    "chat_prompt_ids",
     "encode_records",
     "eval_batches",
     "generate_examples",

@@ -16,7 +16,21 @@ from typing import Any
 
 from leantune.data.records import DataError
 
-__all__ = ["IGNORE_INDEX", "EncodeStats", "Sample", "encode_records"]
+__all__ = ["IGNORE_INDEX", "EncodeStats", "Sample", "chat_prompt_ids", "encode_records"]
+
+
+def _starts_with_bos(tokenizer: Any, text: str) -> bool:
+    # Templates such as Llama 3's write the bos token themselves; the tokenizer must not add another.
+    bos = getattr(tokenizer, "bos_token", None)
+    return bool(bos) and text.startswith(bos)
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of ``messages`` rendered by the tokenizer's chat template with the generation
+    prompt, tokenized exactly as the chat data of a run are (one bos token)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=not _starts_with_bos(tokenizer, text))["input_ids"])
+
 
 IGNORE_INDEX = -100
 
@@ -104,14 +118,15 @@ class _Encoder:
                         f"{loc}: the chat template does not render conversations prefix by prefix"
                     )
                 piece = header[len(done) :]
-                new = self.ids(piece, first=not done) if piece else []
+                first = not done and not _starts_with_bos(self.tok, header)
+                new = self.ids(piece, first=first) if piece else []
                 ids += new
                 labels += [IGNORE_INDEX] * len(new)
                 done = header
             full = render(messages[: i + 1], tokenize=False)
             if not full.startswith(done):
                 raise DataError(f"{loc}: the chat template does not render conversations prefix by prefix")
-            new = self.ids(full[len(done) :], first=not done)
+            new = self.ids(full[len(done) :], first=not done and not _starts_with_bos(self.tok, full))
             ids += new
             labels += new if m["role"] == "assistant" else [IGNORE_INDEX] * len(new)
             done = full

@@ -18,23 +18,19 @@ import torch.distributed as dist
 from torch import nn
 
 from leantune.distributed.collectives import ReplicatedCollectives, ShardedCollectives
-from leantune.optim import FusedOptimizer, InBackward
+from leantune.optim import FusedOptimizer
 
 __all__ = ["apply_fsdp", "broadcast_parameters", "decoder_layers", "wrap_model", "attach_optimizer"]
 
-# Optimizers whose update is elementwise, hence exact on a shard when run by InBackward.
-_ELEMENTWISE = ("AdamW", "Adam", "SGD", "Lion", "Adan")
-
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of a causal LM (``model.model.layers`` for LLaMA-like models)."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    if layers is None:
-        layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
-    if not layers:
-        raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to shard")
-    return list(layers)
+    """The transformer blocks of a causal LM (see :func:`leantune.anatomy.find_blocks`)."""
+    from leantune.anatomy import AnatomyError, find_blocks
+
+    try:
+        return [m for _, m in find_blocks(model)]
+    except AnatomyError as err:
+        raise ValueError(f"dist.strategy=fsdp: {err}") from None
 
 
 def apply_fsdp(
@@ -107,9 +103,4 @@ def attach_optimizer(optimizer: torch.optim.Optimizer, strategy: str) -> None:
     if strategy == "ddp":
         optimizer.collectives = ReplicatedCollectives()
     elif strategy == "fsdp":
-        if isinstance(optimizer, InBackward) and optimizer.optimizer_cls.__name__ not in _ELEMENTWISE:
-            raise ValueError(
-                f"{optimizer.optimizer_cls.__name__} in backward under FSDP would compute its statistics on "
-                f"a shard only; use adalomo, lomo, or one of {', '.join(_ELEMENTWISE)} in backward"
-            )
-        optimizer.collectives = ShardedCollectives()
+        optimizer.collectives = ShardedCollectives()  # InBackward refuses non-elementwise updates

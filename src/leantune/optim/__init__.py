@@ -9,10 +9,17 @@
 
 from leantune.optim.adalomo import AdaLomo, adalomo_update
 from leantune.optim.engine import BackwardResult, FusedOptimizer, GradientView
-from leantune.optim.factory import build_optimizer, is_fused, needs_create_graph, optimizer_names
+from leantune.optim.factory import (
+    build_optimizer,
+    is_elementwise,
+    is_fused,
+    needs_create_graph,
+    optimizer_names,
+)
 from leantune.optim.in_backward import InBackward
 from leantune.optim.lomo import LOMO, lomo_update
 from leantune.optim.precision import LossScaler, WriteBack, stochastic_round
+from leantune.optim.segments import Segment
 from leantune.optim.stepper import Stepper, as_stepper
 
 __all__ = [
@@ -22,12 +29,14 @@ __all__ = [
     "GradientView",
     "InBackward",
     "LOMO",
+    "Segment",
     "LossScaler",
     "Stepper",
     "WriteBack",
     "adalomo_update",
     "as_stepper",
     "build_optimizer",
+    "is_elementwise",
     "is_fused",
     "lomo_update",
     "needs_create_graph",

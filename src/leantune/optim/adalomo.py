@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from leantune.optim.engine import FusedOptimizer, GradientView, ParamsLike, as_rows, check_lr_and_weight_decay
+from leantune.optim.engine import (
+    FusedOptimizer,
+    GradientView,
+    ParamsLike,
+    UpdateTarget,
+    as_rows,
+    check_lr_and_weight_decay,
+)
 from leantune.optim.precision import LossScaler, WriteBack
 
 __all__ = ["AdaLomo", "adalomo_update"]
@@ -232,7 +239,7 @@ class AdaLomo(FusedOptimizer):
         eps: ``(eps1, eps2)``: added to squared gradients; floor of the parameter RMS.
         decay_rate: exponent :math:`c < 0` of the second-moment decay.
         clip_threshold: threshold :math:`d > 0` of the update RMS.
-        clip_grad_norm, clip_grad_value, loss_scale, accumulation_steps, rounding, seed: see
+        clip_grad_norm, clip_grad_value, loss_scale, accumulation_steps, rounding, seed, collectives: see
             :class:`~leantune.optim.engine.FusedOptimizer`.
     """
 
@@ -251,6 +258,7 @@ class AdaLomo(FusedOptimizer):
         accumulation_steps: int = 1,
         rounding: str = "nearest",
         seed: int = 0,
+        collectives: Any = "auto",
     ) -> None:
         check_lr_and_weight_decay(lr, weight_decay)
         if (
@@ -280,11 +288,14 @@ class AdaLomo(FusedOptimizer):
             accumulation_steps=accumulation_steps,
             rounding=rounding,
             seed=seed,
+            collectives=collectives,
         )
 
-    def _update(self, p: Tensor, grad: GradientView, group: dict[str, Any], state: dict[str, Any]) -> None:
+    def _update(
+        self, target: UpdateTarget, grad: GradientView, group: dict[str, Any], state: dict[str, Any]
+    ) -> None:
         adalomo_update(
-            self._local(p),
+            target.tensor,
             grad,
             state,
             lr=group["lr"],
@@ -293,10 +304,10 @@ class AdaLomo(FusedOptimizer):
             decay_rate=group["decay_rate"],
             clip_threshold=group["clip_threshold"],
             writer=self.writer,
-            compensation=self._compensation(p, state),
+            compensation=self._compensation(target.tensor, state),
             chunk_elements=self.chunk_elements,
-            shard_sum=lambda t: self.collectives.shard_sum(p, t),
-            global_shape=p.shape,
+            shard_sum=lambda t: self.collectives.shard_sum(target.tensor, t),
+            global_shape=target.shape,
             workspace=self._workspace,
         )
 
@@ -311,11 +322,11 @@ class AdaLomo(FusedOptimizer):
             self._buffers[device] = bufs
         return bufs
 
-    def _init_param_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        local = as_rows(self._local(p))
+    def _init_param_state(self, target: UpdateTarget, state: dict[str, Any]) -> None:
+        local = as_rows(target.tensor)
         state["step"] = 0
-        if p.dim() >= 2:
+        if len(target.shape) >= 2:
             state["row"] = torch.zeros(local.shape[0], dtype=torch.float32, device=local.device)
             state["col"] = torch.zeros(local.shape[1], dtype=torch.float32, device=local.device)
         else:
-            state["v"] = torch.zeros(self._local(p).shape, dtype=torch.float32, device=local.device)
+            state["v"] = torch.zeros(target.tensor.shape, dtype=torch.float32, device=local.device)

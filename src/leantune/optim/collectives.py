@@ -44,11 +44,15 @@ class Collectives:
         """Added to the stochastic-rounding seed (shards differ per rank; replicas must not)."""
         return 0
 
-    def export_state(self, param: Tensor, key: str, value: Any) -> Any:
-        """Per-parameter state as it should appear in ``state_dict`` (e.g. a DTensor for a shard)."""
+    def export_state(self, param: Tensor, key: str, value: Any, segment: Any = None) -> Any:
+        """Per-parameter state as it should appear in ``state_dict`` (e.g. a DTensor for a shard).
+
+        ``segment`` is the :class:`~leantune.optim.segments.LocalSegment` the state belongs to, or
+        ``None`` for the state of a whole tensor.
+        """
         return value
 
-    def import_state(self, param: Tensor, key: str, value: Any) -> Any:
+    def import_state(self, param: Tensor, key: str, value: Any, segment: Any = None) -> Any:
         """Inverse of :meth:`export_state`: the local tensor the update works on."""
         if hasattr(value, "to_local"):
             return (

@@ -23,8 +23,9 @@ On top of the hooks the engine provides what earlier fused optimizers lacked:
   the ``k``-th call applies one update with the mean gradient.
 * rounding control when writing updates to bf16/fp16 weights (:mod:`leantune.optim.precision`).
 
-Subclasses implement :meth:`FusedOptimizer._update`, which receives a :class:`GradientView` and
-must write the new parameter values.
+Subclasses implement :meth:`FusedOptimizer._update`, which receives an :class:`UpdateTarget` (the
+tensor to write: a whole parameter, its FSDP shard, or a segment of it, see
+:mod:`leantune.optim.segments`) and a :class:`GradientView`, and writes the new values.
 """
 
 from __future__ import annotations
@@ -42,8 +43,17 @@ from torch import Tensor, nn
 
 from leantune.optim.collectives import Collectives
 from leantune.optim.precision import ROUNDING_MODES, LossScaler, WriteBack
+from leantune.optim.segments import LocalSegment, Segment, SegmentState, check_segments, split_segment_key
 
-__all__ = ["BackwardResult", "FusedOptimizer", "GradientView", "ParamsLike", "row_chunks", "as_rows"]
+__all__ = [
+    "BackwardResult",
+    "FusedOptimizer",
+    "GradientView",
+    "ParamsLike",
+    "UpdateTarget",
+    "as_rows",
+    "row_chunks",
+]
 
 ParamsLike = nn.Module | Iterable[Tensor] | Iterable[tuple[str, Tensor]] | Iterable[dict[str, Any]]
 
@@ -74,6 +84,23 @@ class BackwardResult:
     grad_norm: float | None = None
     loss_scale: float | None = None
     zeroed: bool = False
+
+
+@dataclass(frozen=True)
+class UpdateTarget:
+    """What one update writes: a whole parameter (its local shard under FSDP) or a segment of it.
+
+    Attributes:
+        tensor: the tensor to update in place (a view of the parameter, or a gathered copy that
+            the engine writes back after the update).
+        shape: its global shape, across shards: statistics that span the whole tensor are summed
+            over the shards of a tensor of this shape.
+        key: a stable key for per-target objects (the parameter, or ``(parameter, segment name)``).
+    """
+
+    tensor: Tensor
+    shape: torch.Size
+    key: Any
 
 
 class _Phase(Enum):
@@ -163,10 +190,10 @@ class GradientView:
 
     def square_sum(self, max_elements: int) -> Tensor:
         """``sum(g^2)`` of the effective gradient as an fp32 0-d tensor (no host sync)."""
-        total = None
+        ref = self._grad if self._grad is not None else self._acc
+        total = torch.zeros((), dtype=torch.float32, device=ref.device)
         for rows in self.chunks(max_elements):
-            sq = torch.linalg.vector_norm(self.chunk(rows), 2, dtype=torch.float32).square()
-            total = sq if total is None else total + sq
+            total = total + torch.linalg.vector_norm(self.chunk(rows), 2, dtype=torch.float32).square()
         return total
 
     def has_nonfinite(self, max_elements: int) -> bool:
@@ -213,6 +240,34 @@ def _param_groups(params: ParamsLike) -> list[dict[str, Any]] | list[Any]:
     return params
 
 
+def _refuse_wrappers(params: Any) -> None:
+    """Wrappers that reduce gradients themselves would race the in-backward updates."""
+    if not isinstance(params, nn.Module):
+        return
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(params, DistributedDataParallel):
+        raise ValueError(
+            "a fused optimizer cannot run inside DistributedDataParallel: its hooks update each "
+            "parameter as soon as its gradient is complete, possibly before DDP has averaged it over "
+            "the ranks. Build the optimizer on the model itself (ddp.module) with "
+            "collectives='replicated', which averages each gradient inside its hook, and do not wrap "
+            "the model in DDP; or shard it with torch.distributed.fsdp.fully_shard (FSDP2)"
+        )
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # pragma: no cover - torch without distributed
+        return
+    if isinstance(params, FullyShardedDataParallel) or any(
+        getattr(p, "_is_flat_param", False) for p in params.parameters()
+    ):
+        raise ValueError(
+            "a fused optimizer cannot update FSDP1 (FullyShardedDataParallel) flat parameters: shard "
+            "the model with FSDP2 instead (torch.distributed.fsdp.fully_shard on each block and the "
+            "root); the optimizer then finds the shards itself"
+        )
+
+
 def check_lr_and_weight_decay(lr: float, weight_decay: float) -> None:
     """The torch.optim checks (and messages) for the two hyperparameters every fused update has."""
     for name, value in (("learning rate", lr), ("weight_decay value", weight_decay)):
@@ -250,6 +305,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         rounding: how fp32 results are written to bf16/fp16 weights: ``"nearest"``,
             ``"stochastic"`` or ``"kahan"`` (see :mod:`leantune.optim.precision`).
         seed: seed of the stochastic-rounding generator (saved in ``state_dict``).
+        collectives: how updates talk to other ranks. ``"auto"`` (default) reads the context:
+            FSDP2 shards (DTensor parameters) get the sharded collectives, so that statistics
+            spanning a tensor and the clipping norm are those of the whole tensor; one process gets
+            none; a model wrapped in ``DistributedDataParallel`` or FSDP1 is refused (the hooks
+            would race the wrapper's gradient reduction), and plain parameters in a job of several
+            ranks are refused at the first backward until one of these is chosen: ``"replicated"``
+            (average each gradient over the ranks inside its hook: data parallelism without DDP),
+            ``"local"`` (each rank trains on its own), ``"sharded"``, or a
+            :class:`~leantune.optim.collectives.Collectives` instance.
     """
 
     def __init__(
@@ -263,6 +327,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         accumulation_steps: int = 1,
         rounding: str = "nearest",
         seed: int = 0,
+        collectives: str | Collectives = "auto",
     ) -> None:
         _check_positive("clip_grad_norm", clip_grad_norm)
         _check_positive("clip_grad_value", clip_grad_value)
@@ -274,6 +339,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r} (must be an int >= 1)")
         if rounding not in ROUNDING_MODES:
             raise ValueError(f"Invalid rounding: {rounding!r} (choose from {', '.join(ROUNDING_MODES)})")
+        _refuse_wrappers(params)
         super().__init__(_param_groups(params), defaults)
         self.clip_grad_norm = clip_grad_norm
         self.clip_grad_value = clip_grad_value
@@ -283,7 +349,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         self.seed = int(seed)
         self.chunk_elements = DEFAULT_CHUNK_ELEMENTS
         self.writer = WriteBack(rounding, self._generator, lambda: self.seed + self.collectives.seed_offset())
-        self.collectives = Collectives()
+        self._collectives: Collectives = Collectives()
+        self._context_checked = False
+        self.collectives = collectives
         self._generators: dict[str, torch.Generator] = {}
         self._micro_step = 0
         self._phase = _Phase.IDLE
@@ -294,7 +362,56 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._zeroed: dict[torch.device, Tensor] = {}
         self._seen: set[int] = set()
         self._hooks: dict[Tensor, Any] = {}
+        self._segments: dict[Tensor, tuple[Segment, ...]] = {}
+        self._local_segments: dict[Tensor, list[LocalSegment]] = {}
         self.refresh_hooks()
+
+    # -------------------------------------------------------------- scale-out
+    @property
+    def collectives(self) -> Collectives:
+        """How updates talk to other ranks (see the ``collectives`` argument)."""
+        return self._collectives
+
+    @collectives.setter
+    def collectives(self, value: str | Collectives) -> None:
+        if isinstance(value, Collectives):
+            self._collectives, self._context_checked = value, True
+        elif value == "auto":
+            from leantune.distributed.collectives import detect_collectives
+
+            found = detect_collectives(p for p, _ in self._params())
+            self._collectives = found if found is not None else Collectives()
+            # plain tensors: one process, or a multi-rank job that must say what it wants
+            self._context_checked = found is not None
+        else:
+            from leantune.distributed.collectives import named_collectives
+
+            self._collectives, self._context_checked = named_collectives(value), True
+        if getattr(self, "_generators", None):
+            self._generators.clear()  # their seeds depend on the rank's offset
+        self._check_collectives()
+
+    def _check_collectives(self) -> None:
+        """Subclasses: refuse collectives their update cannot honour (raise ``ValueError``)."""
+
+    def _check_context(self) -> None:
+        """At the first backward: the context the optimizer was built in may have changed."""
+        self._context_checked = True
+        from leantune.distributed.collectives import detect_collectives, world_size
+
+        found = detect_collectives(p for p, _ in self._params())
+        if found is not None:
+            self._collectives = found
+            self._check_collectives()
+        elif world_size() > 1:
+            raise RuntimeError(
+                f"{type(self).__name__}: this process is one of {world_size()} ranks and the parameters "
+                "are plain (replicated) tensors, so each rank would update its own copy. Choose: "
+                "collectives='replicated' to average every gradient over the ranks inside its hook "
+                "(data parallelism: do not also wrap the model in DistributedDataParallel), or "
+                "collectives='local' to train each rank on its own; or shard the model with "
+                "torch.distributed.fsdp.fully_shard before building the optimizer"
+            )
 
     # ------------------------------------------------------------------ hooks
     def _params(self) -> Iterator[tuple[Tensor, dict[str, Any]]]:
@@ -345,6 +462,85 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The parameters that have a hook (``requires_grad=True``)."""
         return list(self._hooks)
 
+    def set_segments(self, segments: dict[str | Tensor, Any]) -> None:
+        """Update only these parts of some parameters, each as a tensor of its own.
+
+        Args:
+            segments: parameter (or its name, as in ``model.named_parameters()``) -> a sequence of
+                :class:`~leantune.optim.segments.Segment`, the parts of it that train; an empty
+                sequence or ``None`` makes the whole tensor train again. Parameters not named keep
+                their current setting.
+
+        State of a segment is kept when a segment of the same name and indices is given again; a
+        parameter whose segments change otherwise starts its (other) segments from zero state, as
+        a first update would.
+
+        Raises:
+            ValueError: an unknown parameter name, or segments that overlap or do not fit.
+        """
+        by_name: dict[str, Tensor] = {}
+        for group in self.param_groups:
+            for name, p in zip(group.get("param_names", []), group["params"]):
+                by_name[name] = p
+        ids = {id(p) for p, _ in self._params()}
+        for key, segs in segments.items():
+            if isinstance(key, str):
+                if key not in by_name:
+                    raise ValueError(f"set_segments: no parameter named {key!r} in this optimizer")
+                p = by_name[key]
+            elif id(key) in ids:
+                p = key
+            else:
+                raise ValueError("set_segments: a parameter that this optimizer does not hold")
+            new = tuple(segs or ())
+            if new:
+                check_segments(new, p.shape)
+            old = self._segments.get(p, ())
+            if new == old:
+                continue
+            state = self.state.get(p)
+            if state:
+                kept = {s.name for s in new} & {s.name for s in old if s in new}
+                for k in list(state):
+                    seg, _ = split_segment_key(k) if isinstance(k, str) else (None, k)
+                    if seg is None or seg not in kept:
+                        del state[k]
+            if new:
+                self._segments[p] = new
+            else:
+                self._segments.pop(p, None)
+            self._local_segments.pop(p, None)
+
+    def segments(self, p: Tensor) -> tuple[Segment, ...]:
+        """The segments of ``p`` (empty: the whole tensor trains)."""
+        return self._segments.get(p, ())
+
+    def _local_segs(self, p: Tensor) -> list[LocalSegment] | None:
+        segs = self._segments.get(p)
+        if segs is None:
+            return None
+        local = self._local_segments.get(p)
+        if local is None:
+            local = [LocalSegment(s, p) for s in segs]
+            self._local_segments[p] = local
+        return local
+
+    def _targets(self, p: Tensor) -> Iterator[tuple[LocalSegment | None, dict[str, Any] | SegmentState]]:
+        """(segment, its state) for each part of ``p`` that is updated on its own."""
+        local = self._local_segs(p)
+        if local is None:
+            yield None, self.state[p]
+            return
+        state = self.state[p]
+        for seg in local:
+            yield seg, SegmentState(state, seg.segment.name)
+
+    def _target(self, p: Tensor, seg: LocalSegment | None) -> UpdateTarget:
+        local = self._local(p)
+        if seg is None:
+            return UpdateTarget(local, p.shape, p)
+        return UpdateTarget(seg.read(local), seg.global_shape, (p, seg.segment.name))
+
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         gen = self._generators.get(key)
@@ -370,11 +566,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "optimizers update inside backward: call opt.backward(loss) instead of "
                 "loss.backward(), or opt.remove_hooks() to detach the optimizer."
             )
-        grad = self._local(p.grad)
+        full = self._local(p.grad)
         p.grad = None  # the gradient is ours now and dies with this call
-        if grad is None:
+        if full is None:
             return
-        state = self.state[p]
+        if self._phase is not _Phase.ACCUMULATE:
+            self._seen.add(id(p))
+        for seg, state in self._targets(p):
+            grad = full if seg is None else seg.read(full)
+            self._on_target(p, seg, grad, state)
+            del grad
+
+    def _on_target(
+        self, p: Tensor, seg: LocalSegment | None, grad: Tensor, state: dict[str, Any] | SegmentState
+    ) -> None:
         if self._phase is _Phase.ACCUMULATE:
             # Micro-batches accumulate locally; ranks are synchronised once, at the update.
             acc = state.get("grad_acc")
@@ -383,7 +588,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 acc.add_(grad, alpha=self._inv_scale)
             return
-        self._seen.add(id(p))
         measuring = self._phase is _Phase.MEASURE
         acc = state.get("grad_acc") if measuring else state.pop("grad_acc", None)
         view = self._view(grad, acc, clip_coef=1.0 if measuring else self._clip_coef)
@@ -391,9 +595,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if measuring:
             self._add_square_sum(view.square_sum(self.chunk_elements))
             return
-        self._apply(p, view)
+        self._apply(p, seg, view, state)
 
-    def _apply(self, p: Tensor, view: GradientView) -> None:
+    def _apply(
+        self, p: Tensor, seg: LocalSegment | None, view: GradientView, state: dict[str, Any] | SegmentState
+    ) -> None:
         """Update ``p``. Without a measuring pass nothing has checked the gradient yet. On the CPU,
         where reading a flag costs nothing, a parameter whose gradient holds an inf/nan is not
         updated at all (one read-only pass over the gradient); on accelerators, where a per-tensor
@@ -412,7 +618,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                     bad = view.zero_unless_finite(self.chunk_elements)
                     current = self._zeroed.get(bad.device)
                     self._zeroed[bad.device] = bad if current is None else current | bad
-            self._update(p, view, self._group_of[p], self.state[p])
+            target = self._target(p, seg)
+            self._update(target, view, self._group_of[p], state)
+            if seg is not None:
+                seg.write(self._local(p), target.tensor)
 
     def _any_zeroed(self) -> bool:
         """Whether any rank zeroed a non-finite gradient this step (the one host sync per step)."""
@@ -439,9 +648,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         current = self._square_sums.get(sq.device)
         self._square_sums[sq.device] = sq if current is None else current + sq
 
-    def _unseen_accumulated(self) -> list[Tensor]:
-        # Parameters that received gradients in earlier micro-batches but not in this one.
-        return [p for p in self._hooks if "grad_acc" in self.state.get(p, {}) and id(p) not in self._seen]
+    def _unseen_accumulated(self) -> list[tuple[Tensor, LocalSegment | None, Any]]:
+        # Parts of parameters that received gradients in earlier micro-batches but not in this one.
+        out = []
+        for p in self._hooks:
+            if id(p) in self._seen or not self.state.get(p):
+                continue
+            out.extend((p, seg, state) for seg, state in self._targets(p) if "grad_acc" in state)
+        return out
 
     def _global_square_sum(self) -> Tensor:
         sums = list(self._square_sums.values())
@@ -466,6 +680,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise RuntimeError("opt.backward() is not re-entrant")
         if loss.dim() != 0:
             raise ValueError(f"loss must be a scalar, got shape {tuple(loss.shape)}")
+        if not self._context_checked:
+            self._check_context()
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         scale_reported = self.loss_scaler.scale if self.loss_scaler is not None else None
         factor = scale / self.accumulation_steps
@@ -488,8 +704,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._square_sums.clear()
             with self._in_phase(_Phase.MEASURE):
                 scaled.backward(retain_graph=True)
-            for p in self._unseen_accumulated():
-                view = self._view(None, self.state[p]["grad_acc"], clip_coef=1.0)
+            for _, _, state in self._unseen_accumulated():
+                view = self._view(None, state["grad_acc"], clip_coef=1.0)
                 self._add_square_sum(view.square_sum(self.chunk_elements))
             grad_norm = math.sqrt(self._global_square_sum().item())  # the one host sync per step
             self._square_sums.clear()
@@ -507,11 +723,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         try:
             with self._in_phase(_Phase.UPDATE):
                 scaled.backward(retain_graph=retain_graph)
-                for p in self._unseen_accumulated():
-                    self._apply(p, self._view(None, self.state[p].pop("grad_acc"), clip_coef=self._clip_coef))
+                for p, seg, state in self._unseen_accumulated():
+                    view = self._view(None, state.pop("grad_acc"), clip_coef=self._clip_coef)
+                    self._apply(p, seg, view, state)
         finally:
             self._guard = False
         zeroed = not measure and self._any_zeroed()
+        if not self._seen and self._hooks:
+            raise RuntimeError(
+                f"{type(self).__name__}: none of its {len(self._hooks)} trainable parameters received a "
+                "gradient in this backward. Was the model wrapped or sharded (fully_shard, peft, ...) "
+                "after the optimizer was built? Those replace the parameters: build the optimizer on "
+                "the wrapped model."
+            )
         self._seen.clear()
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False)
@@ -521,8 +745,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _drop_accumulation(self) -> None:
         for p in self._hooks:
             st = self.state.get(p)
-            if st is not None:
-                st.pop("grad_acc", None)
+            if st:
+                for k in [k for k in st if isinstance(k, str) and split_segment_key(k)[1] == "grad_acc"]:
+                    del st[k]
 
     # ------------------------------------------------- torch.optim interface
     @torch.no_grad()
@@ -551,7 +776,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         params = [p for p, _ in self._params()]
         sd["state"] = {
-            pid: {k: self.collectives.export_state(params[pid], k, v) for k, v in st.items()}
+            pid: {
+                k: self.collectives.export_state(params[pid], k, v, self._segment_of(params[pid], k))
+                for k, v in st.items()
+            }
             for pid, st in sd["state"].items()
         }
         sd["leantune"] = self.engine_state_dict()
@@ -582,7 +810,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             for key, value in saved.items():
                 if isinstance(value, Tensor):
-                    local = self.collectives.import_state(p, key, value)
+                    local = self.collectives.import_state(p, key, value, self._segment_of(p, key))
                     self.state[p][key] = local.to(device=self._local(p).device, copy=True)
         if extra is not None:
             self.load_engine_state_dict(extra)
@@ -600,6 +828,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         for dev, gen_state in extra["generators"].items():
             self._generator(torch.device(dev)).set_state(gen_state)
 
+    def _segment_of(self, p: Tensor, key: Any) -> LocalSegment | None:
+        name = split_segment_key(key)[0] if isinstance(key, str) else None
+        if name is None:
+            return None
+        for seg in self._local_segs(p) or ():
+            if seg.segment.name == name:
+                return seg
+        raise KeyError(f"optimizer state {key!r} names a segment this parameter does not have")
+
     def init_state(self) -> None:
         """Create the (zero) state of every trainable parameter now instead of at its first update.
 
@@ -607,13 +844,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``torch.distributed.checkpoint`` need the state's structure before they can fill it.
         """
         for p in self._hooks:
-            state = self.state[p]
-            if not state:
-                self._compensation(p, state)
-                self._init_param_state(p, state)
+            for seg, state in self._targets(p):
+                if not state:
+                    target = self._target(p, seg)
+                    self._compensation(target.tensor, state)
+                    self._init_param_state(target, state)
 
-    def _init_param_state(self, p: Tensor, state: dict[str, Any]) -> None:
-        """Subclasses: create the zero state of ``p`` (see :meth:`init_state`)."""
+    def _init_param_state(self, target: UpdateTarget, state: dict[str, Any]) -> None:
+        """Subclasses: create the zero state of ``target`` (see :meth:`init_state`)."""
 
     def _after_load(self) -> None:
         """Hook for subclasses that keep references into ``self.state``."""
@@ -625,9 +863,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             return t.to_local()
         return t
 
-    def _compensation(self, p: Tensor, state: dict[str, Any]) -> Tensor | None:
-        """The Kahan buffer of ``p`` (created on first use), or ``None`` if not needed."""
-        local = self._local(p)
+    def _compensation(self, local: Tensor, state: dict[str, Any]) -> Tensor | None:
+        """The Kahan buffer of the (local) tensor being updated (created on first use), or ``None``
+        if not needed."""
         if not self.writer.needs_compensation(local):
             return None
         comp = state.get("kahan")
@@ -636,7 +874,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["kahan"] = comp
         return comp
 
-    def _update(self, p: Tensor, grad: GradientView, group: dict[str, Any], state: dict[str, Any]) -> None:
+    def _update(
+        self, target: UpdateTarget, grad: GradientView, group: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        """Subclasses: update ``target.tensor`` in place from ``grad``."""
         raise NotImplementedError
 
 

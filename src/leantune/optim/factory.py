@@ -14,7 +14,7 @@ from leantune.optim.engine import FusedOptimizer, ParamsLike
 from leantune.optim.in_backward import InBackward
 from leantune.optim.lomo import LOMO
 
-__all__ = ["build_optimizer", "optimizer_names", "is_fused", "ENGINE_KWARGS"]
+__all__ = ["build_optimizer", "optimizer_names", "is_elementwise", "is_fused", "ENGINE_KWARGS"]
 
 # Options handled by the fused engine (or by leantune.optim.Stepper for ordinary optimizers).
 ENGINE_KWARGS = ("clip_grad_norm", "clip_grad_value", "loss_scale", "accumulation_steps", "rounding", "seed")
@@ -71,6 +71,18 @@ def is_fused(name: str) -> bool:
     """Whether the optimizer called ``name`` updates inside backward (has ``.backward(loss)``)."""
     base, in_backward = _resolve(name)
     return in_backward or base in ("adalomo", "lomo")
+
+
+# Updates that are elementwise given the (full-size) gradient: exact on any shard of a tensor.
+_ELEMENTWISE = ("lomo", "adamw", "sgd", "lion", "adan")
+
+
+def is_elementwise(name: str) -> bool:
+    """Whether each element's update depends only on that element (and its own state): such an
+    update is the same on a shard as on the whole tensor. AdaLomo is not (row/column statistics),
+    but leantune sums those over the shards itself."""
+    base, _ = _resolve(name)
+    return base in _ELEMENTWISE
 
 
 def needs_create_graph(name: str) -> bool:

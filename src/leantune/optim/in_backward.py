@@ -7,12 +7,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from leantune.optim.engine import FusedOptimizer, GradientView, ParamsLike
+from leantune.optim.engine import FusedOptimizer, GradientView, ParamsLike, UpdateTarget
 from leantune.optim.precision import LossScaler
 
 __all__ = ["InBackward"]
 
 _STRUCTURAL_KEYS = ("params", "param_names")
+# torch.optim / pytorch_optimizer classes whose update is elementwise: exact on a shard.
+_ELEMENTWISE = ("AdamW", "Adam", "SGD", "Lion", "Adan")
 
 
 class InBackward(FusedOptimizer):
@@ -36,7 +38,7 @@ class InBackward(FusedOptimizer):
         optimizer_cls: a ``torch.optim.Optimizer`` subclass that updates each parameter
             independently (not e.g. LBFGS).
         params: a model or an iterable of parameters / ``(name, parameter)`` pairs / param groups.
-        clip_grad_norm, clip_grad_value, loss_scale, accumulation_steps, rounding, seed: see
+        clip_grad_norm, clip_grad_value, loss_scale, accumulation_steps, rounding, seed, collectives: see
             :class:`~leantune.optim.engine.FusedOptimizer`.
         **optimizer_kwargs: hyperparameters of ``optimizer_cls`` (validated by it).
 
@@ -56,6 +58,7 @@ class InBackward(FusedOptimizer):
         accumulation_steps: int = 1,
         rounding: str = "nearest",
         seed: int = 0,
+        collectives: Any = "auto",
         **optimizer_kwargs: Any,
     ) -> None:
         if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)):
@@ -67,7 +70,8 @@ class InBackward(FusedOptimizer):
         defaults = {k: v for k, v in probe.defaults.items() if k not in _STRUCTURAL_KEYS}
         self.optimizer_cls = optimizer_cls
         self.optimizer_kwargs = dict(optimizer_kwargs)
-        self._inner: dict[Tensor, tuple[torch.optim.Optimizer, Tensor]] = {}
+        # one inner optimizer per parameter (or per segment of one), with a handle it steps
+        self._inner: dict[Any, tuple[torch.optim.Optimizer, Tensor]] = {}
         super().__init__(
             params,
             defaults,
@@ -77,31 +81,40 @@ class InBackward(FusedOptimizer):
             accumulation_steps=accumulation_steps,
             rounding=rounding,
             seed=seed,
+            collectives=collectives,
         )
+
+    def _check_collectives(self) -> None:
+        if self.collectives.sharded and self.optimizer_cls.__name__ not in _ELEMENTWISE:
+            raise ValueError(
+                f"{self.optimizer_cls.__name__} in backward on FSDP2 shards would compute its statistics "
+                f"on one shard of each tensor; use AdaLomo, LOMO, or one of {', '.join(_ELEMENTWISE)} "
+                "in backward (elementwise updates are exact on a shard)"
+            )
 
     def __repr__(self) -> str:
         return f"InBackward({self.optimizer_cls.__name__}, {self.defaults})"
 
-    def _inner_for(self, p: Tensor, state: dict[str, Any]) -> tuple[torch.optim.Optimizer, Tensor]:
-        entry = self._inner.get(p)
+    def _inner_for(self, target: UpdateTarget, state: dict[str, Any]) -> tuple[torch.optim.Optimizer, Tensor]:
+        entry = self._inner.get(target.key)
         if entry is None:
             # ``handle`` is a stable leaf the inner optimizer owns; before each step its ``.data``
             # is pointed at the parameter's (local) storage, or at an fp32 copy of it.
-            handle = torch.empty(0, dtype=torch.float32, device=self._local(p).device)
+            handle = torch.empty(0, dtype=torch.float32, device=target.tensor.device)
             inner = self.optimizer_cls([handle], **self.optimizer_kwargs)
             inner.state[handle] = state
             entry = (inner, handle)
-            self._inner[p] = entry
+            self._inner[target.key] = entry
         elif entry[0].state[entry[1]] is not state:
             # The parameter was frozen (its state dropped) and is trainable again: start afresh.
             entry[0].state[entry[1]] = state
         return entry
 
-    def _init_param_state(self, p: Tensor, state: dict[str, Any]) -> None:
+    def _init_param_state(self, target: UpdateTarget, state: dict[str, Any]) -> None:
         # torch optimizers create their state inside step(): run one step with a zero gradient and
         # lr = 0 on a throw-away copy of the parameter, then reset the step counter.
-        inner, handle = self._inner_for(p, state)
-        local = self._local(p)
+        inner, handle = self._inner_for(target, state)
+        local = target.tensor
         handle.data = local.detach().to(self._work_dtype(local), copy=True)
         handle.grad = torch.zeros_like(handle.data)
         group = inner.param_groups[0]
@@ -119,12 +132,14 @@ class InBackward(FusedOptimizer):
         return local.dtype if exact else torch.float32
 
     def _after_load(self) -> None:
-        for p, (inner, handle) in self._inner.items():
-            inner.state[handle] = self.state[p]
+        # The inner optimizers' states must be the (new) objects in self.state.
+        self._inner.clear()
 
-    def _update(self, p: Tensor, grad: GradientView, group: dict[str, Any], state: dict[str, Any]) -> None:
-        local = self._local(p)
-        inner, handle = self._inner_for(p, state)
+    def _update(
+        self, target: UpdateTarget, grad: GradientView, group: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        local = target.tensor
+        inner, handle = self._inner_for(target, state)
         inner_group = inner.param_groups[0]
         for key, value in group.items():
             if key not in _STRUCTURAL_KEYS:
@@ -139,6 +154,6 @@ class InBackward(FusedOptimizer):
             handle.grad = g
             inner.step()
             # The update already happened on the fp32 copy; round it back into the parameter.
-            self.writer.apply(local, lambda w: w.copy_(handle.data), self._compensation(p, state))
+            self.writer.apply(local, lambda w: w.copy_(handle.data), self._compensation(local, state))
         handle.grad = None
         handle.data = torch.empty(0, dtype=handle.dtype, device=handle.device)

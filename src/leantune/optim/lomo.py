@@ -6,7 +6,14 @@ from typing import Any
 
 from torch import Tensor
 
-from leantune.optim.engine import FusedOptimizer, GradientView, ParamsLike, as_rows, check_lr_and_weight_decay
+from leantune.optim.engine import (
+    FusedOptimizer,
+    GradientView,
+    ParamsLike,
+    UpdateTarget,
+    as_rows,
+    check_lr_and_weight_decay,
+)
 from leantune.optim.precision import LossScaler, WriteBack
 
 __all__ = ["LOMO", "lomo_update"]
@@ -71,6 +78,9 @@ class LOMO(FusedOptimizer):
         accumulation_steps: ``opt.backward`` calls per update.
         rounding: ``"nearest"``, ``"stochastic"`` or ``"kahan"`` write-back for bf16/fp16 weights.
         seed: seed of the stochastic-rounding generator.
+        collectives: ``"auto"`` (finds FSDP2 shards; refuses DDP/FSDP1 wrappers), ``"replicated"``,
+            ``"local"``, ``"sharded"`` or a Collectives instance: see
+            :class:`~leantune.optim.engine.FusedOptimizer`.
 
     Example:
         >>> opt = LOMO(model, lr=1e-2, clip_grad_norm=1.0)
@@ -89,6 +99,7 @@ class LOMO(FusedOptimizer):
         accumulation_steps: int = 1,
         rounding: str = "nearest",
         seed: int = 0,
+        collectives: Any = "auto",
     ) -> None:
         check_lr_and_weight_decay(lr, weight_decay)
         super().__init__(
@@ -100,15 +111,18 @@ class LOMO(FusedOptimizer):
             accumulation_steps=accumulation_steps,
             rounding=rounding,
             seed=seed,
+            collectives=collectives,
         )
 
-    def _update(self, p: Tensor, grad: GradientView, group: dict[str, Any], state: dict[str, Any]) -> None:
+    def _update(
+        self, target: UpdateTarget, grad: GradientView, group: dict[str, Any], state: dict[str, Any]
+    ) -> None:
         lomo_update(
-            self._local(p),
+            target.tensor,
             grad,
             lr=group["lr"],
             weight_decay=group["weight_decay"],
             writer=self.writer,
-            compensation=self._compensation(p, state),
+            compensation=self._compensation(target.tensor, state),
             chunk_elements=self.chunk_elements,
         )
