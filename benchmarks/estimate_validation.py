@@ -144,13 +144,25 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         overrides["num_key_value_heads"] = cfg["kv_heads"]
     if cfg.get("tied") is not None:
         overrides["tie_word_embeddings"] = cfg["tied"]
-    model = build_model(
-        preset=cfg["preset"],
-        dtype=dtype,
-        vocab_size=cfg.get("vocab"),
-        attn_implementation="sdpa",
-        config_overrides=overrides,
-    )
+    if cfg.get("hf_config"):  # a family's config.json (benchmarks/estimate_families.py)
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from leantune.models import resolve_attention
+
+        fields = dict(cfg["hf_config"])
+        hf = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(
+            hf, attn_implementation=resolve_attention(hf, "auto"), dtype=dtype
+        )
+    else:
+        model = build_model(
+            preset=cfg["preset"],
+            dtype=dtype,
+            vocab_size=cfg.get("vocab"),
+            attn_implementation="sdpa",
+            config_overrides=overrides,
+        )
     model.config.use_cache = False
     model.train()
     if cfg["ckpt"]:
