@@ -115,6 +115,13 @@ def block_units(anatomy: Anatomy) -> list[BlockUnits]:
     Raises:
         HftError: a block has no attention matrices or no feed-forward matrices.
     """
+    unknown = [rel for rel, how in anatomy.fused.items() if "not recognised" in how]
+    if unknown:
+        raise HftError(
+            f"train.hft on {anatomy.family}: {', '.join(unknown)} holds gate and up projections in one "
+            "tensor in a layout leantune does not recognise, so half of the feed-forward matrices "
+            "cannot be chosen; train it fully (train.hft=false) or with peft.method=lora"
+        )
     out = []
     for b in anatomy.blocks:
         if not b.attention or not any(b.ffn):

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,58 @@ def test_fsdp_on_two_ranks_equals_one_rank(family_dirs, packed_text, tmp_path, f
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    [("gpt2", ["peft.method=ia3"]), ("falcon", ["peft.method=ia3"]), ("phi3", ["peft.use_dora=true"]),
+     ("gpt_neox", ["peft.use_dora=true"]), ("mixtral", ["peft.method=ia3"])],
+    ids=["gpt2-ia3", "falcon-ia3", "phi3-dora", "gpt_neox-dora", "mixtral-ia3"],
+)  # fmt: skip
+def test_ia3_and_dora_on_other_layouts(family_dirs, tmp_path, family, method):
+    dirs, data = family_dirs
+    extra = method if method != ["peft.use_dora=true"] else ["peft.method=lora", *method]
+    log = run_cli(["train", *common(dirs[family], data, tmp_path, "a"), *extra])
+    assert (tmp_path / "a" / "final" / "adapter_model.safetensors").is_file()
+    if family == "mixtral":
+        assert "ia3 scales nn.Linear layers only: the experts' 3-D tensors are not adapted" in log
+
+
+def test_dora_on_moe_experts_is_refused_with_the_way_out(family_dirs, tmp_path):
+    dirs, data = family_dirs
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(buf):
+        code = main(
+            ["train", *common(dirs["mixtral"], data, tmp_path, "d"), "peft.method=lora", "peft.use_dora=true"]
+        )
+    assert code == 2
+    want = r"peft\.use_dora=true on mixtral: peft has no DoRA .*peft\.target_modules=\[q_proj,v_proj\]"
+    assert re.search(want, buf.getvalue()), buf.getvalue()
+    assert not (tmp_path / "d" / "final").exists()
+
+
+def test_hft_on_fused_tensors_resumes_exactly(family_dirs, tmp_path):
+    """Interrupted after 3 of 6 steps and resumed: the mask, the segments' AdaLomo state (with a
+    redraw per epoch) and the weights equal an uninterrupted run bitwise."""
+    import signal
+
+    from leantune.config import load_config
+    from leantune.trainer import Trainer
+
+    class StopAt(Trainer):
+        def train_step(self):
+            out = super().train_step()
+            if self.step + 1 == 3:
+                self._stop_signal = signal.SIGTERM
+            return out
+
+    dirs, data = family_dirs
+    args = [*common(dirs["phi3"], data, tmp_path, "r"), "train.hft=true", "train.hft_redraw=epoch",
+            "train.max_steps=6", "train.batch_size=8", "eval.accuracy_samples=0", "log.every=1"]  # fmt: skip
+    full = Trainer(load_config(None, [*args, "train.run_name=full"])).run()
+    assert StopAt(load_config(None, args)).run().interrupted
+    resumed = Trainer(load_config(None, [*args, "train.resume=auto"])).run()
+    a, b = (load_file(str(s.final_dir / "model.safetensors")) for s in (full, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ha, hb = (json.loads((s.final_dir / hft.STATE_FILE).read_text())["history"] for s in (full, resumed))
+    assert ha == hb and any(h["frozen_parts"] for h in ha) and len(ha) >= 2  # redrawn per epoch

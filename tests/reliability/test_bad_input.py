@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from leantune.cli import main
 from tests.reliability.common import TINY
@@ -135,7 +136,33 @@ CASES = {
         lambda tmp: [f"train.resume={tmp / 'nope'}"],
         r"train\.resume: .*nope is not a directory",
     ),
+    # devices: refused by the config, before any model, data or worker (also under dist.nproc)
+    "not a device": (lambda tmp: ["train.device=banana"], r"train\.device='banana' is not a device"),
+    "a device leantune does not train on": (
+        lambda tmp: ["train.device=mps"],
+        r"train\.device=mps: leantune trains on cpu or cuda",
+    ),
+    "factored optimizer in backward under fsdp": (
+        lambda tmp: ["optim.name=adafactor_in_backward", "dist.strategy=fsdp"],
+        r"optim\.name=adafactor_in_backward under dist\.strategy=fsdp would compute its statistics on one "
+        r"shard .*adamw_in_backward",
+    ),
 }
+if not torch.cuda.is_available():
+    CASES |= {
+        "cuda without CUDA": (
+            lambda tmp: ["train.device=cuda"],
+            r"train\.device=cuda but CUDA is not available here; use train\.device=cpu",
+        ),
+        "cuda without CUDA, before torchrun starts": (
+            lambda tmp: ["train.device=cuda", "dist.strategy=fsdp", "dist.nproc=2"],
+            r"train\.device=cuda but CUDA is not available here",
+        ),
+        "cpu offload on the CPU, before torchrun starts": (
+            lambda tmp: ["dist.strategy=fsdp", "dist.cpu_offload=true", "dist.nproc=2"],
+            r"dist\.cpu_offload=true needs CUDA .*set dist\.cpu_offload=false",
+        ),
+    }
 
 
 @pytest.mark.parametrize("case", list(CASES))

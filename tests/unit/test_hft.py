@@ -441,3 +441,19 @@ def test_hft_freezes_parts_of_fused_tensors_in_every_layout(family):
         s.shape(model.get_parameter(n).shape).numel() for n, segs in report.segments.items() for s in segs
     )
     assert 0.3 < report.fraction < 0.7 and trained > 0
+
+
+def test_a_fused_gate_up_in_an_unknown_layout_is_refused(monkeypatch):
+    """Gate row i paired with up row I-1-i: neither [gate; up] nor interleaved. HFT cannot choose
+    half of the matrices then, and says so (instead of freezing the tensor as one unit)."""
+    from transformers.models.phi3 import modeling_phi3
+
+    def forward(self, hidden_states):
+        gate, up = self.gate_up_proj(hidden_states).chunk(2, dim=-1)
+        return self.down_proj(up.flip(-1) * self.activation_fn(gate))
+
+    monkeypatch.setattr(modeling_phi3.Phi3MLP, "forward", forward)
+    model = tiny_model("phi3", vocab_size=64)
+    assert model_anatomy(model).fused["mlp.gate_up_proj"] == "gate/up layout not recognised: one unit"
+    with pytest.raises(hft.HftError, match=r"train\.hft on phi3: mlp\.gate_up_proj holds gate and up .* peft"):
+        hft.HftTracker(model, seed=0)

@@ -11,6 +11,11 @@ examples:
   leantune estimate --model 8b --optim adalomo --seq 512 --dtype bf16 --grad-checkpointing
   leantune estimate --model 0.37b --optim adamw --seq 1024 --dtype mixed --budget 24GiB
   leantune estimate --model ./my-llama --optim lomo --seq 2048 --world-size 8 --strategy fsdp --json
+  leantune estimate --model ./mixtral-8x7b --optim adalomo --seq 4096 --dtype bf16 --device cuda
+
+A model directory of any family transformers knows (GPT-2, Phi-3, Mixtral, DeepSeek-V3, ...) is
+read from its config.json: its own modelling code runs on fake tensors (no weights, no memory) to
+count its parameters and what every layer saves for backward. Presets use the LLaMA formulas.
 
 The estimate is the peak of one step: CPU resident memory (validated against measurement, see
 benchmarks/results/estimate_validation.md) or, with --device cuda, device memory (modelled, with
