@@ -77,12 +77,48 @@ class AdapterError(ValueError):
     """An adapter cannot be built, saved, loaded or merged (the message says why)."""
 
 
-def _linear_leaf_names(model: nn.Module) -> list[str]:
+def _ia3_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """IA3 ``target_modules`` and ``feedforward_modules`` for [all-linear]: every linear layer
+    (``nn.Linear`` or GPT-2's ``Conv1D``) but the head, by last name component, or by its path in
+    the block where that name is used twice (GPT-2's attention and MLP ``c_proj``); the
+    feed-forward ones are the layers that project the MLP back to the hidden size (down_proj,
+    fc2, ...), whose input IA3 scales."""
+    from leantune.anatomy import _dims, _is_projection, find_blocks
+
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    names = {
-        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head
+    try:
+        blocks = find_blocks(model)
+    except AnatomyError:
+        blocks = []
+    in_blocks: dict[str, str] = {}  # full name -> path in its block
+    for bname, block in blocks:
+        for rel, m in block.named_modules():
+            if rel and _is_projection(m):
+                in_blocks[f"{bname}.{rel}"] = rel
+    linear = [(n, m) for n, m in model.named_modules() if _is_projection(m) and m is not head]
+    leaves: dict[str, set[str]] = {}
+    for n, _ in linear:
+        leaves.setdefault(n.rsplit(".", 1)[-1], set()).add(in_blocks.get(n, n))
+    name = {
+        n: (n.rsplit(".", 1)[-1] if len(leaves[n.rsplit(".", 1)[-1]]) == 1 else in_blocks.get(n, n))
+        for n, _ in linear
     }
-    return sorted(names)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    ff: set[str] = set()
+    try:
+        groups = [g for b in model_anatomy(model, probe=False).blocks for g in b.ffn]
+    except AnatomyError:
+        groups = []
+    modules = dict(model.named_modules())
+    for group in groups:
+        # the layer back to the hidden size; with I == hidden, the last one of the group
+        layers = [u.pieces[0].param.rsplit(".", 1)[0] for u in group if u.pieces[0].param.endswith("weight")]
+        layers = [n for n in dict.fromkeys(layers) if n in name]
+        down = [n for n in layers if _dims(modules[n])[0] == hidden]
+        narrow = [n for n in down if _dims(modules[n])[1] != hidden]
+        if down:
+            ff.add(name[(narrow or down)[-1]])
+    return sorted(set(name.values())), sorted(ff)
 
 
 def moe_parameter_targets(model: nn.Module) -> list[str]:
@@ -188,10 +224,11 @@ def build_peft_config(cfg: PeftConfig, model: nn.Module | None = None, optimizer
                 # the linear layers are named here, by their last name component.
                 if model is None:
                     raise AdapterError("IA3 with target_modules [all-linear] needs the model")
-                target = _linear_leaf_names(model)
-            # peft scales the *input* of "feed-forward" modules and the output of the others; as
-            # peft's LLaMA default, down_proj is the feed-forward one.
-            ff = [m for m in ("down_proj",) if m in target]
+                target, ff = _ia3_targets(model)
+            else:
+                # peft scales the *input* of "feed-forward" modules and the output of the others; as
+                # peft's LLaMA default, down_proj is the feed-forward one.
+                ff = [m for m in ("down_proj",) if m in target]
             return peft.IA3Config(task_type=task, target_modules=target, feedforward_modules=ff)
         case "prefix":
             return peft.PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.num_virtual_tokens)

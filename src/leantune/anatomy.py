@@ -39,6 +39,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from leantune.optim.segments import Index, index_size, index_tensor
+from leantune.optim.segments import compress_index as _compress
+
 __all__ = [
     "Anatomy",
     "AnatomyError",
@@ -52,38 +55,9 @@ __all__ = [
     "model_anatomy",
 ]
 
-Index = tuple[range, ...]
-"""A set of indices as disjoint ranges (possibly strided), in increasing order."""
-
 
 class AnatomyError(ValueError):
     """The model's structure is not one leantune can read (the message names what is missing)."""
-
-
-def index_size(index: Index | None, full: int) -> int:
-    return full if index is None else sum(len(r) for r in index)
-
-
-def index_tensor(index: Index, device: torch.device | None = None) -> Tensor:
-    """The indices of ``index`` as a LongTensor."""
-    return torch.cat([torch.arange(r.start, r.stop, r.step, device=device) for r in index])
-
-
-def _compress(indices: Sequence[int]) -> Index:
-    """Sorted integers as maximal runs of unit stride (strided runs are kept as found)."""
-    out: list[range] = []
-    start = prev = None
-    for i in indices:
-        if start is None:
-            start = prev = i
-        elif i == prev + 1:
-            prev = i
-        else:
-            out.append(range(start, prev + 1))
-            start = prev = i
-    if start is not None:
-        out.append(range(start, prev + 1))
-    return tuple(out)
 
 
 @dataclass(frozen=True)

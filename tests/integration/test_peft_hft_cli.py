@@ -160,9 +160,9 @@ def test_hft_freezes_exactly_the_mask_and_reports_the_counted_fraction(hft_runs)
     )
     init, trained = preset_weights(), load_file(str(final / "model.safetensors"))
     frozen = set(entry["frozen_tensors"])
-    expected = {
-        f"{b}.{unit}.weight" for b, units in entry["frozen"].items() for unit in units
-    } | {"model.embed_tokens.weight"}
+    expected = {f"{b}.{unit}.weight" for b, units in entry["frozen"].items() for unit in units} | {
+        "model.embed_tokens.weight"
+    }
     assert frozen == expected
     for name, value in trained.items():
         assert torch.equal(value, init[name]) == (name in frozen), name  # frozen: bitwise unchanged

@@ -204,7 +204,10 @@ def test_throughput_excludes_evaluation_and_checkpoint_time(tmp_path):
             "log.tensorboard=false",
         ],
     )
+    t0 = time.perf_counter()
     summary = SlowEval(cfg).run()
-    # five in-loop evaluations sleep 5 s in all; six steps of the `test` preset take well under 1 s
-    assert summary.metrics["train_seconds"] < 2.5
+    wall = time.perf_counter() - t0
+    # Five in-loop evaluations sleep 5 s in all: the training time leaves them out, however slow
+    # the machine (a bound relative to this run's own wall time, not a number of seconds).
+    assert summary.metrics["train_seconds"] < wall - 4.9
     assert summary.metrics["tokens_per_s"] > 0

@@ -455,5 +455,6 @@ def test_a_fused_gate_up_in_an_unknown_layout_is_refused(monkeypatch):
     monkeypatch.setattr(modeling_phi3.Phi3MLP, "forward", forward)
     model = tiny_model("phi3", vocab_size=64)
     assert model_anatomy(model).fused["mlp.gate_up_proj"] == "gate/up layout not recognised: one unit"
-    with pytest.raises(hft.HftError, match=r"train\.hft on phi3: mlp\.gate_up_proj holds gate and up .* peft"):
+    message = r"train\.hft on phi3: mlp\.gate_up_proj holds gate and up .* peft"
+    with pytest.raises(hft.HftError, match=message):
         hft.HftTracker(model, seed=0)
