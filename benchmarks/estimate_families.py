@@ -31,6 +31,7 @@ import estimate_validation as ev
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "estimate_families"
 _SHAPE = {"hidden_size": 768, "num_hidden_layers": 6, "num_attention_heads": 12, "vocab_size": 8192}
+_SHAPE |= {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # some defaults lie outside 8192
 _GQA = {"num_key_value_heads": 4, "intermediate_size": 2048, "max_position_embeddings": 2048}
 # One config per family layout: bias (qwen2), fused qkv and gate_up (phi3), Conv1D with dropout and
 # GELU (gpt2), eager attention and four norms (gemma2), parallel attention/MLP and grouped fused
@@ -39,14 +40,7 @@ _GQA = {"num_key_value_heads": 4, "intermediate_size": 2048, "max_position_embed
 FAMILIES: dict[str, dict[str, Any]] = {
     "qwen2": {"model_type": "qwen2", **_SHAPE, **_GQA},
     "phi3": {"model_type": "phi3", **_SHAPE, **_GQA},
-    "gpt2": {
-        "model_type": "gpt2",
-        "n_embd": 768,
-        "n_layer": 6,
-        "n_head": 12,
-        "vocab_size": 8192,
-        "n_positions": 2048,
-    },
+    "gpt2": {"model_type": "gpt2", **_SHAPE, "n_positions": 2048},
     "gemma2": {"model_type": "gemma2", **_SHAPE, **_GQA, "head_dim": 64},
     "falcon": {"model_type": "falcon", **_SHAPE, "num_kv_heads": 4, "new_decoder_architecture": True},
     "opt": {
@@ -86,11 +80,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 # (family, optimizer, dtype, checkpointing, seq, batch)
 CONFIGS = [
-    *((f, "adalomo", "bf16", False, 512, 2) for f in FAMILIES),
+    *((f, "adalomo", "fp32", False, 512, 2) for f in FAMILIES),
+    ("qwen2", "adalomo", "bf16", False, 512, 2),
+    ("mixtral", "adalomo", "bf16", False, 512, 2),
     ("gpt2", "adamw", "fp32", False, 512, 1),
     ("phi3", "lomo", "fp32", True, 1024, 1),
     ("gemma2", "adalomo", "fp32", False, 1024, 1),
-    ("mixtral", "adamw", "bf16", False, 256, 2),
+    ("deepseek_v3", "adamw", "bf16", False, 256, 2),
 ]
 
 

@@ -77,7 +77,6 @@ LARGER_BY_FAMILY = {
         **LARGER,
         "num_key_value_heads": 8,
         "moe_intermediate_size": 256,
-        "head_dim": 64,
         "kv_lora_rank": 64,
         "q_lora_rank": 128,
         "qk_rope_head_dim": 32,
@@ -292,6 +291,7 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"Date: {report['date']}; {report['machine']['cpu_model']}, {report['machine']['cpus']} CPUs; "
         f"torch {report['machine']['torch']}, transformers {report['machine']['transformers']}.",
         benchlib.source_note(report.get("source")),
+        *([f"- Note: {report['note']}."] if report.get("note") else []),
         "",
         "Tiny random models (2 layers, hidden 64) with a BPE tokenizer and a Llama-3-style chat template,",
         "trained 20 steps on chat data from the CLI; `estimate`: `leantune estimate --model DIR` for a",
