@@ -9,7 +9,7 @@ run, each in a fresh process:
   run's, and its loss on a batch equals the trained model's);
 * **HFT**: the same with ``train.hft=true`` (the trainable fraction, counted in parameters);
 * **LoRA**: ``peft.method=lora peft.target_modules=[all-linear]`` (experts too on MoE models);
-* **fsdp**: ``dist.strategy=fsdp dist.nproc=2``;
+* **ddp** / **fsdp**: ``dist.strategy=ddp|fsdp dist.nproc=2``;
 * **estimate**: ``leantune estimate --model DIR2 --json`` on a larger model of the same family
   (~10-60 M parameters, so that weights and activations are a visible part of the peak) against
   that model's measured peak RSS over two training steps (the protocol of
@@ -19,6 +19,7 @@ Run (from the repository root, venv active)::
 
     python benchmarks/families.py                        # all 20 families (~40 min on 2 cores)
     python benchmarks/families.py --only phi3,mixtral --skip fsdp
+    python benchmarks/families.py --skip full,reload,hft,lora,fsdp,estimate --merge  # ddp only
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))  # tests/families.py: the tiny models of the test 
 from tests.families import FAMILIES, save_family, write_chat_data  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "families"
-COLUMNS = ("full", "reload", "hft", "lora", "fsdp", "estimate")
+COLUMNS = ("full", "reload", "hft", "lora", "ddp", "fsdp", "estimate")
 # The larger model of the estimate column: what tests/families.py builds, wider and deeper.
 LARGER = {
     "hidden_size": 512,
@@ -191,14 +192,22 @@ def _lora(model: Path, data: Path, out: Path) -> dict[str, Any]:
     }
 
 
-def _fsdp(model: Path, data: Path, out: Path) -> dict[str, Any]:
-    args = _train_args(model, data, out, "fsdp")
+def _two_ranks(strategy: str, model: Path, data: Path, out: Path) -> dict[str, Any]:
+    args = _train_args(model, data, out, strategy)
     args = [a for a in args if not a.startswith("train.batch_size")] + ["train.batch_size=4"]
-    code, log, secs = _cli([*args, "dist.strategy=fsdp", "dist.nproc=2"], timeout=1200)
+    code, log, secs = _cli([*args, f"dist.strategy={strategy}", "dist.nproc=2"], timeout=1200)
     if code:
         return _fail(log)
-    losses = _losses(out / "fsdp")
+    losses = _losses(out / strategy)
     return {"ok": True, "first_loss": losses[0], "last_loss": losses[-1], "seconds": secs}
+
+
+def _ddp(model: Path, data: Path, out: Path) -> dict[str, Any]:
+    return _two_ranks("ddp", model, data, out)
+
+
+def _fsdp(model: Path, data: Path, out: Path) -> dict[str, Any]:
+    return _two_ranks("fsdp", model, data, out)
 
 
 def _estimate(family: str, root: Path) -> dict[str, Any]:
@@ -252,7 +261,7 @@ def run_family(family: str, root: Path, skip: set[str]) -> dict[str, Any]:
     row["reload"] = (
         _reload(out / "full") if row["full"] and row["full"]["ok"] and "reload" not in skip else None
     )
-    for col, fn in (("hft", _hft), ("lora", _lora), ("fsdp", _fsdp)):
+    for col, fn in (("hft", _hft), ("lora", _lora), ("ddp", _ddp), ("fsdp", _fsdp)):
         row[col] = fn(model, data, out) if col not in skip else None
     row["estimate"] = _estimate(family, root) if "estimate" not in skip else None
     return row
@@ -264,7 +273,7 @@ def _cell(col: str, cell: dict[str, Any] | None) -> str:
     if not cell["ok"]:
         return f"FAIL: {cell.get('error', '')[:60]}"
     match col:
-        case "full" | "fsdp":
+        case "full" | "ddp" | "fsdp":
             return f"ok, loss {cell['first_loss']:.2f} → {cell['last_loss']:.2f}"
         case "reload":
             return "ok"
@@ -292,6 +301,12 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"torch {report['machine']['torch']}, transformers {report['machine']['transformers']}.",
         benchlib.source_note(report.get("source")),
         *([f"- Note: {report['note']}."] if report.get("note") else []),
+        *(
+            f"- Other columns from an earlier run: `{h['command']}` ({h['date']}); "
+            + benchlib.source_note(h.get("source")).removeprefix("- ")
+            + (f" Note: {h['note']}." if h.get("note") else "")
+            for h in report.get("history", [])
+        ),
         "",
         "Tiny random models (2 layers, hidden 64) with a BPE tokenizer and a Llama-3-style chat template,",
         "trained 20 steps on chat data from the CLI; `estimate`: `leantune estimate --model DIR` for a",
@@ -299,8 +314,9 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"seq {ESTIMATE_SEQ} x batch {ESTIMATE_BATCH}) against its measured peak RSS",
         "over two steps (`MALLOC_MMAP_THRESHOLD_` fixed, as in `estimate_validation.md`).",
         "",
-        "| family | full | HF reload | HFT | LoRA (all-linear) | fsdp (2 ranks) | estimate error |",
-        "|---|---|---|---|---|---|---|",
+        "| family | full | HF reload | HFT | LoRA (all-linear) | ddp (2 ranks) | fsdp (2 ranks) "
+        "| estimate error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(f"| {r['family']} | " + " | ".join(_cell(c, r.get(c)) for c in COLUMNS) + " |")
@@ -315,12 +331,28 @@ def format_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merge(saved: dict[str, Any], new: dict[str, Any], skip: set[str]) -> dict[str, Any]:
+    """The saved report with the re-run columns of ``new`` written over it; the earlier runs are
+    kept as ``history`` so the report still says which command and code produced each column."""
+    by_family = {r["family"]: r for r in saved["rows"]}
+    for row in new["rows"]:
+        kept = by_family.setdefault(row["family"], {"family": row["family"]})
+        kept.update({c: row[c] for c in COLUMNS if c not in skip})
+    history = [*saved.get("history", []), {k: saved.get(k) for k in ("command", "date", "source", "note")}]
+    return {**new, "rows": list(by_family.values()), "history": history}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated families (default: all)")
     parser.add_argument("--skip", default="", help=f"comma-separated columns to skip ({', '.join(COLUMNS)})")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--from-json", type=Path, help="rewrite <out>.md from a saved <out>.json, no runs")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the saved <out>.json's cells for the skipped columns (re-run only the others)",
+    )
     args = parser.parse_args(argv)
     if args.from_json:
         args.out.with_suffix(".md").write_text(format_markdown(json.loads(args.from_json.read_text())))
@@ -348,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
         "source": benchlib.source(),
         "rows": rows,
     }
+    if args.merge:
+        report = _merge(json.loads(args.out.with_suffix(".json").read_text()), report, skip)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(format_markdown(report))
