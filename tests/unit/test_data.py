@@ -106,6 +106,24 @@ def test_overlong_policy_is_applied_and_counted(tok, policy, kept, truncated, dr
     assert str(truncated or dropped) in stats.summary()
 
 
+@pytest.mark.parametrize("fmt", ["instruction", "text"])
+def test_truncation_keeps_exactly_the_first_max_length_tokens(tok, fmt):
+    """The tokens a truncated sample keeps are the first ``max_length`` of the untruncated one,
+    labels aligned with them (counted here from the tokenizer, not from the encoder)."""
+    rec = {"prompt": "p: ", "response": "abcdefghij" * 4} if fmt == "instruction" else {"text": "xyz" * 20}
+    if fmt == "instruction":
+        prompt = tok(rec["prompt"])["input_ids"]
+        response = tok(rec["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        full, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response
+    else:
+        full = tok(rec["text"])["input_ids"] + [tok.eos_token_id]
+        labels = full
+    assert len(full) > 17
+    (sample,), stats = encode_records([rec], ["r"], fmt, tok, max_length=17, overlong="truncate", pack=False)
+    assert stats.truncated == 1
+    assert sample.input_ids == full[:17] and sample.labels == labels[:17]
+
+
 def test_every_label_masked_is_a_clear_error(tok):
     recs = [{"prompt": "x" * 40, "response": "y"}]
     with pytest.raises(DataError, match="every label masked"):
