@@ -363,6 +363,21 @@ def test_a_plain_optimizer_on_a_users_fully_shard_model_equals_one_process(tmp_p
     assert_weights_close(got, {n: p.detach() for n, p in model.named_parameters()})
 
 
+def test_replicated_lomo_equals_torch_ddp_with_sgd(tmp_path):
+    """ddp's gradient is the mean over the ranks: LOMO (no clipping: plain SGD, whose update scales
+    with the gradient) with leantune's replicated collectives against torch's own DDP + SGD, on the
+    same replicas and micro-batches."""
+    from tests.distributed.user_loop_common import tiny_model
+
+    report = run_user_loop(tmp_path, "lomo-replicated")
+    got = load_file(str(tmp_path / "lomo-replicated.json.safetensors"))
+    want = load_file(str(tmp_path / "lomo-replicated.json.ref.safetensors"))
+    assert_weights_close(got, want)
+    start = {n: p.detach() for n, p in tiny_model().named_parameters()}
+    assert max((got[n] - start[n]).abs().max().item() for n in got) > 1e-3  # it trained
+    assert report == {}
+
+
 @pytest.mark.parametrize(
     ("mode", "message"),
     [

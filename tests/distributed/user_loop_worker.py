@@ -5,7 +5,9 @@ model with no distributed argument and must find the shards itself. Each rank tr
 half of every global batch; rank 0 writes the gathered weights.
 
 Modes: ``adalomo``, ``lomo-clip``, ``adamw-in-backward`` (train); ``ddp`` and ``plain`` (expected
-refusals: the message is written instead).
+refusals: the message is written instead); ``lomo-replicated``: ``LOMO(model,
+collectives="replicated")`` on plain replicas next to torch's own ``DistributedDataParallel`` +
+``SGD`` on the same micro-batches (both written: the test compares them).
 """
 
 import json
@@ -18,10 +20,10 @@ from torch.distributed.fsdp import fully_shard
 
 # this directory is on sys.path (torchrun runs the script from it)
 from user_loop_common import STEPS, micro_batch, tiny_model
-from user_loop_worker_ref import OPTIMIZERS
+from user_loop_worker_ref import LOMO_LR, OPTIMIZERS
 
 from leantune.distributed.runtime import exit_worker
-from leantune.optim import AdaLomo
+from leantune.optim import LOMO, AdaLomo
 
 mode, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -44,6 +46,20 @@ elif mode == "plain":
         result["error"] = None
     except RuntimeError as err:
         result["error"] = str(err)
+elif mode == "lomo-replicated":
+    reference = tiny_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(reference)
+    sgd = torch.optim.SGD(reference.parameters(), lr=LOMO_LR)
+    opt = LOMO(model, lr=LOMO_LR, collectives="replicated")
+    for step in range(STEPS):
+        ids, labels = micro_batch(step, rank)
+        opt.backward(model(input_ids=ids, labels=labels).loss)
+        sgd.zero_grad()
+        ddp(input_ids=ids, labels=labels).loss.backward()
+        sgd.step()
+    if rank == 0:
+        save_file({n: p.detach().clone() for n, p in model.named_parameters()}, out + ".safetensors")
+        save_file({n: p.detach().clone() for n, p in reference.named_parameters()}, out + ".ref.safetensors")
 else:
     for layer in model.model.layers:
         fully_shard(layer)

@@ -122,6 +122,57 @@ def test_adalomo_equals_transformers_adafactor(weight_decay, chunk_elements):
     assert all(st["step"] == 6 for st in opt.state.values())
 
 
+def paper_adalomo_update(p: torch.Tensor, g: torch.Tensor, st: dict, lr: float, wd: float) -> None:
+    """AdaLomo's update of one tensor as the paper writes it (arXiv 2310.10195; the formulas of
+    ../shared/reference/algorithms.md), in plain fp64 tensor arithmetic: an oracle independent of
+    both leantune's chunked kernel and transformers' Adafactor."""
+    p64, g64 = p.detach().double(), g.double()
+    t = st["t"] = st.get("t", 0) + 1
+    rho = 1 - t**-0.8
+    G = g64 * g64 + 1e-30
+    if g64.dim() >= 2:
+        r = st["r"] = rho * st.get("r", torch.zeros(G.shape[0], dtype=torch.float64)) + (1 - rho) * G.mean(1)
+        c = st["c"] = rho * st.get("c", torch.zeros(G.shape[1], dtype=torch.float64)) + (1 - rho) * G.mean(0)
+        u = g64 / torch.sqrt(torch.outer(r / r.mean(), c))
+    else:
+        v = st["v"] = rho * st.get("v", torch.zeros_like(G)) + (1 - rho) * G
+        u = g64 / torch.sqrt(v)
+    rms = lambda x: x.pow(2).mean().sqrt().item()  # noqa: E731
+    u = u / max(1.0, rms(u) / 1.0)
+    eta = lr * max(1e-3, rms(p64))
+    with torch.no_grad():
+        p.copy_((p64 * (1 - eta * wd) - eta * u).to(p.dtype))
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_adalomo_equals_the_papers_update_with_accumulation_clipping_and_decay(tie):
+    """A second guard for AdaLomo's math, on the paths the Adafactor oracle does not take: two
+    accumulated half-batches, global-norm clipping of their mean (active at every step), decoupled
+    weight decay, and (tied) an embedding shared with the head, updated once with its summed
+    gradient."""
+    lr, wd, clip = 1e-2, 0.1, 0.05
+    ref, ours = tiny_llama(tie=tie), tiny_llama(tie=tie)
+    opt = AdaLomo(ours, lr=lr, weight_decay=wd, clip_grad_norm=clip, accumulation_steps=2)
+    states: dict[int, dict] = {}
+    norms = []
+    for s in range(4):
+        b = batch(s, size=8)
+        halves = [{k: v[:4] for k, v in b.items()}, {k: v[4:] for k, v in b.items()}]
+        for half in halves:
+            (loss_of(ref, half) / 2).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), clip)))
+        for p in ref.parameters():  # parameters() yields a tied tensor once
+            paper_adalomo_update(p, p.grad, states.setdefault(id(p), {}), lr, wd)
+            p.grad = None
+        opt.backward(loss_of(ours, halves[0]))
+        result = opt.backward(loss_of(ours, halves[1]))
+        assert result.updated and result.grad_norm == pytest.approx(norms[-1], rel=1e-5)
+    assert all(n > clip for n in norms)
+    assert_models_close(ours, ref)
+    assert_models_differ(ours, tiny_llama(tie=tie))
+    assert len(opt.state) == len(states)  # one state per tensor, the tied one once
+
+
 def test_adalomo_state_is_small_and_fp32():
     model = tiny_llama()
     opt = AdaLomo(model)
