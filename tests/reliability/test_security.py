@@ -62,7 +62,7 @@ def test_weights_are_written_and_read_only_as_safetensors():
     models = [(f, n, name) for f, n, name in _calls() if name.endswith("Model") or "ForCausalLM" in name]
     loads = [(f, n) for f, n, name in _calls() if name.endswith(".from_pretrained") and "Model" in name]
     loads = [(f, n) for f, n in loads if not ast.unparse(n.func).startswith("PeftModel")]
-    assert loads and models is not None
+    assert loads and models  # both kinds of call exist, so the checks below check something
     assert all(_is_true(_kw(n, "use_safetensors")) for _, n in loads), [f"{f}:{n.lineno}" for f, n in loads]
     saves = [
         (f, n, name) for f, n, name in _calls() if name.endswith(".save_pretrained") and "tok" not in name

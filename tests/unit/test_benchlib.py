@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -21,9 +22,11 @@ def test_run_worker_returns_the_last_result_line_and_the_wall_time():
         "benchlib.emit_result({'x': 2, 'nested': [1.5, None]})"
     )
     env = {**os.environ, "PYTHONPATH": os.path.dirname(benchlib.__file__)}
+    t0 = time.perf_counter()
     result = benchlib.run_worker(_python(code), env, "ok")
+    outer = time.perf_counter() - t0
     assert result["x"] == 2 and result["nested"] == [1.5, None]
-    assert 0 < result["process_wall_seconds"] < 60
+    assert 0 < result["process_wall_seconds"] <= outer  # the worker's own time, within the call's
 
 
 @pytest.mark.parametrize(

@@ -129,7 +129,7 @@ def paper_adalomo_update(p: torch.Tensor, g: torch.Tensor, st: dict, lr: float, 
     p64, g64 = p.detach().double(), g.double()
     t = st["t"] = st.get("t", 0) + 1
     rho = 1 - t**-0.8
-    G = g64 * g64 + 1e-30
+    G = g64 * g64 + 1e-30  # noqa: N806 (the paper's name)
     if g64.dim() >= 2:
         r = st["r"] = rho * st.get("r", torch.zeros(G.shape[0], dtype=torch.float64)) + (1 - rho) * G.mean(1)
         c = st["c"] = rho * st.get("c", torch.zeros(G.shape[1], dtype=torch.float64)) + (1 - rho) * G.mean(0)
