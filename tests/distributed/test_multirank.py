@@ -150,6 +150,45 @@ def test_two_ranks_equal_one_rank_on_the_same_global_batch(text_file, reference,
     )
 
 
+LOW_PRECISION = {
+    "bf16-stochastic": ["model.dtype=bf16", "optim.name=adalomo", "optim.lr=0.05", "optim.rounding=stochastic"],
+    "fp16-dynamic": ["model.dtype=fp16", "optim.name=lomo", "optim.lr=0.05", "optim.loss_scale=dynamic"],
+}
+
+
+@pytest.fixture(scope="module")
+def low_precision_reference(text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("low")
+    for name, opt in LOW_PRECISION.items():
+        launch([*common(text_file, out), *opt, "train.batch_size=8", f"train.run_name={name}"], 1)
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("name", list(LOW_PRECISION))
+def test_low_precision_two_ranks_track_one_rank(text_file, low_precision_reference, tmp_path, strategy, name):
+    """bf16 weights with stochastic rounding and fp16 weights with dynamic loss scaling on 2 ranks
+    against 1 rank on the same global batch. Not bitwise: the low-precision gradients of two
+    half-batches round differently from one full batch, and under fsdp each shard draws its own
+    rounding noise. Measured here: losses within 1.5e-4 (relative; allowed 5e-4), weights within
+    0.024 of each tensor's largest magnitude (3 bf16 ulps there; allowed 0.04) and 0.003 in fp16
+    (allowed 0.006)."""
+    launch([*common(text_file, tmp_path), *LOW_PRECISION[name], "train.batch_size=4",
+            f"dist.strategy={strategy}", "train.run_name=r"], 2)  # fmt: skip
+    got, want = final_weights(tmp_path / "r"), final_weights(low_precision_reference / name)
+    dtype = torch.bfloat16 if name.startswith("bf16") else torch.float16
+    assert got.keys() == want.keys() and all(t.dtype == dtype for t in got.values())
+    scale = 0.04 if dtype == torch.bfloat16 else 0.006
+    for k in want:
+        bound = scale * want[k].float().abs().max().item()
+        assert (got[k].float() - want[k].float()).abs().max().item() <= bound, k
+    assert losses(tmp_path / "r")[-1] < losses(tmp_path / "r")[0]
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / "r")), torch.tensor(losses(low_precision_reference / name)),
+        rtol=5e-4, atol=0,
+    )  # fmt: skip
+
+
 def test_accumulation_on_two_ranks_equals_one_rank(text_file, reference, tmp_path):
     launch(
         [
@@ -273,9 +312,11 @@ def test_resume_refuses_a_different_global_batch(text_file, tmp_path):
 WORKER = Path(__file__).with_name("replica_worker.py")
 
 
-@pytest.mark.parametrize("sync", ["collectives", "none"])
+@pytest.mark.parametrize("sync", ["collectives", "collectives-bf16", "none"])
 def test_ddp_replicas_stay_identical_after_every_step(tmp_path, sync):
-    """The peers' defect: fused updates without a gradient all-reduce let replicas drift apart."""
+    """The peers' defect: fused updates without a gradient all-reduce let replicas drift apart.
+    ``collectives-bf16``: bf16 weights with stochastic rounding, whose noise must be the same draw
+    on every replica (else they drift apart by one rounding step per update)."""
     out = tmp_path / "report.json"
     cmd = [
         sys.executable,
@@ -290,8 +331,9 @@ def test_ddp_replicas_stay_identical_after_every_step(tmp_path, sync):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
-    if sync == "collectives":
+    if sync.startswith("collectives"):
         assert report["max_diff_per_step"] == [0.0] * report["steps"]
+        assert report["changed_elements"] > 0.5  # it trained (most bf16 weights moved)
     else:
         assert max(report["max_diff_per_step"]) > 1e-3  # what the peer stacks silently do
 
@@ -393,3 +435,26 @@ def test_ddp_wrapped_or_unchosen_replicated_models_are_refused(tmp_path, mode, m
 
     error = run_user_loop(tmp_path, mode)["error"]
     assert error is not None and re.search(message, error, re.S), error
+
+
+def test_fsdp_fp16_overflow_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """An inf gradient on rank 1 only (fp16 weights sharded by FSDP2, LOMO with dynamic loss
+    scaling): both ranks skip that step with no shard changed, halve the scale, and train on."""
+    out = tmp_path / "overflow.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(WORKER.with_name("overflow_worker.py")), str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    fault = report["fault_step"]
+    for rank, steps in enumerate(report["ranks"]):
+        assert all(s["loss_finite"] and s["finite"] for s in steps), (rank, steps)
+        for i, s in enumerate(steps):
+            if i == fault:
+                assert s["skipped"] and not s["updated"] and s["changed"] == 0, (rank, s)
+            else:
+                assert s["updated"] and not s["skipped"] and s["changed"] > 0, (rank, i, s)
+        assert steps[fault + 1]["loss_scale"] == steps[fault]["loss_scale"] / 2, rank
+        assert steps[fault - 1]["loss_scale"] == steps[fault]["loss_scale"], rank
+    ours, theirs = report["ranks"]
+    assert [(a["loss_scale"], a["skipped"]) for a in ours] == [(b["loss_scale"], b["skipped"]) for b in theirs]

@@ -44,11 +44,18 @@ OPTIMIZERS = {
     "adalomo": ["optim.name=adalomo", "optim.lr=0.05"],
     "adamw": ["optim.name=adamw", "optim.lr=3e-3"],
 }
+# Low-precision weights: bf16 with stochastic rounding (optim.rounding=auto picks it; its generator
+# state must survive a kill), fp16 with dynamic loss scaling (the scale and its growth counter too).
+LOW_PRECISION = {
+    "adalomo-bf16": ["optim.name=adalomo", "optim.lr=0.05", "model.dtype=bf16"],
+    "lomo-fp16": ["optim.name=lomo", "optim.lr=0.05", "model.dtype=fp16", "optim.loss_scale=dynamic"],
+}
 RUN = [*TINY, "train.accumulation_steps=2", "train.max_steps=12", "train.save_every=3", "train.keep_last=2"]
 
 
 def run_args(optimizer: str, out: Path, name: str, *extra: str) -> list[str]:
-    return [*RUN, *OPTIMIZERS[optimizer], f"train.output_dir={out}", f"train.run_name={name}", *extra]
+    setting = OPTIMIZERS.get(optimizer) or LOW_PRECISION[optimizer]
+    return [*RUN, *setting, f"train.output_dir={out}", f"train.run_name={name}", *extra]
 
 
 def train_in_process(args: list[str]):

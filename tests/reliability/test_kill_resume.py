@@ -1,6 +1,7 @@
 """Exact resume after ``kill -9``: at a random step, and in the middle of a checkpoint write.
 
-For AdamW and AdaLomo (both with gradient accumulation) ``leantune train ... train.resume=auto`` is
+For AdamW and AdaLomo (both with gradient accumulation; AdaLomo also on bf16 weights with stochastic
+rounding, and LOMO on fp16 weights with dynamic loss scaling) ``leantune train ... train.resume=auto`` is
 started in a subprocess and killed with SIGKILL, restarted with the same command, killed again
 while a checkpoint is being written, then allowed to finish. Its final weights and its per-step
 loss log must equal an uninterrupted run's, bitwise. The kill points come from a seeded RNG whose
@@ -17,6 +18,7 @@ import pytest
 
 from leantune.checkpoint import MANIFEST, find_checkpoints, verify_checkpoint
 from tests.reliability.common import (
+    LOW_PRECISION,
     OPTIMIZERS,
     all_finite,
     assert_same_weights,
@@ -37,7 +39,7 @@ def _tmp_dirs(run_dir, pid="*"):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+@pytest.mark.parametrize("optimizer", [*OPTIMIZERS, *LOW_PRECISION])
 def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(
     optimizer, tmp_path, reference, fault_rng
 ):
