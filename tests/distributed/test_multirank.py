@@ -151,7 +151,12 @@ def test_two_ranks_equal_one_rank_on_the_same_global_batch(text_file, reference,
 
 
 LOW_PRECISION = {
-    "bf16-stochastic": ["model.dtype=bf16", "optim.name=adalomo", "optim.lr=0.05", "optim.rounding=stochastic"],
+    "bf16-stochastic": [
+        "model.dtype=bf16",
+        "optim.name=adalomo",
+        "optim.lr=0.05",
+        "optim.rounding=stochastic",
+    ],  # fmt: skip
     "fp16-dynamic": ["model.dtype=fp16", "optim.name=lomo", "optim.lr=0.05", "optim.loss_scale=dynamic"],
 }
 
@@ -456,5 +461,5 @@ def test_fsdp_fp16_overflow_on_one_rank_is_skipped_on_every_rank(tmp_path):
                 assert s["updated"] and not s["skipped"] and s["changed"] > 0, (rank, i, s)
         assert steps[fault + 1]["loss_scale"] == steps[fault]["loss_scale"] / 2, rank
         assert steps[fault - 1]["loss_scale"] == steps[fault]["loss_scale"], rank
-    ours, theirs = report["ranks"]
-    assert [(a["loss_scale"], a["skipped"]) for a in ours] == [(b["loss_scale"], b["skipped"]) for b in theirs]
+    ours, theirs = ([(s["loss_scale"], s["skipped"]) for s in steps] for steps in report["ranks"])
+    assert ours == theirs

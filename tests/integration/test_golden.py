@@ -78,7 +78,9 @@ def test_default_job_loss_curve_equals_the_recorded_one(tmp_path, golden, optimi
         torch.tensor(want, dtype=torch.float64),
         rtol=RTOL,
         atol=0,
-        msg=lambda m: f"{optimizer}: the loss curve moved (recorded with {golden['_recorded_with']})\n"
-        f"got  {losses}\nwant {want}\n{m}",
+        msg=lambda m: (
+            f"{optimizer}: the loss curve moved (recorded with {golden['_recorded_with']})\n"
+            f"got  {losses}\nwant {want}\n{m}"
+        ),
     )
     assert losses[-1] < losses[0]  # and it learns
