@@ -1,0 +1,251 @@
+"""Mutation testing of the core with mutmut: how many one-token changes to the code the tests catch.
+
+mutmut (https://github.com/boxed/mutmut) copies the sources into ``mutants/``, makes every small
+change it knows (operators, constants, comparisons, arguments, strings, ...) behind a switch, runs
+the test suite once to learn which tests reach which function, and then, per mutant, the tests that
+reach it. A mutant is *killed* when one of them fails, *survived* when all pass.
+
+This script runs mutmut in a scratch copy of the working tree (so the checkout stays untouched and
+a run can go on while you work), then writes ``benchmarks/results/mutation.{md,json}``: per module
+killed / survived / equivalent / not reached, the score ``killed / (killed + survived)`` with the
+mutants judged equivalent left out, and each survivor with its diff and, from
+``benchmarks/mutation_notes.toml``, the reason it is equivalent.
+
+Run (from the repository root; ``scripts/mutation`` installs mutmut first)::
+
+    scripts/mutation                                   # every module below (hours on 2 cores)
+    scripts/mutation --modules src/leantune/data/encode.py
+    scripts/mutation --report-only                     # re-render from the last run's copy
+
+``--keep`` reuses the scratch copy of an earlier run: mutmut then only re-tests what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+import benchlib
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "mutation"
+NOTES = ROOT / "benchmarks" / "mutation_notes.toml"
+SCRATCH = ROOT / ".mutation"
+
+# The core, and the tests that guard it. Only in-process tests count: mutmut learns which tests
+# reach a function by tracing this process, so a torchrun or CLI subprocess reaches nothing.
+MODULES = {
+    "src/leantune/optim/*": [
+        "tests/unit/test_optim_oracles.py",
+        "tests/unit/test_optim_engine.py",
+        "tests/unit/test_rounding.py",
+        "tests/unit/test_segments.py",
+        "tests/reliability/test_numerical_faults.py",
+    ],
+    "src/leantune/data/encode.py": ["tests/unit/test_data.py", "tests/unit/test_encode.py"],
+    # (not test_security.py: it reads the source text, which holds every mutant)
+    "src/leantune/checkpoint.py": ["tests/reliability/test_checkpoints.py"],
+    "src/leantune/distributed/collectives.py": [
+        "tests/unit/test_segments.py",
+        "tests/unit/test_dist_runtime.py",
+    ],
+    "src/leantune/estimate.py": ["tests/unit/test_estimate.py", "tests/unit/test_footprint.py"],
+}
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-p", "no:xdist", "-m", "not slow and not distributed", "-q"]
+STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "skipped", "segfault")
+
+
+def _copy_tree(dest: Path) -> None:
+    """The working tree as it is (uncommitted changes included), without venvs and outputs."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    ignore = shutil.ignore_patterns(
+        ".venv", ".git", ".mutation", "mutants", "runs", "__pycache__", "*.egg-info"
+    )
+    shutil.copytree(ROOT, dest, ignore=ignore)
+
+
+def _write_config(work: Path, modules: list[str]) -> None:
+    tests = sorted({t for m in modules for t in MODULES[m]})
+    lines = [
+        "",
+        "[tool.mutmut]",
+        'source_paths = ["src/leantune"]',
+        f"only_mutate = {json.dumps(modules)}",
+        f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+        "pytest_add_cli_args = " + json.dumps(PYTEST_ARGS),
+        'also_copy = ["benchmarks"]',
+        # torch is not fork-safe once it has run: fork the workers from a clean server process
+        'process_isolation = "forkserver"',
+    ]
+    pyproject = work / "pyproject.toml"
+    pyproject.write_text(pyproject.read_text() + "\n".join(lines) + "\n")
+
+
+def _mutmut(work: Path, *args: str, check: bool = True) -> str:
+    env = {**os.environ, "PYTHONPATH": str(work / "mutants" / "src"), "OMP_NUM_THREADS": "1"}
+    exe = Path(sys.executable).with_name("mutmut")
+    proc = subprocess.run([str(exe), *args], cwd=work, env=env, capture_output=True, text=True)
+    if check and proc.returncode:
+        raise SystemExit(
+            f"mutmut {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+        )
+    return proc.stdout
+
+
+def _module_of(mutant: str) -> str:
+    """``leantune.optim.engine.xǁFusedOptimizerǁ_apply__mutmut_3`` -> ``src/leantune/optim/engine.py``."""
+    dotted = mutant.split(".x", 1)[0] if ".xǁ" in mutant or ".x_" in mutant else mutant.rsplit(".", 1)[0]
+    return "src/" + dotted.replace(".", "/") + ".py"
+
+
+def _function_of(mutant: str) -> str:
+    name = mutant.rsplit(".", 1)[1].split("__mutmut_")[0]
+    return name.removeprefix("x").replace("ǁ", ".").strip(".").removeprefix("_") if "ǁ" in name else name[2:]
+
+
+def _diff(work: Path, mutant: str) -> str:
+    text = _mutmut(work, "show", mutant, check=False)
+    return "\n".join(x for x in text.splitlines() if x[:1] in "+-" and not x.startswith(("+++", "---")))
+
+
+def collect(work: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in _mutmut(work, "results", "--all", "true").splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m and m.group(2) in STATUSES:
+            rows.append({"mutant": m.group(1), "status": m.group(2)})
+    for row in rows:
+        row["module"], row["function"] = _module_of(row["mutant"]), _function_of(row["mutant"])
+        if row["status"] == "survived":
+            row["diff"] = _diff(work, row["mutant"])
+    return rows
+
+
+def load_notes() -> dict[str, dict[str, str]]:
+    """``[[equivalent]]`` entries: ``mutant`` (its name), ``diff`` (a line of it, so that a stale
+    name after a code change does not silently excuse another mutant) and ``reason``."""
+    if not NOTES.is_file():
+        return {}
+    return {e["mutant"]: e for e in tomllib.loads(NOTES.read_text()).get("equivalent", [])}
+
+
+def summarise(rows: list[dict[str, Any]], notes: dict[str, dict[str, str]]) -> dict[str, Any]:
+    for row in rows:
+        note = notes.get(row["mutant"])
+        if row["status"] == "survived" and note and note["diff"] in row.get("diff", ""):
+            row["status"], row["reason"] = "equivalent", note["reason"]
+    modules: dict[str, dict[str, int]] = {}
+    for row in rows:
+        counts = modules.setdefault(row["module"], {})
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    total: dict[str, int] = {}
+    for counts in modules.values():
+        for k, v in counts.items():
+            total[k] = total.get(k, 0) + v
+
+    def score(c: dict[str, int]) -> float | None:
+        judged = c.get("killed", 0) + c.get("survived", 0) + c.get("timeout", 0)
+        return (c.get("killed", 0) + c.get("timeout", 0)) / judged if judged else None
+
+    return {
+        "modules": {m: {**c, "score": score(c)} for m, c in sorted(modules.items())},
+        "total": {**total, "score": score(total)},
+    }
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    s = report["summary"]
+    cols = ("killed", "timeout", "survived", "equivalent", "no tests")
+    lines = [
+        "# Mutation testing of the core (mutmut)",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Date: {report['date']}; mutmut {report['mutmut']}; {report['machine']['cpus']} CPUs.",
+        benchlib.source_note(report.get("source")),
+        "",
+        "Score = (killed + timeout) / (killed + timeout + survived); mutants judged equivalent (reasons",
+        "below, from `benchmarks/mutation_notes.toml`) and those no in-process test reaches are left out.",
+        "",
+        "| module | " + " | ".join(cols) + " | score |",
+        "|---|" + "--:|" * (len(cols) + 1),
+    ]
+    for module, c in [*s["modules"].items(), ("**all**", s["total"])]:
+        cells = " | ".join(str(c.get(k, 0)) for k in cols)
+        pct = None if c["score"] is None else c["score"] * 100
+        lines.append(f"| {module} | {cells} | {benchlib.fmt(pct, '.1f', '%')} |")
+    survivors = [r for r in report["rows"] if r["status"] == "survived"]
+    equivalent = [r for r in report["rows"] if r["status"] == "equivalent"]
+    for title, rows in (("Surviving mutants", survivors), ("Equivalent mutants", equivalent)):
+        lines += ["", f"## {title} ({len(rows)})", ""]
+        for r in rows:
+            lines.append(f"- `{r['mutant']}`" + (f": {r['reason']}" if r.get("reason") else ""))
+            lines += ["  ```diff", *("  " + x for x in r.get("diff", "").splitlines()), "  ```"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--modules", nargs="+", choices=list(MODULES), default=list(MODULES))
+    parser.add_argument("--keep", action="store_true", help="reuse the scratch copy of the last run")
+    parser.add_argument("--report-only", action="store_true", help="render the last run's results")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    if shutil.which("mutmut", path=str(Path(sys.executable).parent)) is None:
+        print("mutmut is not installed in this environment: run scripts/mutation", file=sys.stderr)
+        return 2
+    work = SCRATCH / "tree"
+    if not args.report_only:
+        if not (args.keep and work.is_dir()):
+            _copy_tree(work)
+            _write_config(work, args.modules)
+        print(f"mutmut in {work} on {', '.join(args.modules)} ({args.jobs} workers) ...", flush=True)
+        env = {**os.environ, "PYTHONPATH": str(work / "mutants" / "src"), "OMP_NUM_THREADS": "1"}
+        exe = Path(sys.executable).with_name("mutmut")
+        # the progress line goes straight to the terminal: a run takes hours
+        code = subprocess.run(
+            [str(exe), "run", "--max-children", str(args.jobs)], cwd=work, env=env
+        ).returncode
+        if code:
+            print(f"mutmut run exited with {code}", file=sys.stderr)
+            return code
+    elif not work.is_dir():
+        print(f"no earlier run in {work}", file=sys.stderr)
+        return 2
+    rows = collect(work)
+    version = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "--version"],
+                             capture_output=True, text=True).stdout.split()[-1:]  # fmt: skip
+    report = {
+        "command": "scripts/mutation" + (" " + " ".join(argv) if argv else ""),
+        "date": _dt.datetime.now().isoformat(timespec="seconds"),
+        "mutmut": version[0] if version else "unknown",
+        "machine": benchlib.machine(),
+        "source": benchlib.source(),
+        "modules": args.modules,
+        "rows": rows,
+    }
+    report["summary"] = summarise(rows, load_notes())
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    args.out.with_suffix(".md").write_text(format_markdown(report))
+    t = report["summary"]["total"]
+    print(
+        f"score {t['score']:.1%} ({t.get('killed', 0)} killed, {t.get('survived', 0)} survived); "
+        f"wrote {args.out}.md"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

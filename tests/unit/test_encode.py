@@ -1,0 +1,198 @@
+"""leantune.data.encode, case by case: exact statistics, boundaries, the eval fields, one bos with
+templates that write it, the chat label mask against a whole-conversation rendering, and every
+error message with the place it names (the gaps a mutation run of this module found)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from leantune.data import IGNORE_INDEX, DataError, build_byte_tokenizer, chat_prompt_ids, encode_records
+from leantune.data.encode import EncodeStats, _starts_with_bos
+from tests.families import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    """A BPE tokenizer whose chat template writes the bos token itself (as Llama 3's does)."""
+    return build_tokenizer()
+
+
+def ids(tok, text, special=True):
+    return list(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def test_statistics_count_every_case_exactly(tok):
+    recs = [
+        {"prompt": "p\n", "response": "x" * 30},  # truncated
+        {"prompt": "p\n", "response": "y" * 30},  # truncated
+        {"prompt": "q" * 20, "response": "z"},  # every label masked after truncation
+        {"prompt": "q" * 21, "response": "z"},  # the same
+        {"prompt": "a\n", "response": "ok"},
+    ]
+    exact = {"prompt": "p", "response": "w" * (16 - len(ids(tok, "p")) - 1)}  # exactly 16 tokens
+    recs.append(exact)
+    samples, stats = encode_records(recs, [f"f:{i}" for i in range(6)], "instruction", tok, max_length=16)
+    # the two prompt-only ones were truncated first, then dropped
+    assert (stats.records, stats.samples, stats.truncated, stats.dropped_no_labels) == (6, 4, 4, 2)
+    assert stats.dropped_overlong == 0
+    assert [len(s.input_ids) for s in samples] == [16, 16, len(ids(tok, "a\n")) + 3, 16]
+    assert stats.tokens == sum(len(s.input_ids) for s in samples)
+    # labels: the response tokens and the eos, never position 0 (shifted inside the model)
+    want_labels = (16 - len(ids(tok, "p\n"))) * 2 + 3 + (16 - len(ids(tok, "p")))
+    assert stats.label_tokens == want_labels
+    assert stats.summary() == (
+        f"6 records -> 4 sequences, {stats.tokens} tokens ({want_labels} trained); "
+        "4 truncated to max_length; 2 dropped with every label masked"
+    )
+    _, dropped = encode_records(
+        recs[:2] + recs[4:], ["f"] * 4, "instruction", tok, max_length=16, overlong="drop"
+    )
+    assert (dropped.dropped_overlong, dropped.truncated, dropped.samples) == (2, 0, 2)
+    assert dropped.summary().endswith("; 2 dropped as longer than max_length")
+
+
+def test_defaults_truncate_and_pack(tok):
+    recs = [{"text": "abcdefghij" * 4}]
+    samples, stats = encode_records(recs, ["f:1"], "text", tok, max_length=16)
+    assert [len(s.input_ids) for s in samples] == [16, 16] and stats.extra["packed_tokens_dropped"] == 10
+    (one,), stats = encode_records(recs, ["f:1"], "text", tok, max_length=16, pack=False)
+    assert one.input_ids == ids(tok, "abcdefghij" * 4)[:16] and stats.truncated == 1
+
+
+def test_a_single_target_token_at_position_one_is_kept(tok):
+    """Position 0 is never a target; a sample whose only label is at position 1 trains on it."""
+    (s,), stats = encode_records([{"text": ""}], ["f:1"], "text", tok, max_length=16, pack=False)
+    assert s.input_ids == [tok.bos_token_id, tok.eos_token_id] and stats.label_tokens == 1
+
+
+def test_packing_never_emits_a_short_piece(tok):
+    text = "a" * (2 * 16 - 1 - len(ids(tok, "")) - 1)  # bos + chars + eos = 31 tokens
+    samples, stats = encode_records([{"text": text}], ["f:1"], "text", tok, max_length=16)
+    assert len(ids(tok, text)) + 1 == 31
+    assert [len(s.input_ids) for s in samples] == [16] and stats.extra["packed_tokens_dropped"] == 15
+
+
+def test_eval_fields_only_on_instruction_samples(tok):
+    (text,), _ = encode_records([{"text": "abc"}], ["f:1"], "text", tok, max_length=16, pack=False)
+    assert text.prompt_ids is None and text.answer is None
+    (inst,), _ = encode_records(
+        [{"prompt": "2+2=", "response": "4"}], ["f:1"], "instruction", tok, max_length=16
+    )
+    assert inst.prompt_ids == ids(tok, "2+2=") and inst.answer == "4"
+
+
+def test_chat_has_one_bos_and_labels_only_assistant_turns(llama3):
+    msgs = [
+        {"role": "user", "content": "add 2+2"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "and 3+3"},
+        {"role": "assistant", "content": "6"},
+    ]
+    (s,), _ = encode_records([{"messages": msgs}], ["f:1"], "chat", llama3, max_length=256)
+    whole = llama3.apply_chat_template(msgs, tokenize=False)
+    assert s.input_ids == ids(llama3, whole, special=False)  # the template's bos, no second one
+    assert s.input_ids.count(llama3.bos_token_id) == 1
+    trained = llama3.decode([t for t in s.labels if t != IGNORE_INDEX])
+    assert trained == "4<|eot_id|>6<|eot_id|>"
+
+
+def test_chat_starting_with_an_assistant_turn(llama3):
+    msgs = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]
+    (s,), _ = encode_records([{"messages": msgs}], ["f:1"], "chat", llama3, max_length=256)
+    whole = llama3.apply_chat_template(msgs, tokenize=False)
+    assert s.input_ids == ids(llama3, whole, special=False)
+    trained = llama3.decode([t for t in s.labels[1:] if t != IGNORE_INDEX])  # 0 is never a target
+    assert trained == "<|start_header_id|>assistant<|end_header_id|>\n\nhello<|eot_id|>"
+
+
+def test_chat_prompt_ids_end_with_the_generation_prompt_and_have_one_bos(llama3):
+    msgs = [{"role": "user", "content": "add 2+2"}]
+    got = chat_prompt_ids(llama3, msgs)
+    text = llama3.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert got == ids(llama3, text, special=False) and got.count(llama3.bos_token_id) == 1
+
+
+def test_bos_detection_on_tokenizers_without_one():
+    assert _starts_with_bos(object(), "<s>x") is False
+    assert _starts_with_bos(type("T", (), {"bos_token": None})(), "x") is False
+    assert _starts_with_bos(type("T", (), {"bos_token": "<s>"})(), "<s>x") is True
+
+
+class _NoEos:
+    eos_token_id = None
+
+
+class _NoTemplate:
+    """A tokenizer with no chat_template attribute at all."""
+
+    eos_token_id = 2
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise AssertionError("not to be called without a template")
+
+
+@pytest.mark.parametrize(
+    ("records", "fmt", "tokenizer", "message"),
+    [
+        ([{"text": "a"}], "text", _NoEos(),
+         "the tokenizer has no eos token; leantune needs one to end responses"),
+        ([{"messages": [{"role": "user", "content": "a"}]}], "chat", _NoTemplate(),
+         "dir:f.jsonl:1: chat data needs a tokenizer with a chat template"),
+        ([{"text": "a"}], "xml", None, "unknown data format 'xml'"),
+    ],
+    ids=["no-eos", "no-template", "unknown-format"],
+)  # fmt: skip
+def test_bad_tokenizer_or_format_is_a_clear_error(tok, records, fmt, tokenizer, message):
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
+        encode_records(records, ["dir:f.jsonl:1"], fmt, tokenizer or tok, max_length=16, pack=False)
+
+
+def test_a_template_that_is_not_prefix_stable_names_the_record(tok):
+    import copy
+
+    odd = copy.deepcopy(tok)
+    odd.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    for msgs in ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+                 [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]):  # fmt: skip
+        with pytest.raises(DataError, match=r"^f\.jsonl:7: the chat template does not render conversations "
+                           r"prefix by prefix$"):  # fmt: skip
+            encode_records([{"messages": msgs}], ["f.jsonl:7"], "chat", odd, max_length=64)
+
+
+def test_no_usable_samples_names_the_file_and_every_cause(tok):
+    recs = [
+        {"messages": [{"role": "user", "content": "only a question"}]},  # nothing to train on
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * 30}]},
+    ]
+    where = ["dir:f.jsonl:1", "dir:f.jsonl:2"]
+    with pytest.raises(DataError) as info:
+        encode_records(recs, where, "chat", tok, max_length=32, overlong="drop")
+    assert str(info.value) == (
+        "dir:f.jsonl: no usable samples out of 2: 1 had every label masked (prompt fills max_length?); "
+        "1 were longer than data.max_length=32. Raise data.max_length, use data.overlong=truncate, "
+        "or check the data."
+    )
+    with pytest.raises(DataError, match=r"^data: no usable samples out of 0: no records\. Raise"):
+        encode_records([], [], "instruction", tok, max_length=16)
+
+
+@pytest.mark.parametrize(("where", "name"), [(["a.jsonl:1"], "a.jsonl:1"), ([], "data")])
+def test_too_little_text_to_pack_one_sequence(tok, where, name):
+    with pytest.raises(DataError) as info:
+        encode_records([{"text": "ab"}], where, "text", tok, max_length=16)
+    assert str(info.value) == (
+        f"{name}: only 4 tokens in all, fewer than one packed sequence of data.max_length=16; "
+        "add data or lower max_length"
+    )
+
+
+def test_stats_defaults():
+    assert EncodeStats().summary() == "0 records -> 0 sequences, 0 tokens (0 trained)"
