@@ -93,7 +93,7 @@ def _write_config(work: Path, modules: list[str]) -> None:
 
 
 def _mutmut(work: Path, *args: str, check: bool = True) -> str:
-    env = {**os.environ, "PYTHONPATH": str(work / "mutants" / "src"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     exe = Path(sys.executable).with_name("mutmut")
     proc = subprocess.run([str(exe), *args], cwd=work, env=env, capture_output=True, text=True)
     if check and proc.returncode:
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             _copy_tree(work)
             _write_config(work, args.modules)
         print(f"mutmut in {work} on {', '.join(args.modules)} ({args.jobs} workers) ...", flush=True)
-        env = {**os.environ, "PYTHONPATH": str(work / "mutants" / "src"), "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         exe = Path(sys.executable).with_name("mutmut")
         # the progress line goes straight to the terminal: a run takes hours
         code = subprocess.run(

@@ -103,6 +103,29 @@ def test_chat_has_one_bos_and_labels_only_assistant_turns(llama3):
     assert trained == "4<|eot_id|>6<|eot_id|>"
 
 
+def test_chat_with_a_template_without_bos_gets_the_tokenizers_one_bos(tok):
+    msgs = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "cd"},
+            {"role": "user", "content": "ef"}, {"role": "assistant", "content": "gh"}]  # fmt: skip
+    (s,), _ = encode_records([{"messages": msgs}], ["f:1"], "chat", tok, max_length=256)
+    assert s.input_ids == ids(tok, tok.apply_chat_template(msgs, tokenize=False))  # bos added once
+    assert s.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_one_bos_when_a_message_renders_empty(tok):
+    """A template that renders system messages as nothing: the bos still comes once, first."""
+    import copy
+
+    odd = copy.deepcopy(tok)
+    odd.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'system' %}{{ m['role'] + ': ' + m['content'] + '\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "assistant", "content": "hi"}]
+    (s,), _ = encode_records([{"messages": msgs}], ["f:1"], "chat", odd, max_length=256)
+    assert s.input_ids == ids(odd, "assistant: hi\n")
+    assert odd.decode([t for t in s.labels if t != IGNORE_INDEX]) == "hi\n"
+
+
 def test_chat_starting_with_an_assistant_turn(llama3):
     msgs = [{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]
     (s,), _ = encode_records([{"messages": msgs}], ["f:1"], "chat", llama3, max_length=256)
@@ -159,9 +182,12 @@ def test_a_template_that_is_not_prefix_stable_names_the_record(tok):
     import copy
 
     odd = copy.deepcopy(tok)
-    odd.chat_template = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
-    for msgs in ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-                 [{"role": "assistant", "content": "b"}, {"role": "user", "content": "a"}]):  # fmt: skip
+    counted = "{{ messages|length }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    prompt_first = "{% if add_generation_prompt %}A:{% endif %}" + counted[len("{{ messages|length }}") :]
+    user_then_assistant = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    for template, msgs in ((counted, user_then_assistant), (counted, user_then_assistant[::-1]),
+                           (prompt_first, user_then_assistant)):  # fmt: skip
+        odd.chat_template = template
         with pytest.raises(DataError, match=r"^f\.jsonl:7: the chat template does not render conversations "
                            r"prefix by prefix$"):  # fmt: skip
             encode_records([{"messages": msgs}], ["f.jsonl:7"], "chat", odd, max_length=64)
@@ -172,7 +198,7 @@ def test_no_usable_samples_names_the_file_and_every_cause(tok):
         {"messages": [{"role": "user", "content": "only a question"}]},  # nothing to train on
         {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x" * 30}]},
     ]
-    where = ["dir:f.jsonl:1", "dir:f.jsonl:2"]
+    where = ["dir:f.jsonl:1", "other.jsonl:2"]  # the first record's file is named
     with pytest.raises(DataError) as info:
         encode_records(recs, where, "chat", tok, max_length=32, overlong="drop")
     assert str(info.value) == (

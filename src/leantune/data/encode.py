@@ -118,7 +118,8 @@ class _Encoder:
                         f"{loc}: the chat template does not render conversations prefix by prefix"
                     )
                 piece = header[len(done) :]
-                first = not done and not _starts_with_bos(self.tok, header)
+                # special tokens (the bos) once, before the first token: not per empty rendering
+                first = not ids and not _starts_with_bos(self.tok, header)
                 new = self.ids(piece, first=first) if piece else []
                 ids += new
                 labels += [IGNORE_INDEX] * len(new)
@@ -126,7 +127,7 @@ class _Encoder:
             full = render(messages[: i + 1], tokenize=False)
             if not full.startswith(done):
                 raise DataError(f"{loc}: the chat template does not render conversations prefix by prefix")
-            new = self.ids(full[len(done) :], first=not done and not _starts_with_bos(self.tok, full))
+            new = self.ids(full[len(done) :], first=not ids and not _starts_with_bos(self.tok, full))
             ids += new
             labels += new if m["role"] == "assistant" else [IGNORE_INDEX] * len(new)
             done = full
