@@ -198,3 +198,87 @@ def test_text_files_are_replaced_atomically(tmp_path, monkeypatch):
     monkeypatch.undo()
     ckpt.write_text_atomic(path, "new: 2\n")  # and the next write clears the leftover
     assert path.read_text() == "new: 2\n" and [p.name for p in tmp_path.iterdir()] == ["config.yaml"]
+
+
+# ------------------------------------------------------------ what a failed write is reported as
+class CheckpointException(BaseException):  # noqa: N818 (torch's name, which the code matches)
+    """What torch.distributed.checkpoint raises: each rank's failure in ``.failures``."""
+
+    def __init__(self, failures):
+        super().__init__("CheckpointException ranks:{0}")
+        self.failures = failures
+
+
+@pytest.fixture
+def plenty_of_space(monkeypatch):
+    usage = type("Usage", (), {"free": 50 * 2**30})
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage)
+
+
+def _tmp_with_files(tmp_path):
+    tmp = tmp_path / ".step-000003.tmp-1"
+    (tmp / "model").mkdir(parents=True)
+    (tmp / "model" / "a.bin").write_bytes(b"a")
+    newest = tmp / "optim.bin"
+    newest.write_bytes(b"b")
+    os.utime(tmp / "model" / "a.bin", ns=(1, 1))
+    return tmp
+
+
+@pytest.mark.parametrize(
+    ("make_error", "disk_full", "shown"),
+    [
+        (lambda: OSError(28, "No space left on device"), True, "OSError: [Errno 28] No space left on device"),
+        (lambda: OSError(122, "Disk quota exceeded"), True, "OSError: [Errno 122] Disk quota exceeded"),
+        (lambda: RuntimeError("failed: os error 28"), True, "RuntimeError: failed: os error 28"),
+        (lambda: RuntimeError("No space left here\nsecond line"), True, "RuntimeError: No space left here"),
+        (lambda: PermissionError(13, "denied"), False, "PermissionError: [Errno 13] denied"),
+        (lambda: type("SafetensorError", (Exception,), {})("bad"), False, "SafetensorError: bad"),
+        (lambda: CheckpointException({1: (OSError(28, "No space left on device"), "traceback")}), True,
+         "OSError: [Errno 28] No space left on device"),
+        (lambda: CheckpointException({0: PermissionError(13, "denied")}), False,
+         "PermissionError: [Errno 13] denied"),
+    ],
+    ids=["enospc", "edquot", "safetensors-28", "text", "permission", "safetensors", "dcp", "dcp-bare"],
+)  # fmt: skip
+def test_a_storage_failure_is_described_with_its_cause_and_file(
+    tmp_path, plenty_of_space, make_error, disk_full, shown
+):
+    tmp = _tmp_with_files(tmp_path)
+    target = tmp_path / "step-000003"
+    err = ckpt._describe_write_failure(target, tmp, make_error())
+    assert err is not None and err.disk_full is disk_full and err.target == target
+    assert err.file == "optim.bin"  # the file being written: the newest one in the temporary dir
+    why = "the disk is full (51200.0 MiB free)" if disk_full else "a storage error"
+    assert str(err) == (
+        f"could not write {target}: {why} while writing optim.bin ({shown}). The partial write was "
+        "removed; earlier checkpoints are untouched"
+    )
+
+
+def test_a_storage_failure_found_in_the_exception_chain(tmp_path, plenty_of_space):
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("serialization failed") from inner
+    except RuntimeError as outer:
+        err = ckpt._describe_write_failure(tmp_path / "t", tmp_path / "missing", outer)
+    assert err is not None and err.disk_full and err.file is None
+    assert "while writing it (RuntimeError: serialization failed)" in str(err)
+
+
+def test_a_bug_is_not_described_as_a_storage_failure(tmp_path, plenty_of_space):
+    assert ckpt._describe_write_failure(tmp_path / "t", tmp_path, ValueError("a bug")) is None
+    assert ckpt._describe_write_failure(tmp_path / "t", tmp_path, KeyError("optim")) is None
+
+
+def test_a_nearly_full_disk_is_reported_even_when_the_error_does_not_say_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: type("U", (), {"free": 2**19}))
+    err = ckpt._describe_write_failure(tmp_path / "t", tmp_path, RuntimeError("unexpected pos 1234"))
+    assert err is not None and err.disk_full and "the disk is full (0.5 MiB free)" in str(err)
+    named = OSError(5, "I/O error")
+    named.filename = "w.safetensors"
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: (_ for _ in ()).throw(OSError("gone")))
+    err = ckpt._describe_write_failure(tmp_path / "t", tmp_path / "missing", named)
+    assert err is not None and not err.disk_full and err.file == "w.safetensors"
