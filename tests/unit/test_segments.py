@@ -3,6 +3,9 @@ separate parameters, with the same gradients (the loss is a sum of one term per 
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 import torch
 
@@ -143,3 +146,203 @@ def test_local_segment_reads_views_for_row_runs_and_copies_otherwise():
     assert (t[_index(SEGMENTS[2], ROWS, COLS)] == -1).all() and (t >= 0).sum() == ROWS * COLS - 24
     assert compress_index([0, 1, 2, 5, 6, 9]) == (range(0, 3), range(5, 7), range(9, 10))
     check_segments(SEGMENTS, (ROWS, COLS))
+
+
+# ------------------------------------------------------------ index arithmetic, by brute force
+def _flat(index):
+    return [i for r in index for i in r]
+
+
+INDEXES = [(range(0, 3),), (range(1, 9, 3),), (range(0, 2), range(4, 11, 2)), (range(5, 6), range(7, 20, 5))]
+
+
+@pytest.mark.parametrize("index", INDEXES, ids=str)
+@pytest.mark.parametrize(("lo", "hi"), [(0, 20), (0, 1), (2, 7), (3, 4), (6, 20), (19, 25), (4, 4)])
+def test_clip_keeps_exactly_the_indices_in_the_window_shifted(index, lo, hi):
+    from leantune.optim.segments import _clip
+
+    got = _clip(index, lo, hi)
+    assert _flat(got) == [i - lo for i in _flat(index) if lo <= i < hi]
+    assert all(len(r) > 0 for r in got)  # no empty pieces
+
+
+@pytest.mark.parametrize("index", [(), *INDEXES], ids=str)
+def test_index_tensor_lists_the_indices_in_order(index):
+    from leantune.optim.segments import index_tensor
+
+    t = index_tensor(index, "cpu")
+    assert t.dtype == torch.long and t.device.type == "cpu" and t.tolist() == _flat(index)
+
+
+def test_overlap_is_any_shared_element_of_the_matrix_view():
+    from leantune.optim.segments import Segment, _overlaps, check_segments
+
+    shape = (2, 5, 6)  # a (10, 6) view
+    segs = [
+        Segment("a", rows=(range(0, 4),)),
+        Segment("b", rows=(range(4, 10),), cols=(range(0, 3),)),
+        Segment("c", rows=(range(4, 10),), cols=(range(3, 6),)),
+        Segment("d", rows=(range(3, 5),), cols=(range(2, 4),)),
+        Segment("e", cols=(range(5, 6),)),
+        Segment("f", rows=(range(1, 10, 2),), cols=(range(0, 1),)),
+    ]
+
+    def cells(s):
+        rows = _flat(s.rows) if s.rows is not None else range(10)
+        cols = _flat(s.cols) if s.cols is not None else range(6)
+        return {(r, c) for r in rows for c in cols}
+
+    for i, a in enumerate(segs):
+        for b in segs[i + 1 :]:
+            assert _overlaps(a, b, shape) == bool(cells(a) & cells(b)), (a.name, b.name)
+    check_segments(segs[:3], shape)
+    with pytest.raises(ValueError, match=r"^segments 'a' and 'd' overlap$"):
+        check_segments([*segs[:3], segs[3]], shape)
+    with pytest.raises(ValueError, match=r"^segment names must be unique, got \['a', 'a'\]$"):
+        check_segments([segs[0], Segment("a", rows=(range(5, 6),))], shape)
+    # a vector's one "column"
+    assert _overlaps(Segment("x", rows=(range(0, 2),)), Segment("y", rows=(range(1, 3),)), (4,))
+    assert not _overlaps(Segment("x", rows=(range(0, 2),)), Segment("y", rows=(range(2, 3),)), (4,))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": ""}, "Invalid segment name ''"),
+        ({"name": "a|b"}, "Invalid segment name 'a|b'"),
+        ({"name": "s", "rows": ()}, "segment 's': rows must be non-empty increasing ranges"),
+        ({"name": "s", "cols": (range(2, 2),)}, "segment 's': cols must be non-empty increasing ranges"),
+        ({"name": "s", "rows": (range(0, 4, -1),)}, "segment 's': rows must be non-empty increasing ranges"),
+        ({"name": "s", "rows": (range(4, 6), range(0, 2))}, "segment 's': rows must be non-empty increasing"),
+        ({"name": "s", "rows": (range(0, 6), range(3, 8))}, "segment 's': rows must be non-empty increasing"),
+    ],
+)
+def test_bad_segments_are_refused(kwargs, message):
+    from leantune.optim.segments import Segment
+
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        Segment(**kwargs)
+
+
+def test_segment_shapes_and_fit():
+    from leantune.optim.segments import Segment
+
+    assert Segment("s", rows=(range(0, 2), range(5, 8))).shape((4, 3, 6)) == torch.Size([5, 6])
+    assert Segment("s", cols=(range(1, 5, 2),)).shape((4, 6)) == torch.Size([4, 2])
+    assert Segment("s", rows=(range(2, 5),)).shape((9,)) == torch.Size([3])
+    assert Segment("s", rows=(range(2, 5),), cols=(range(0, 1),)).shape((9,)) == torch.Size([3])
+    with pytest.raises(ValueError, match=r"^segment 's': a vector has no columns to select$"):
+        Segment("s", cols=(range(0, 2),)).shape((9,))
+    Segment("s", rows=(range(0, 12),), cols=(range(0, 6),)).check((4, 3, 6))  # fits exactly
+    with pytest.raises(
+        ValueError, match=r"^segment 's': rows up to 13 do not fit a parameter of shape \(4, 3, 6\)$"
+    ):
+        Segment("s", rows=(range(0, 13),)).check((4, 3, 6))
+    with pytest.raises(
+        ValueError, match=r"^segment 's': cols up to 7 do not fit a parameter of shape \(4, 6\)$"
+    ):
+        Segment("s", cols=(range(6, 7),)).check((4, 6))
+    with pytest.raises(
+        ValueError, match=r"^segment .s.: cols up to 2 do not fit a parameter of shape \(9,\)$"
+    ):
+        Segment("s", cols=(range(0, 2),)).check((9,))
+
+
+def test_segment_state_is_the_prefixed_part_of_the_state():
+    from leantune.optim.segments import SegmentState
+
+    state = {"step": 3, "q|row": 1, "q|col": 2, "k|row": 4, 7: "not a string key"}
+    view = SegmentState(state, "q")
+    assert sorted(view) == ["col", "row"] and len(view) == 2 and dict(view) == {"row": 1, "col": 2}
+    view["v"] = 5
+    del view["row"]
+    assert state == {"step": 3, "q|col": 2, "k|row": 4, 7: "not a string key", "q|v": 5}
+
+
+# --------------------------------------------------- FSDP2 row ranges, without a process group
+class _Mesh:
+    def __init__(self, rank, world, ndim=1):
+        self.rank, self.world, self.ndim = rank, world, ndim
+
+    def get_local_rank(self):
+        return self.rank
+
+    def size(self):
+        return self.world
+
+
+class _Sharded:
+    """What rank_row_ranges reads of a DTensor sharded on dim 0: shape, mesh, placements, to_local."""
+
+    def __init__(self, shape, rank, world, placements=None, local_rows=None):
+        from torch.distributed.tensor import Shard
+
+        self.shape = torch.Size(shape)
+        self.device_mesh = _Mesh(rank, world)
+        self.placements = placements if placements is not None else (Shard(0),)
+        chunks = torch.chunk(torch.empty(shape), world)  # FSDP2 shards dim 0 as torch.chunk does
+        rows = local_rows if local_rows is not None else (chunks[rank].shape[0] if rank < len(chunks) else 0)
+        self._local = torch.empty((rows, *shape[1:]))
+
+    def dim(self):
+        return len(self.shape)
+
+    def to_local(self):
+        return self._local
+
+
+@pytest.mark.parametrize("shape", [(10, 3), (7, 2, 5), (3, 4), (1, 8), (9,)], ids=str)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_rank_row_ranges_follow_torch_chunk(shape, world):
+    from leantune.optim.segments import LocalSegment, Segment, rank_row_ranges, row_range
+
+    per_dim0 = math.prod(shape[1:-1]) if len(shape) >= 2 else 1
+    sizes = [c.shape[0] for c in torch.chunk(torch.empty(shape), world)]
+    sizes += [0] * (world - len(sizes))
+    bounds = [sum(sizes[:r]) * per_dim0 for r in range(world + 1)]
+    want = [(bounds[r], bounds[r + 1]) for r in range(world)]
+    rows = math.prod(shape) // (shape[-1] if len(shape) >= 2 else 1)
+    seg = Segment("s", rows=(range(0, rows, 2),))
+    for rank in range(world):
+        param = _Sharded(shape, rank, world)
+        assert rank_row_ranges(param) == want
+        assert row_range(param) == want[rank]
+        local = LocalSegment(seg, param)
+        lo, hi = want[rank]
+        assert _flat(local.rows) == [i - lo for i in range(0, rows, 2) if lo <= i < hi]
+        assert local.n_rows == len(_flat(local.rows))
+        assert local.rank_rows == [len([i for i in range(0, rows, 2) if a <= i < b]) for a, b in want]
+
+
+def test_rank_row_ranges_refuse_other_layouts():
+    from torch.distributed.tensor import Replicate, Shard
+
+    from leantune.optim.segments import rank_row_ranges
+
+    with pytest.raises(
+        ValueError, match=r"need a 1-D mesh and Shard\(0\), got \(Replicate\(\),\) on a 1-D mesh"
+    ):
+        rank_row_ranges(_Sharded((4, 2), 0, 2, placements=(Replicate(),)))
+    with pytest.raises(ValueError, match=r"got \(Shard\(dim=1\),\)"):
+        rank_row_ranges(_Sharded((4, 2), 0, 2, placements=(Shard(1),)))
+    two_d = _Sharded((4, 2), 0, 2)
+    two_d.device_mesh.ndim = 2
+    with pytest.raises(ValueError, match="on a 2-D mesh"):
+        rank_row_ranges(two_d)
+    with pytest.raises(ValueError, match=r"^unexpected shard of \(4, 2\): local \(3, 2\)$"):
+        rank_row_ranges(_Sharded((4, 2), 0, 2, local_rows=3))
+
+
+def test_local_segment_of_a_plain_tensor_is_the_whole_segment():
+    from leantune.optim.segments import LocalSegment, Segment
+
+    p = torch.zeros(6, 4)
+    whole_rows = LocalSegment(Segment("s", rows=(range(2, 5),)), p)
+    assert whole_rows.in_place and whole_rows.rows == (range(2, 5),) and whole_rows.rank_rows == [3]
+    assert whole_rows.global_shape == torch.Size([3, 4]) and not whole_rows.vector
+    strided = LocalSegment(Segment("s", rows=(range(0, 6, 2),)), p)
+    assert not strided.in_place and strided.n_rows == 3
+    cols = LocalSegment(Segment("s", cols=(range(1, 3),)), p)
+    assert not cols.in_place and cols.rows == (range(0, 6),) and cols.n_rows == 6
+    vec = LocalSegment(Segment("s", rows=(range(1, 4),)), torch.zeros(5))
+    assert vec.vector and vec.in_place and vec.global_shape == torch.Size([3])
