@@ -732,7 +732,7 @@ def _fused_scratch(base: str, kind: _OptimModel | None, shape: tuple[int, ...], 
         return reduced + copy + (4 * c if low else 0)
     if base == "adalomo":
         if len(shape) < 2:
-            return reduced + copy + 12 * n
+            return reduced + copy + 8 * n  # g^2 and the update u, fp32
         work = 4 * c if low else 0
         return reduced + (copy + work if c == n else max(copy, work))
     full = 4 * n if transformed else 0

@@ -46,6 +46,7 @@ def lomo_update(
             w.add_(g, alpha=-lr)
 
         writer.apply(rows[sl], step, comp_rows[sl] if comp_rows is not None else None)
+        del g, step  # else this chunk's copy lives on while the next one is built
 
 
 class LOMO(FusedOptimizer):
