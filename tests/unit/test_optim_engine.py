@@ -404,3 +404,39 @@ def test_named_parameters_and_param_groups_are_accepted():
     assert torch.equal(model.lm_head.weight, ref.lm_head.weight)
     named = LOMO(list(tiny_llama().named_parameters()), lr=1e-2)
     assert "param_names" in named.state_dict()["param_groups"][0]
+
+
+def test_as_stepper_wraps_ordinary_optimizers_and_refuses_options_for_fused_ones():
+    model = tiny_llama()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    stepper = as_stepper(sgd, clip_grad_norm=0.5, accumulation_steps=2)
+    assert isinstance(stepper, Stepper) and stepper.optimizer is sgd
+    assert stepper.clip_grad_norm == 0.5 and stepper.accumulation_steps == 2
+    fused = LOMO(tiny_llama(), lr=0.1)
+    assert as_stepper(fused) is fused
+    with pytest.raises(
+        TypeError, match=r"^pass clipping/accumulation options to the fused optimizer's constructor$"
+    ):
+        as_stepper(fused, clip_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("where", ["grad", "acc", "both"])
+@pytest.mark.parametrize(
+    "bad", [None, float("nan"), float("inf"), -float("inf")], ids=["finite", "nan", "inf", "-inf"]
+)
+def test_zero_unless_finite_zeroes_every_buffer_of_a_bad_gradient_and_nothing_else(where, bad):
+    from leantune.optim.engine import GradientView
+
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(12, 5, generator=g) if where != "acc" else None
+    acc = torch.randn(12, 5, generator=g) if where != "grad" else None
+    if bad is not None:
+        (grad if grad is not None else acc)[11, 4] = bad  # in the last of several chunks
+    before = [t.clone() for t in (grad, acc) if t is not None]
+    flag = GradientView(grad, acc, inv_scale=0.5, clip_value=None, clip_coef=1.0).zero_unless_finite(10)
+    assert flag.dtype == torch.bool and flag.shape == () and bool(flag) == (bad is not None)
+    for t, b in zip([t for t in (grad, acc) if t is not None], before):
+        if bad is None:
+            assert torch.equal(t, b)  # untouched, bitwise
+        else:
+            assert torch.equal(t, torch.zeros_like(t))
