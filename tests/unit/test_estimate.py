@@ -564,3 +564,34 @@ def test_fused_update_temporaries_equal_what_the_update_allocates(name, dtype, a
                                         accumulation)  # fmt: skip
     slack = 64 + (16 * (shape[0] + shape[-1]) if len(shape) >= 2 else 0)
     assert 0 <= measured - predicted <= slack, (predicted, measured)
+
+
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_cast_parameters_are_the_linear_weights_counted_on_the_model(tie):
+    """Under autocast every linear weight is cast (embedding lookups and norms are not): the
+    estimator's count against the preset's own model, built on the meta device."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from leantune.models import preset_config
+
+    cfg = preset_config("test", vocab_size=SHAPE_01B.vocab_size, tie_word_embeddings=tie)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    linear = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    shape = replace(ModelShape.from_preset("test", vocab_size=SHAPE_01B.vocab_size), tie_word_embeddings=tie)
+    assert shape.parameters == sum(p.numel() for p in model.parameters())
+    assert shape.cast_parameters() == sum(linear.values())
+
+
+def test_json_breakdown_has_every_term_its_inputs_and_notes():
+    b = est(optimizer="adalomo", dtype="bf16", seq_len=64)
+    d = b.to_dict()
+    terms = ("weights", "gradients", "optimizer_state", "activations", "logits", "temporaries", "overhead")
+    assert set(d) == {*terms, "total", "moment", "moments", "parameters", "notes", "model", "setup"}
+    assert sum(d[t] for t in terms) == d["total"] == b.total and d["moment"] == b.moment
+    assert d["parameters"] == SHAPE_01B.parameters and d["notes"] == b.notes and d["notes"]["model"]
+    assert d["model"]["hidden_size"] == SHAPE_01B.hidden_size and "config" not in d["model"]
+    assert d["setup"]["optimizer"] == "adalomo" and d["setup"]["seq_len"] == 64
+    json.dumps(d)  # JSON-ready
