@@ -595,3 +595,24 @@ def test_json_breakdown_has_every_term_its_inputs_and_notes():
     assert d["model"]["hidden_size"] == SHAPE_01B.hidden_size and "config" not in d["model"]
     assert d["setup"]["optimizer"] == "adalomo" and d["setup"]["seq_len"] == 64
     json.dumps(d)  # JSON-ready
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "mixed"])
+@pytest.mark.parametrize("padded", [False, True], ids=["packed", "padded"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_estimated_activations_match_what_autograd_saves(dtype, padded, batch):
+    """``estimate_memory(...).activations`` of a model given by its config (the footprint path: the
+    family's own code, counted on fake tensors) against the storages autograd saves in a real
+    forward; what autograd saves beyond it is the loss's fp32 log-probabilities, which the
+    estimator books under logits (at most ``4 x tokens x vocab``), and RoPE's cos/sin."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")  # fmt: skip
+    shape = ModelShape.from_hf_config(cfg.to_dict())
+    assert shape.config is not None
+    seq = 24
+    b = est(shape, optimizer="floor", dtype=dtype, seq_len=seq, batch_size=batch, padded=padded)
+    saved = _saved_bytes(cfg, dtype, (batch, seq), padded)
+    rope = 2 * seq * shape.head_dim * 4  # cos/sin, shared by the layers, not in the activations term
+    assert 0 <= saved - b.activations <= 4 * batch * seq * cfg.vocab_size + rope, (saved, b.activations)
