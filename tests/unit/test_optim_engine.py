@@ -440,3 +440,107 @@ def test_zero_unless_finite_zeroes_every_buffer_of_a_bad_gradient_and_nothing_el
             assert torch.equal(t, b)  # untouched, bitwise
         else:
             assert torch.equal(t, torch.zeros_like(t))
+
+
+# ----------------------------------------------------------------------------- the loss scaler
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"init_scale": 0.0}, "Invalid loss scale: 0.0 (must be > 0)"),
+        ({"growth_factor": 1.0}, "Invalid growth_factor: 1.0 (must be > 1)"),
+        ({"backoff_factor": 0.0}, "Invalid backoff_factor: 0.0 (must be in (0, 1))"),
+        ({"backoff_factor": 1.0}, "Invalid backoff_factor: 1.0 (must be in (0, 1))"),
+        ({"growth_interval": 0}, "Invalid growth_interval: 0 (must be >= 1)"),
+        ({"min_scale": 0.0}, "Invalid min_scale: 0.0 (must be > 0)"),
+    ],
+)
+def test_loss_scaler_refuses_bad_settings_at_their_bounds(kwargs, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        LossScaler(**kwargs)
+
+
+def test_loss_scaler_accepts_the_tightest_good_settings():
+    s = LossScaler(0.5, growth_factor=1.5, backoff_factor=0.99, growth_interval=1, min_scale=0.25)
+    s.update(overflow=False)
+    assert s.scale == 0.75  # growth_interval 1: grows after every clean step
+
+
+def test_loss_scaler_defaults_grow_after_1000_clean_steps_and_floor_at_one():
+    s = LossScaler()
+    assert (s.scale, s.clean_steps, s.overflows) == (2.0**16, 0, 0)
+    for _ in range(999):
+        s.update(overflow=False)
+    assert s.scale == 2.0**16 and s.clean_steps == 999
+    s.update(overflow=False)
+    assert s.scale == 2.0**17 and s.clean_steps == 0
+    s.update(overflow=False)
+    s.update(overflow=True)
+    assert (s.scale, s.clean_steps, s.overflows) == (2.0**16, 0, 1)
+    for _ in range(30):
+        s.update(overflow=True)
+    assert s.scale == 1.0 and s.overflows == 31  # never below min_scale
+
+
+def test_loss_scaler_state_round_trips_every_field():
+    a = LossScaler(8.0, growth_factor=3.0, backoff_factor=0.25, growth_interval=7, min_scale=0.5)
+    a.update(overflow=False)
+    a.update(overflow=True)
+    a.update(overflow=False)
+    state = a.state_dict()
+    assert state == {"scale": 2.0, "dynamic": True, "growth_factor": 3.0, "backoff_factor": 0.25,
+                     "growth_interval": 7, "min_scale": 0.5, "clean_steps": 1, "overflows": 1}  # fmt: skip
+    b = LossScaler(dynamic=False)
+    b.load_state_dict(state)
+    assert b.state_dict() == state and vars(b) == vars(a)
+    static = LossScaler.from_spec(128)
+    assert not static.dynamic and static.scale == 128.0
+    static.update(overflow=True)
+    assert static.scale == 128.0 and static.overflows == 0  # a static scale never moves
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "rounding"),
+    [("adalomo", torch.float32, "nearest"), ("adalomo", torch.bfloat16, "kahan"),
+     ("adamw_in_backward", torch.float32, None)],
+    ids=["adalomo", "adalomo-bf16-kahan", "adamw-in-backward"],
+)  # fmt: skip
+def test_init_state_builds_what_the_first_update_starts_from(name, dtype, rounding):
+    """init_state (for checkpoint loaders that need the state's structure): the same keys, shapes
+    and dtypes as after a first update, zero-valued, weights untouched, segments included; it
+    never resets a state that exists."""
+    from leantune.optim import build_optimizer
+    from leantune.optim.segments import Segment
+
+    extra = {"rounding": rounding} if rounding else {}
+
+    def make():
+        model = tiny_llama(dtype=dtype)
+        opt = build_optimizer(name, model, lr=1e-2, weight_decay=0.0, **extra)
+        opt.set_segments({"model.layers.0.mlp.up_proj.weight": [Segment("a", rows=(range(0, 16),))]})
+        return model, opt
+
+    model, opt = make()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.init_state()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    ref_model, ref = make()
+    ref.backward(loss_of(ref_model, batch(0)))
+    assert len(opt.state) == len(ref.state) == sum(1 for p in model.parameters() if p.requires_grad)
+    ref_params = dict(ref_model.named_parameters())
+    for name_, p in model.named_parameters():
+        st, want = opt.state[p], ref.state[ref_params[name_]]
+        assert st.keys() == want.keys(), (name_, st.keys(), want.keys())
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                assert v.shape == want[k].shape and v.dtype == want[k].dtype, k
+                if v.is_floating_point():
+                    assert not v.any(), k  # zero: what the first update starts from
+    up = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    assert any("|" in k for k in opt.state[up])  # the segment's own state
+    opt.backward(loss_of(model, batch(0)))
+    trained = {
+        id(p): {k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for p, st in opt.state.items()
+    }
+    opt.init_state()
+    for p, st in opt.state.items():
+        assert all(torch.equal(v, trained[id(p)][k]) for k, v in st.items() if torch.is_tensor(v))
