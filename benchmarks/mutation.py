@@ -26,7 +26,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -92,17 +91,6 @@ def _write_config(work: Path, modules: list[str]) -> None:
     pyproject.write_text(pyproject.read_text() + "\n".join(lines) + "\n")
 
 
-def _mutmut(work: Path, *args: str, check: bool = True) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    exe = Path(sys.executable).with_name("mutmut")
-    proc = subprocess.run([str(exe), *args], cwd=work, env=env, capture_output=True, text=True)
-    if check and proc.returncode:
-        raise SystemExit(
-            f"mutmut {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-        )
-    return proc.stdout
-
-
 def _module_of(mutant: str) -> str:
     """``leantune.optim.engine.xǁFusedOptimizerǁ_apply__mutmut_3`` -> ``src/leantune/optim/engine.py``."""
     dotted = mutant.split(".x", 1)[0] if ".xǁ" in mutant or ".x_" in mutant else mutant.rsplit(".", 1)[0]
@@ -114,21 +102,34 @@ def _function_of(mutant: str) -> str:
     return name.removeprefix("x").replace("ǁ", ".").strip(".").removeprefix("_") if "ǁ" in name else name[2:]
 
 
-def _diff(work: Path, mutant: str) -> str:
-    text = _mutmut(work, "show", mutant, check=False)
-    return "\n".join(x for x in text.splitlines() if x[:1] in "+-" and not x.startswith(("+++", "---")))
+# Run inside the scratch copy by its venv's python: mutmut's own reading of its results (one
+# process for all mutants; ``mutmut show`` per survivor would start one per mutant).
+_COLLECT = """
+import json
+from mutmut.__main__ import SourceFileMutationData, get_diff_for_mutant, status_by_exit_code
+from mutmut.__main__ import walk_mutatable_files
+
+rows = []
+for path in walk_mutatable_files():
+    data = SourceFileMutationData(path=path)
+    data.load()
+    for name, code in data.exit_code_by_key.items():
+        row = {"mutant": name, "status": status_by_exit_code[code]}
+        if row["status"] == "survived":
+            diff = get_diff_for_mutant(name, path=path).splitlines()
+            row["diff"] = "\\n".join(x for x in diff if x[:1] in "+-" and not x.startswith(("+++", "---")))
+        rows.append(row)
+print(json.dumps(rows))
+"""
 
 
 def collect(work: Path) -> list[dict[str, Any]]:
-    rows = []
-    for line in _mutmut(work, "results", "--all", "true").splitlines():
-        m = re.match(r"\s*(\S+): (.+)$", line)
-        if m and m.group(2) in STATUSES:
-            rows.append({"mutant": m.group(1), "status": m.group(2)})
+    proc = subprocess.run([sys.executable, "-c", _COLLECT], cwd=work, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"reading mutmut's results failed:\n{proc.stderr[-3000:]}")
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
     for row in rows:
         row["module"], row["function"] = _module_of(row["mutant"]), _function_of(row["mutant"])
-        if row["status"] == "survived":
-            row["diff"] = _diff(work, row["mutant"])
     return rows
 
 
@@ -166,7 +167,7 @@ def summarise(rows: list[dict[str, Any]], notes: dict[str, dict[str, str]]) -> d
 
 def format_markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
-    cols = ("killed", "timeout", "survived", "equivalent", "no tests")
+    cols = ("killed", "timeout", "survived", "equivalent", "no tests", "not checked")
     lines = [
         "# Mutation testing of the core (mutmut)",
         "",
@@ -175,7 +176,8 @@ def format_markdown(report: dict[str, Any]) -> str:
         benchlib.source_note(report.get("source")),
         "",
         "Score = (killed + timeout) / (killed + timeout + survived); mutants judged equivalent (reasons",
-        "below, from `benchmarks/mutation_notes.toml`) and those no in-process test reaches are left out.",
+        "below, from `benchmarks/mutation_notes.toml`), those no in-process test reaches (`no tests`)",
+        "and those the run did not get to (`not checked`) are left out.",
         "",
         "| module | " + " | ".join(cols) + " | score |",
         "|---|" + "--:|" * (len(cols) + 1),
