@@ -451,15 +451,16 @@ def test_cli_errors(capsys, tmp_path, argv, pattern):
 @pytest.mark.slow
 def test_prediction_matches_a_measured_run():
     """One real run in a fresh process (the validation benchmark's worker): tiny preset, a 4k
-    vocabulary, 2 x 2048 tokens, so that activations (~175 MiB) and the loss (~190 MiB) are each a
-    quarter of the peak, and the 5% tolerance is a fraction of either (measured here: +1-2%). Two
-    steps: the second runs with AdaLomo's workspaces allocated (steady state)."""
+    vocabulary, 3 x 2048 tokens, so that activations (~260 MiB) and the loss (~280 MiB) are each
+    over a quarter of the peak, and the 10% tolerance is under half of either. Measured alone
+    +1.2% at 2 x 2048; beside another test worker -7.3% (the peak RSS moves with the allocator's
+    history, hence 10%). Two steps: the second runs with AdaLomo's workspaces allocated."""
     cfg = {
         "preset": "tiny",
         "optim": "adalomo",
         "dtype": "fp32",
         "seq": 2048,
-        "batch": 2,
+        "batch": 3,
         "ckpt": False,
         "accum": 1,
         "vocab": 4000,
@@ -479,9 +480,9 @@ def test_prediction_matches_a_measured_run():
     )
     measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
     shape = ModelShape.from_preset("tiny", vocab_size=4000)
-    b = est(shape, optimizer="adalomo", dtype="fp32", seq_len=2048, batch_size=2)
-    tolerance = 0.05 * measured
-    assert tolerance < b.activations / 3 and tolerance < b.logits / 3  # either term missing fails
+    b = est(shape, optimizer="adalomo", dtype="fp32", seq_len=2048, batch_size=3)
+    tolerance = 0.10 * measured
+    assert tolerance < b.activations / 2 and tolerance < b.logits / 2  # either term missing fails
     print(f"predicted {b.total / MiB:.1f} MiB, measured {measured / MiB:.1f} MiB")
     assert abs(b.total - measured) < tolerance, (b.total / MiB, measured / MiB)
 
