@@ -109,6 +109,13 @@ def source_note(src: dict[str, Any] | None) -> str:
     return f"- Code: leantune from {where}; source digest `{src['digest']}`."
 
 
+def write_report(out: Path, report: dict[str, Any], markdown: str, *, ensure_ascii: bool = True) -> None:
+    """``<out>.json`` (the report, indented) and ``<out>.md`` (``markdown`` as given)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2, ensure_ascii=ensure_ascii) + "\n")
+    out.with_suffix(".md").write_text(markdown)
+
+
 def emit_result(result: Any) -> None:
     """A worker's answer to its parent: one line on stdout."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import estimate_validation as ev
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,9 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": ev._summary(rows),
         "git": ev._git_state(),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(format_markdown(report) + "\n")
+    benchlib.write_report(args.out, report, format_markdown(report) + "\n")
     s = report["summary"]
     print(
         f"max |error| {s['max_abs_error'] * 100:.1f}%, mean {s['mean_abs_error'] * 100:.1f}%; "

@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import benchlib
 from leantune.rss import proc_status_bytes, release_free_memory, reset_peak_rss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -481,9 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     report["git"] = _git_state()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(format_markdown(report) + "\n")
+    benchlib.write_report(args.out, report, format_markdown(report) + "\n")
     _plot(rows, args.out.with_suffix(".png"), default_rows)
     s = report["summary"]
     if s:

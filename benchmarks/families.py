@@ -382,9 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.merge:
         report = _merge(json.loads(args.out.with_suffix(".json").read_text()), report, skip)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(format_markdown(report))
+    benchlib.write_report(args.out, report, format_markdown(report))
     print(f"wrote {args.out}.md/.json")
     return 0
 

@@ -61,7 +61,6 @@ MODULES = {
     "src/leantune/estimate.py": ["tests/unit/test_estimate.py", "tests/unit/test_footprint.py"],
 }
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-p", "no:xdist", "-m", "not slow and not distributed", "-q"]
-STATUSES = ("killed", "survived", "no tests", "timeout", "suspicious", "skipped", "segfault")
 
 
 def _copy_tree(dest: Path) -> None:
@@ -238,9 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     report["summary"] = summarise(rows, load_notes())
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    args.out.with_suffix(".md").write_text(format_markdown(report))
+    benchlib.write_report(args.out, report, format_markdown(report), ensure_ascii=False)
     t = report["summary"]["total"]
     print(
         f"score {t['score']:.1%} ({t.get('killed', 0)} killed, {t.get('survived', 0)} survived); "
