@@ -17,7 +17,10 @@ Run (from the repository root; ``scripts/mutation`` installs mutmut first)::
     scripts/mutation --modules src/leantune/data/encode.py
     scripts/mutation --report-only                     # re-render from the last run's copy
 
-``--keep`` reuses the scratch copy of an earlier run: mutmut then only re-tests what changed.
+``--keep`` reuses the scratch copy of an earlier run, brought up to date with the checkout: mutmut
+then tests the mutants it has no result for and those of functions whose code changed.
+``--recheck survived`` (with ``--keep``) re-tests the survivors of the last run against the
+current tests, e.g. after adding tests for them.
 """
 
 from __future__ import annotations
@@ -58,7 +61,11 @@ MODULES = {
         "tests/unit/test_segments.py",
         "tests/unit/test_dist_runtime.py",
     ],
-    "src/leantune/estimate.py": ["tests/unit/test_estimate.py", "tests/unit/test_footprint.py"],
+    "src/leantune/estimate.py": [
+        "tests/unit/test_estimate.py",
+        "tests/unit/test_estimate_model.py",
+        "tests/unit/test_footprint.py",
+    ],
 }
 PYTEST_ARGS = ["-p", "no:cacheprovider", "-p", "no:xdist", "-m", "not slow and not distributed", "-q"]
 
@@ -71,6 +78,14 @@ def _copy_tree(dest: Path) -> None:
         ".venv", ".git", ".mutation", "mutants", "runs", "__pycache__", "*.egg-info"
     )
     shutil.copytree(ROOT, dest, ignore=ignore)
+
+
+def _sync_tree(dest: Path) -> None:
+    """Bring an earlier scratch copy up to date with the checkout (its ``pyproject.toml``, which
+    holds the mutmut section, stays): mutmut then re-mutates the functions whose code changed."""
+    for name in ("src", "tests", "benchmarks"):
+        shutil.copytree(ROOT / name, dest / name, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
 
 
 def _write_config(work: Path, modules: list[str]) -> None:
@@ -200,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", nargs="+", choices=list(MODULES), default=list(MODULES))
     parser.add_argument("--keep", action="store_true", help="reuse the scratch copy of the last run")
     parser.add_argument("--report-only", action="store_true", help="render the last run's results")
+    parser.add_argument("--recheck", choices=["survived"], help="re-test the last run's survivors")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
@@ -208,15 +224,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     work = SCRATCH / "tree"
     if not args.report_only:
-        if not (args.keep and work.is_dir()):
+        if args.keep and work.is_dir():
+            _sync_tree(work)
+        else:
+            if args.recheck:
+                parser.error("--recheck needs --keep and an earlier run")
             _copy_tree(work)
             _write_config(work, args.modules)
+        names = [r["mutant"] for r in collect(work) if r["status"] == "survived"] if args.recheck else []
         print(f"mutmut in {work} on {', '.join(args.modules)} ({args.jobs} workers) ...", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         exe = Path(sys.executable).with_name("mutmut")
         # the progress line goes straight to the terminal: a run takes hours
         code = subprocess.run(
-            [str(exe), "run", "--max-children", str(args.jobs)], cwd=work, env=env
+            [str(exe), "run", "--max-children", str(args.jobs), *names], cwd=work, env=env
         ).returncode
         if code:
             print(f"mutmut run exited with {code}", file=sys.stderr)
