@@ -81,11 +81,39 @@ def _copy_tree(dest: Path) -> None:
 
 
 def _sync_tree(dest: Path) -> None:
-    """Bring an earlier scratch copy up to date with the checkout (its ``pyproject.toml``, which
-    holds the mutmut section, stays): mutmut then re-mutates the functions whose code changed."""
+    """Bring an earlier scratch copy up to date with the checkout: mutmut then re-mutates the
+    functions whose code changed.
+
+    Its ``pyproject.toml`` (the mutmut section) stays: mutmut discards every result when the test
+    selection changes. A test file added to :data:`MODULES` since is pulled into the selection
+    through the first selected test file of its module instead (its public names, those the host
+    does not define, copied into the host's namespace, where pytest collects them).
+    """
     for name in ("src", "tests", "benchmarks"):
         shutil.copytree(ROOT / name, dest / name, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
+    selected = set(_selection(dest))
+    for tests in MODULES.values():
+        host = next((t for t in tests if t in selected), None)
+        added = [t for t in tests if t not in selected]
+        if host is None or not added:
+            continue
+        lines = ["", "# added by benchmarks/mutation.py --keep: test files selected since this copy was made"]
+        for i, test in enumerate(added):
+            dotted = test.removesuffix(".py").replace("/", ".")
+            lines += [
+                f"import {dotted} as _added_{i}  # noqa: E402",
+                f"globals().update({{k: v for k, v in vars(_added_{i}).items()"
+                " if not k.startswith('_') and k not in globals()})",
+            ]
+        with open(dest / host, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+def _selection(work: Path) -> list[str]:
+    """The test files of the scratch copy's mutmut section."""
+    section = tomllib.loads((work / "pyproject.toml").read_text())["tool"]["mutmut"]
+    return list(section["pytest_add_cli_args_test_selection"])
 
 
 def _write_config(work: Path, modules: list[str]) -> None:
