@@ -45,7 +45,8 @@ NOTES = ROOT / "benchmarks" / "mutation_notes.toml"
 SCRATCH = ROOT / ".mutation"
 
 # The core, and the tests that guard it. Only in-process tests count: mutmut learns which tests
-# reach a function by tracing this process, so a torchrun or CLI subprocess reaches nothing.
+# reach a function by tracing this process, so a torchrun or CLI subprocess reaches nothing (the
+# collectives run in-process on torch's threaded process group: tests/threaded.py).
 MODULES = {
     "src/leantune/optim/*": [
         "tests/unit/test_optim_oracles.py",
@@ -53,6 +54,7 @@ MODULES = {
         "tests/unit/test_rounding.py",
         "tests/unit/test_segments.py",
         "tests/reliability/test_numerical_faults.py",
+        "tests/unit/test_collectives_threads.py",
     ],
     "src/leantune/data/encode.py": ["tests/unit/test_data.py", "tests/unit/test_encode.py"],
     # (not test_security.py: it reads the source text, which holds every mutant)
@@ -60,6 +62,7 @@ MODULES = {
     "src/leantune/distributed/collectives.py": [
         "tests/unit/test_segments.py",
         "tests/unit/test_dist_runtime.py",
+        "tests/unit/test_collectives_threads.py",
     ],
     "src/leantune/estimate.py": [
         "tests/unit/test_estimate.py",
