@@ -74,8 +74,12 @@ class DataConfig:
     eval: str | None = None
     """Evaluation data file. Default: generated held-out tasks for `builtin`, else a split of `train`."""
     format: str = "auto"
-    """Record format: auto (from the fields), text (`text`), instruction (`prompt`/`response`) or
-    chat (`messages`). Loss is computed on the response / assistant turns only."""
+    """Record format: auto (from the fields), text (`text`), instruction (`prompt`/`response`),
+    chat (OpenAI `messages`), alpaca (`instruction`/`input`/`output`), sharegpt (`conversations`)
+    or preference (`prompt`/`chosen`/`rejected`). Chat-like formats use the tokenizer's chat
+    template; loss is computed on the response / assistant turns only."""
+    columns: dict[str, str] = field(default_factory=dict)
+    """Field names of your data for the ones a format reads, e.g. {prompt: question, response: answer}."""
     max_length: int = 64
     """Maximum sequence length in tokens."""
     overlong: str = "truncate"
@@ -90,6 +94,13 @@ class DataConfig:
     """Number of generated evaluation examples (builtin), or held out from `train` for files."""
     seed: int = 1234
     """Seed of the built-in data generator and of the train/eval split."""
+
+
+# leantune.data.formats.FORMATS and COLUMN_FIELDS, repeated so that the config imports without
+# torch (a unit test keeps them equal)
+DATA_FORMATS = ("text", "instruction", "chat", "alpaca", "sharegpt", "preference")
+DATA_COLUMNS = ("text", "prompt", "response", "messages", "instruction", "input", "output", "system",
+                "history", "conversations", "chosen", "rejected", "tools")  # fmt: skip
 
 
 @dataclass
@@ -262,8 +273,15 @@ class Config:
                 f"data.overlong must be truncate or drop, got {self.data.overlong!r}",
             ),
             (
-                self.data.format in ("auto", "text", "instruction", "chat"),
-                f"data.format must be auto, text, instruction or chat, got {self.data.format!r}",
+                self.data.format in ("auto", *DATA_FORMATS),
+                f"data.format must be auto, {', '.join(DATA_FORMATS)}, got {self.data.format!r}",
+            ),
+            (
+                set(self.data.columns) <= set(DATA_COLUMNS)
+                and all(isinstance(v, str) and v for v in self.data.columns.values()),
+                "data.columns maps field names a format reads ("
+                + ", ".join(DATA_COLUMNS)
+                + f") to your data's field names, got {self.data.columns!r}",
             ),
             (self.data.num_train >= 1, f"data.num_train must be >= 1, got {self.data.num_train}"),
             (self.data.num_eval >= 0, f"data.num_eval must be >= 0, got {self.data.num_eval}"),

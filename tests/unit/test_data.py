@@ -18,7 +18,7 @@ from leantune.data import (
     generate_examples,
     load_records,
 )
-from leantune.data.records import detect_format, validate_records
+from leantune.data.formats import prepare_records
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_missing_field_names_file_and_line(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c"}])
     records, where = load_records(path)
     with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'response'"):
-        validate_records(records, where, "instruction")
+        prepare_records(records, where, "instruction")
 
 
 @pytest.mark.parametrize(
@@ -150,7 +150,7 @@ def test_missing_field_names_file_and_line(tmp_path):
         ("", "has no records"),
         ('{"foo": 1}\n', "cannot tell the data format"),
         ('{"messages": [{"role": "user", "content": "hi"}]}\n', "no assistant message"),
-        ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "use system, user or assistant"),
+        ('{"messages": [{"role": "bot", "content": "hi"}]}\n', "use system, user, assistant or tool"),
         ('{"text": 3}\n', "field 'text' must be a string"),
         ("[1, 2]\n", "expected a JSON object per line"),
     ],
@@ -160,7 +160,7 @@ def test_bad_files_are_clear_errors(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError, match=message):
         records, where = load_records(path)
-        validate_records(records, where, detect_format(records, str(path)))
+        prepare_records(records, where)
 
 
 def test_missing_file_and_bad_suffix(tmp_path):

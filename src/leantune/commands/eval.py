@@ -102,16 +102,14 @@ def _default(args: argparse.Namespace, loaded, device) -> int:
     import dataclasses
 
     from leantune.config import DataConfig
-    from leantune.data import build_datasets, detect_format, encode_records, load_records, validate_records
+    from leantune.data import build_datasets, encode_records, read_records
     from leantune.evaluate import eval_loss, exact_match
 
     data_cfg = loaded.run_config.data if loaded.run_config is not None else DataConfig()
     if args.max_length:
         data_cfg = dataclasses.replace(data_cfg, max_length=args.max_length)
     if args.data:
-        records, where = load_records(args.data)
-        fmt = detect_format(records, args.data) if data_cfg.format == "auto" else data_cfg.format
-        validate_records(records, where, fmt)
+        records, where, fmt = read_records(args.data, data_cfg.format, data_cfg.columns)
         samples, _ = encode_records(
             records,
             where,

@@ -6,8 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from leantune.data.encode import IGNORE_INDEX, EncodeStats, Sample, chat_prompt_ids, encode_records
+from leantune.data.formats import FORMATS, KINDS, prepare_records
 from leantune.data.loader import BatchStream, collate, eval_batches
-from leantune.data.records import DataError, detect_format, load_records, validate_records
+from leantune.data.records import DataError, load_records
 from leantune.data.tasks import TASKS, generate_examples
 from leantune.data.tokenizer import build_byte_tokenizer, load_tokenizer
 
@@ -18,6 +19,7 @@ __all__ = [
     "DataError",
     "Datasets",
     "EncodeStats",
+    "FORMATS",
     "Sample",
     "build_byte_tokenizer",
     "build_datasets",
@@ -28,6 +30,7 @@ __all__ = [
     "generate_examples",
     "load_records",
     "load_tokenizer",
+    "read_records",
 ]
 
 
@@ -40,10 +43,13 @@ class Datasets:
     eval_stats: EncodeStats | None
 
 
-def _records(path: str, fmt: str) -> tuple[list[dict[str, Any]], list[str], str]:
+def read_records(
+    path: str, fmt: str = "auto", columns: dict[str, str] | None = None
+) -> tuple[list[dict[str, Any]], list[str], str]:
+    """The records of a local file in canonical form (:func:`leantune.data.formats.normalize`),
+    their locations and their format (detected when ``fmt`` is ``"auto"``)."""
     records, where = load_records(path)
-    fmt = detect_format(records, path) if fmt == "auto" else fmt
-    validate_records(records, where, fmt)
+    records, fmt = prepare_records(records, where, fmt, columns)
     return records, where, fmt
 
 
@@ -63,11 +69,13 @@ def build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
         train_where = [f"builtin train example {i}" for i in range(len(train_recs))]
         eval_where = [f"builtin eval example {i}" for i in range(len(eval_recs))]
     else:
-        train_recs, train_where, fmt = _records(cfg.train, cfg.format)
+        train_recs, train_where, fmt = read_records(cfg.train, cfg.format, cfg.columns)
         if cfg.eval is not None:
-            eval_recs, eval_where, eval_fmt = _records(cfg.eval, fmt)
-            if eval_fmt != fmt:
-                raise DataError(f"{cfg.eval}: format {eval_fmt} differs from the training data's ({fmt})")
+            eval_recs, eval_where, eval_fmt = read_records(cfg.eval, cfg.format, cfg.columns)
+            if KINDS[eval_fmt] != KINDS[fmt]:
+                raise DataError(
+                    f"{cfg.eval}: format {eval_fmt} does not train like the training data's ({fmt})"
+                )
         else:
             n_eval = min(cfg.num_eval, len(train_recs) // 10)
             import random

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from leantune.data.formats import KINDS
 from leantune.data.records import DataError
 
 __all__ = ["IGNORE_INDEX", "EncodeStats", "Sample", "chat_prompt_ids", "encode_records"]
@@ -103,8 +104,19 @@ class _Encoder:
         r = self.ids(response, first=False) + [self.eos]
         return p + r, [IGNORE_INDEX] * len(p) + r, p
 
-    def chat(self, messages: list[dict[str, str]], loc: str) -> tuple[list[int], list[int]]:
-        render = self.tok.apply_chat_template
+    def chat(
+        self, messages: list[dict[str, Any]], loc: str, tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], list[int]]:
+        extra = {"tools": tools} if tools else {}
+
+        def render(msgs: list[dict[str, Any]], **kwargs: Any) -> str:
+            try:
+                return self.tok.apply_chat_template(msgs, **kwargs, **extra)
+            except Exception as err:  # jinja's TemplateError, or raise_exception() in the template
+                raise DataError(
+                    f"{loc}: the tokenizer's chat template refuses this conversation: {err}"
+                ) from None
+
         if getattr(self.tok, "chat_template", None) is None:
             raise DataError(f"{loc}: chat data needs a tokenizer with a chat template")
         ids: list[int] = []
@@ -144,7 +156,9 @@ def encode_records(
     overlong: str = "truncate",
     pack: bool = True,
 ) -> tuple[list[Sample], EncodeStats]:
-    """Tokenize ``records`` of format ``fmt`` (text, instruction or chat).
+    """Tokenize canonical ``records`` (:func:`leantune.data.formats.prepare_records`) of format
+    ``fmt``: one of :data:`leantune.data.formats.FORMATS`, trained as its kind (text, instruction or
+    chat).
 
     Returns:
         The samples and the statistics (truncated / dropped counts).
@@ -152,6 +166,15 @@ def encode_records(
     Raises:
         DataError: nothing is left to train on (e.g. every label masked), naming the cause.
     """
+    if fmt not in KINDS:
+        raise DataError(f"unknown data format {fmt!r}")
+    fmt = KINDS[fmt]
+    if fmt == "preference":
+        raise DataError(
+            f"{where[0] if where else 'data'}: prompt/chosen/rejected records are preference data, for a "
+            "preference objective; supervised fine-tuning needs text, instruction or chat records "
+            "(data.columns={messages: chosen} trains on the chosen conversations when they hold the prompt)"
+        )
     enc = _Encoder(tokenizer, max_length, overlong)
     stats = EncodeStats(records=len(records))
     samples: list[Sample] = []
@@ -177,10 +200,8 @@ def encode_records(
             elif fmt == "instruction":
                 ids, labels, prompt_ids = enc.instruction(rec["prompt"], rec["response"])
                 answer = rec["response"]
-            elif fmt == "chat":
-                ids, labels = enc.chat(rec["messages"], loc)
             else:
-                raise DataError(f"unknown data format {fmt!r}")
+                ids, labels = enc.chat(rec["messages"], loc, rec.get("tools"))
             out = enc.finish(ids, labels, stats)
             if out is None:
                 continue

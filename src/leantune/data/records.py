@@ -12,16 +12,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "FORMAT_FIELDS", "detect_format", "load_records", "validate_records"]
+__all__ = ["DataError", "load_records"]
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
-# format -> required fields
-FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "text": ("text",),
-    "instruction": ("prompt", "response"),
-    "chat": ("messages",),
-}
 
 
 class DataError(ValueError):
@@ -103,47 +97,3 @@ def load_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     if not records:
         raise DataError(f"{p}: the file has no records (it is empty)")
     return records, [f"{p} record {i + 1}" for i in range(len(records))]
-
-
-def detect_format(records: list[dict[str, Any]], source: str) -> str:
-    """The data format implied by the fields of the first record."""
-    keys = set(records[0])
-    for fmt in ("chat", "instruction", "text"):
-        if set(FORMAT_FIELDS[fmt]) <= keys:
-            return fmt
-    wanted = "; ".join(f"{f}: {', '.join(fs)}" for f, fs in FORMAT_FIELDS.items())
-    raise DataError(
-        f"{source}: cannot tell the data format from the fields {sorted(keys)}; expected one of "
-        f"({wanted}), or set data.format"
-    )
-
-
-def validate_records(records: list[dict[str, Any]], where: list[str], fmt: str) -> None:
-    """Check that every record has the fields of ``fmt`` with the right types."""
-    for rec, loc in zip(records, where):
-        for name in FORMAT_FIELDS[fmt]:
-            value = rec.get(name)
-            if value is None:
-                raise DataError(
-                    f"{loc}: missing field {name!r} (format {fmt} needs {', '.join(FORMAT_FIELDS[fmt])})"
-                )
-            if fmt == "chat":
-                _validate_messages(value, loc)
-            elif not isinstance(value, str):
-                raise DataError(f"{loc}: field {name!r} must be a string, got {type(value).__name__}")
-
-
-def _validate_messages(messages: Any, loc: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{loc}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for i, m in enumerate(messages):
-        if (
-            not isinstance(m, dict)
-            or not isinstance(m.get("role"), str)
-            or not isinstance(m.get("content"), str)
-        ):
-            raise DataError(f"{loc}: messages[{i}] must be an object with string 'role' and 'content'")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{loc}: messages[{i}] has role {m['role']!r}; use system, user or assistant")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{loc}: no assistant message, so nothing to learn from this conversation")

@@ -14,10 +14,12 @@ __all__ = ["build_byte_tokenizer", "load_tokenizer", "SPECIAL_TOKENS", "CHAT_TEM
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 
-# Renders {"role", "content"} messages; the assistant turn ends with eos, which the model learns.
+# Renders {"role", "content"} messages (an assistant's tool calls as JSON after its content); the
+# assistant turn ends with eos, which the model learns.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
     "{{ '<|' + m['role'] + '|>' }}{{ m['content'] }}"
+    "{% if m.get('tool_calls') %}{{ m['tool_calls'] | tojson }}{% endif %}"
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
