@@ -84,8 +84,11 @@ class DataConfig:
     """Maximum sequence length in tokens."""
     overlong: str = "truncate"
     """What to do with samples longer than `max_length`: truncate or drop (both are counted)."""
-    pack: bool = True
-    """Pack plain-text documents into full `max_length` sequences (text format only)."""
+    pack: bool | None = None
+    """Several samples per sequence. Text: documents concatenated and cut into full `max_length`
+    sequences. Instruction and chat formats: padding-free packing, each sample attending only to
+    itself (position ids restart per sample), the same loss as unpacked, a batch is
+    `train.batch_size` packed sequences. Default (null): text packed, the others not."""
     tasks: list[str] = field(default_factory=lambda: ["add", "reverse", "sort", "count"])
     """Built-in task families: add, reverse, sort, count."""
     num_train: int = 20000

@@ -25,6 +25,7 @@ import yaml
 from leantune import checkpoint as ckpt
 from leantune.config import Config, ConfigError, config_diff, config_from_dict, render_config
 from leantune.data import BatchStream, Datasets, build_datasets, load_tokenizer
+from leantune.data.packing import packing_is_exact, unpack_rows
 from leantune.distributed.runtime import all_agree, all_reduce_sum, init_distributed, run_on_main
 from leantune.distributed.strategy import attach_optimizer, wrap_model
 from leantune.evaluate import eval_loss, exact_match
@@ -129,6 +130,12 @@ class Trainer:
         )
         self.data: Datasets = build_datasets(cfg.data, self.tokenizer)
         self.model = self._build_model()
+        if self.data.pack_stats is not None and not packing_is_exact(
+            self.model, self.device, len(self.tokenizer)
+        ):
+            # the family's code ignores the position ids in its mask: samples would see each other
+            self.data.train, self.data.pack_stats = unpack_rows(self.data.train), None
+            self.data.pack_refused = f"{type(self.model).__name__} does not keep packed samples apart"
         # train_model runs the forward passes (a DDP wrapper for ordinary optimizers under ddp);
         # self.model is the model itself, for evaluation and saving.
         self.train_model = wrap_model(
@@ -533,10 +540,11 @@ class Trainer:
         for _ in range(self.cfg.train.accumulation_steps):
             batch = self.stream.next_batch()
             n_tokens = int(batch["attention_mask"].sum())  # host tensor: no device sync
-            if n_tokens == batch["attention_mask"].numel():
+            if n_tokens == batch["attention_mask"].numel() or "position_ids" in batch:
                 # No padding: without the (all-ones) mask transformers builds none and SDPA takes
                 # its causal path with native grouped-query attention; given the mask, several
                 # families (sliding window, fused qkv) materialise an L x L mask in every layer.
+                # Packed: the position ids delimit the samples (see leantune.data.packing).
                 del batch["attention_mask"]
             batch = {k: v.to(self.device) for k, v in batch.items()}
             tokens += n_tokens
@@ -772,6 +780,10 @@ class Trainer:
             m.print(self.hft.summary())
             m.print(f"HFT frozen: input embeddings and (block:projections) {freeze_summary(self.hft.mask)}")
         m.print(f"data ({self.data.format}): train {self.data.train_stats.summary()}")
+        if self.data.pack_stats is not None:
+            m.print(f"data: {self.data.pack_stats.summary()}, attention kept inside each sample")
+        elif self.data.pack_refused:
+            m.print(f"data: not packed ({self.data.pack_refused}); one sample per sequence")
         if self.data.eval_stats is not None:
             m.print(f"data: eval {self.data.eval_stats.summary()}")
         m.print(f"run directory: {self.run_dir}")

@@ -41,7 +41,8 @@ CASES = {
     "not an object": (data_case([*GOOD[:5], "[1, 2]"]), r"train\.jsonl:6: expected a JSON object per line"),
     "missing field": (
         data_case([GOOD[0], {"prompt": "x"}, *GOOD[1:]]),
-        r"train\.jsonl:2: missing field 'response' \(format instruction needs prompt, response; found prompt\)",
+        r"train\.jsonl:2: missing field 'response' "
+        r"\(format instruction needs prompt, response; found prompt\)",
     ),
     "wrong field type": (
         data_case([*GOOD[:3], {"prompt": "x", "response": 5}]),

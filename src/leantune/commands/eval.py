@@ -117,7 +117,7 @@ def _default(args: argparse.Namespace, loaded, device) -> int:
             loaded.tokenizer,
             max_length=data_cfg.max_length,
             overlong="truncate",
-            pack=data_cfg.pack,
+            pack=data_cfg.pack is not False,
         )
         source = args.data
     else:

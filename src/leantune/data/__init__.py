@@ -8,12 +8,14 @@ from typing import Any
 from leantune.data.encode import IGNORE_INDEX, EncodeStats, Sample, chat_prompt_ids, encode_records
 from leantune.data.formats import FORMATS, KINDS, prepare_records
 from leantune.data.loader import BatchStream, collate, eval_batches
+from leantune.data.packing import PackStats, pack_samples
 from leantune.data.records import DataError, load_records
 from leantune.data.tasks import TASKS, generate_examples
 from leantune.data.tokenizer import build_byte_tokenizer, load_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
+    "PackStats",
     "TASKS",
     "BatchStream",
     "DataError",
@@ -30,6 +32,7 @@ __all__ = [
     "generate_examples",
     "load_records",
     "load_tokenizer",
+    "pack_samples",
     "read_records",
 ]
 
@@ -41,6 +44,10 @@ class Datasets:
     format: str
     train_stats: EncodeStats
     eval_stats: EncodeStats | None
+    pack_stats: PackStats | None = None
+    """Set when instruction or chat samples were packed (``data.pack``); ``train`` holds the rows."""
+    pack_refused: str | None = None
+    """Why samples asked to be packed were not (the model's code does not keep them apart)."""
 
 
 def read_records(
@@ -59,7 +66,7 @@ def build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
     ``builtin`` generates the task families (evaluation prompts are drawn first and excluded from
     training); a file is read, validated and split (``num_eval`` held out) unless ``eval`` is given.
     """
-    opts = {"max_length": cfg.max_length, "overlong": cfg.overlong, "pack": cfg.pack}
+    opts = {"max_length": cfg.max_length, "overlong": cfg.overlong, "pack": cfg.pack is not False}
     if cfg.train == "builtin":
         eval_recs = generate_examples(cfg.tasks, cfg.num_eval, cfg.seed + 1, unique=True)
         train_recs = generate_examples(
@@ -88,8 +95,11 @@ def build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
             train_recs = [r for i, r in enumerate(train_recs) if i not in held]
             train_where = [w for i, w in enumerate(train_where) if i not in held]
     train, train_stats = encode_records(train_recs, train_where, fmt, tokenizer, **opts)
-    eval_samples: list[Sample] = []
+    pack_stats = None
+    if cfg.pack is True and KINDS[fmt] in ("instruction", "chat"):
+        train, pack_stats = pack_samples(train, cfg.max_length, seed=cfg.seed)
+    eval_samples: list[Sample] = []  # unpacked: evaluation generates from each prompt
     eval_stats = None
     if eval_recs:
         eval_samples, eval_stats = encode_records(eval_recs, eval_where, fmt, tokenizer, **opts)
-    return Datasets(train, eval_samples, fmt, train_stats, eval_stats)
+    return Datasets(train, eval_samples, fmt, train_stats, eval_stats, pack_stats)

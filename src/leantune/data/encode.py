@@ -38,13 +38,15 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Sample:
-    """One training sequence. ``prompt_ids``/``answer`` are set when it has a checkable answer."""
+    """One training sequence. ``prompt_ids``/``answer`` are set when it has a checkable answer;
+    ``position_ids`` when it holds several samples (:mod:`leantune.data.packing`)."""
 
     input_ids: list[int]
     labels: list[int]
     task: str | None = None
     prompt_ids: list[int] | None = None
     answer: str | None = None
+    position_ids: list[int] | None = None
 
 
 @dataclass

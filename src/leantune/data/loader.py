@@ -19,17 +19,30 @@ __all__ = ["BatchStream", "collate", "eval_batches"]
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of samples into ``input_ids``, ``attention_mask`` and ``labels``."""
+    """Right-pad a list of samples into ``input_ids``, ``attention_mask`` and ``labels``.
+
+    Packed samples (with ``position_ids``) also get ``position_ids``; their padding is one more
+    sequence of its own (positions from 0, no labels), so that the model needs no attention mask:
+    ``attention_mask`` then only counts the real tokens, and the trainer does not pass it on.
+    """
     length = max(len(s.input_ids) for s in samples)
     ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(samples), length), dtype=torch.long)
+    packed = any(s.position_ids is not None for s in samples)
+    positions = torch.arange(length).repeat(len(samples), 1) if packed else None
     for i, s in enumerate(samples):
         n = len(s.input_ids)
         ids[i, :n] = torch.tensor(s.input_ids)
         labels[i, :n] = torch.tensor(s.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if positions is not None:
+            positions[i, :n] = torch.tensor(s.position_ids if s.position_ids is not None else range(n))
+            positions[i, n:] = torch.arange(length - n)
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if positions is not None:
+        out["position_ids"] = positions
+    return out
 
 
 class BatchStream:
