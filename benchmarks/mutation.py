@@ -19,14 +19,15 @@ Run (from the repository root; ``scripts/mutation`` installs mutmut first)::
 
 ``--keep`` reuses the scratch copy of an earlier run, brought up to date with the checkout: mutmut
 then tests the mutants it has no result for and those of functions whose code changed.
-``--recheck survived`` (with ``--keep``) re-tests the survivors of the last run against the
-current tests, e.g. after adding tests for them.
+``--recheck survived`` (with ``--keep``) re-tests the survivors of the last run (of ``--modules``)
+against the current tests, e.g. after adding tests for them.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fnmatch
 import json
 import os
 import shutil
@@ -84,17 +85,17 @@ def _copy_tree(dest: Path) -> None:
 
 
 def _sync_tree(dest: Path) -> None:
-    """Bring an earlier scratch copy up to date with the checkout: mutmut then re-mutates the
-    functions whose code changed.
+    """Bring an earlier scratch copy up to date with the checkout's last commit (not the working
+    tree: half-written work stays out): mutmut then re-mutates the functions whose code changed.
 
     Its ``pyproject.toml`` (the mutmut section) stays: mutmut discards every result when the test
     selection changes. A test file added to :data:`MODULES` since is pulled into the selection
     through the first selected test file of its module instead (its public names, those the host
     does not define, copied into the host's namespace, where pytest collects them).
     """
-    for name in ("src", "tests", "benchmarks"):
-        shutil.copytree(ROOT / name, dest / name, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
+    archive = subprocess.run(["git", "archive", "HEAD", "src", "tests", "benchmarks"], cwd=ROOT,
+                             capture_output=True, check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     selected = set(_selection(dest))
     for tests in MODULES.values():
         host = next((t for t in tests if t in selected), None)
@@ -262,7 +263,14 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--recheck needs --keep and an earlier run")
             _copy_tree(work)
             _write_config(work, args.modules)
-        names = [r["mutant"] for r in collect(work) if r["status"] == "survived"] if args.recheck else []
+        names = [
+            r["mutant"]
+            for r in (collect(work) if args.recheck else [])
+            if r["status"] == "survived" and any(fnmatch.fnmatch(r["module"], m) for m in args.modules)
+        ]
+        if args.recheck and not names:
+            print("no survivors to re-test in these modules", file=sys.stderr)
+            return 2
         print(f"mutmut in {work} on {', '.join(args.modules)} ({args.jobs} workers) ...", flush=True)
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         exe = Path(sys.executable).with_name("mutmut")
