@@ -14,7 +14,7 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # Order = order in ``leantune --help``.
-COMMANDS = ("train", "eval", "generate", "plot", "config", "estimate", "rope", "merge")
+COMMANDS = ("train", "eval", "generate", "plot", "config", "data", "estimate", "rope", "merge")
 
 EPILOG = """\
 examples:
@@ -24,6 +24,7 @@ examples:
   leantune generate runs/RUN "sort 8213"           # -> 1238 after the default job
   leantune plot runs/RUN                           # PNG of loss / eval / lr / tokens-per-second
   leantune config                                  # every config field, documented
+  leantune data inspect chats.jsonl --set data.max_length=512   # format, lengths, loss mask
   leantune estimate --model 8b --optim adalomo --seq 512 --dtype bf16 --grad-checkpointing
   leantune rope --head-dim 128 --train-len 4096 --base 10000 --target-len 16384
 """
