@@ -69,8 +69,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train: str = "builtin"
-    """Training data: `builtin` (generated instruction tasks) or a local .jsonl/.json/.parquet file."""
+    train: str | list[str] = "builtin"
+    """Training data: `builtin` (generated instruction tasks), a local .jsonl/.json/.parquet file, a
+    directory (every such file in it, or a `datasets.save_to_disk` directory), or a list of these
+    to mix: [a.jsonl, b.parquet, dir/]."""
+    weights: list[float] | None = None
+    """Sampling weights of the `train` sources, e.g. [0.7, 0.3] (normalised). Default: every
+    sample equally likely (sources in proportion to their size)."""
     eval: str | None = None
     """Evaluation data file. Default: generated held-out tasks for `builtin`, else a split of `train`."""
     format: str = "auto"
@@ -255,7 +260,25 @@ class Config:
         """Check ranges and combinations; raises :class:`ConfigError` naming the field."""
         from leantune.models import DTYPES, PRESETS
 
+        if isinstance(self.data.train, str) and self.data.train.strip().startswith("["):
+            self.data.train = _coerce("data.train", list[str], self.data.train, from_string=True)
+        if isinstance(self.data.train, list) and len(self.data.train) == 1:
+            self.data.train = self.data.train[0]  # one source: a plain path, as it always was
+        sources = self.data.train if isinstance(self.data.train, list) else [self.data.train]
+        weights = self.data.weights
         checks: list[tuple[bool, str]] = [
+            (
+                bool(sources) and all(sources),
+                f"data.train needs at least one source, got {self.data.train!r}",
+            ),
+            (
+                weights is None or len(weights) == len(sources),
+                f"data.weights has {len(weights or [])} entries for {len(sources)} data.train sources",
+            ),
+            (
+                weights is None or (all(w >= 0 for w in weights) and sum(weights) > 0),
+                f"data.weights must be >= 0 with a positive sum, got {weights}",
+            ),
             (
                 self.model.dtype in DTYPES,
                 f"model.dtype must be one of {', '.join(DTYPES)}, got {self.model.dtype!r}",

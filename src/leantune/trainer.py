@@ -24,7 +24,7 @@ import yaml
 
 from leantune import checkpoint as ckpt
 from leantune.config import Config, ConfigError, config_diff, config_from_dict, render_config
-from leantune.data import BatchStream, Datasets, build_datasets, load_tokenizer
+from leantune.data import BatchStream, Datasets, MixtureStream, build_datasets, load_tokenizer
 from leantune.data.packing import packing_is_exact, unpack_rows
 from leantune.distributed.runtime import all_agree, all_reduce_sum, init_distributed, run_on_main
 from leantune.distributed.strategy import attach_optimizer, wrap_model
@@ -145,14 +145,17 @@ class Trainer:
             device=self.device,
             dist_cfg=cfg.dist,
         )
-        self.stream = BatchStream(
-            self.data.train,
-            cfg.train.batch_size,
-            self.tokenizer.pad_token_id,
-            seed=cfg.train.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-        )
+        stream_args = {"seed": cfg.train.seed, "rank": self.rank, "world_size": self.world_size}
+        if self.data.weights is not None:
+            sources = [(name, unpack_rows(s) if self.data.pack_refused else s)
+                       for name, s in (self.data.sources or {}).items()]  # fmt: skip
+            self.stream: BatchStream | MixtureStream = MixtureStream(
+                sources, self.data.weights, cfg.train.batch_size, self.tokenizer.pad_token_id, **stream_args
+            )
+        else:
+            self.stream = BatchStream(
+                self.data.train, cfg.train.batch_size, self.tokenizer.pad_token_id, **stream_args
+            )
         self.total_steps = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.stream.batches_per_epoch / cfg.train.accumulation_steps)
         )
@@ -417,16 +420,23 @@ class Trainer:
                 "(e.g. double train.batch_size when halving the ranks)"
             )
         self.scheduler.load_state_dict(state["scheduler"])
-        stream = dict(state["data"])
-        stream["cursor"] = (
-            stream["cursor"]
-            * state["world_size"]
-            * state["batch_size"]
-            // (self.world_size * self.cfg.train.batch_size)
-        )
-        self.stream.load_state_dict(stream)
         per_rank = state["per_rank"]
         mine = per_rank[self.rank] if len(per_rank) == self.world_size else per_rank[0]
+        stream = dict(mine.get("data") or state["data"])
+        if isinstance(self.stream, MixtureStream):
+            if len(per_rank) != self.world_size or state["batch_size"] != self.cfg.train.batch_size:
+                raise ConfigError(
+                    f"cannot resume {path}: a weighted data mixture resumes on the same number of ranks "
+                    f"({len(per_rank)}) and train.batch_size ({state['batch_size']})"
+                )
+        elif "cursor" in stream:
+            stream["cursor"] = (
+                stream["cursor"]
+                * state["world_size"]
+                * state["batch_size"]
+                // (self.world_size * self.cfg.train.batch_size)
+            )
+        self.stream.load_state_dict(stream)
         ckpt.restore_rng(mine["rng"])
         engine = dict(mine["engine"])
         if len(per_rank) != self.world_size and engine.get("generators"):
@@ -460,7 +470,10 @@ class Trainer:
     def save(self) -> Path:
         """Write a resumable checkpoint of the current step and prune old ones (every rank calls this)."""
         root = self.run_dir / "checkpoints"
-        per_rank = self._gather({"rng": ckpt.capture_rng(), "engine": self.stepper.engine_state_dict()})
+        mine = {"rng": ckpt.capture_rng(), "engine": self.stepper.engine_state_dict()}
+        if isinstance(self.stream, MixtureStream):
+            mine["data"] = self.stream.state_dict()  # each rank's own position in every source
+        per_rank = self._gather(mine)
         opt = self.stepper.optimizer if isinstance(self.stepper, Stepper) else self.optimizer
 
         def write(tmp: Path) -> None:
@@ -721,6 +734,9 @@ class Trainer:
         metrics["peak_mem_bytes"] = peak_memory_bytes(self.device)
         metrics["train_seconds"] = train_time
         metrics["steps_this_run"] = self.step - run_start_step
+        if isinstance(self.stream, MixtureStream):
+            metrics["data_mixture"] = self.stream.realised()
+            self.monitor.print(self.stream.describe())
         self.monitor.record("summary", self.step, metrics)
         self.save()
         final = self.export()
@@ -780,6 +796,10 @@ class Trainer:
             m.print(self.hft.summary())
             m.print(f"HFT frozen: input embeddings and (block:projections) {freeze_summary(self.hft.mask)}")
         m.print(f"data ({self.data.format}): train {self.data.train_stats.summary()}")
+        if isinstance(self.stream, MixtureStream):
+            sizes = ", ".join(f"{n}: {len(s)} samples, weight {w:.2f}" for n, s, w in
+                              zip(self.stream.names, self.stream.samples, self.stream.weights))  # fmt: skip
+            m.print(f"data: mixing {sizes}")
         if self.data.pack_stats is not None:
             m.print(f"data: {self.data.pack_stats.summary()}, attention kept inside each sample")
         elif self.data.pack_refused:

@@ -65,3 +65,43 @@ def test_a_family_that_sees_across_packed_samples_trains_unpacked(tmp_path, caps
     out = capsys.readouterr().out
     refused = "data: not packed (OPTForCausalLM does not keep packed samples apart); one sample per sequence"
     assert refused in out
+
+
+def test_a_weighted_mixture_resumes_mid_run_bitwise_and_reports_what_it_drew(tmp_path, capsys):
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    from leantune.config import load_config
+    from leantune.trainer import Trainer
+
+    class StopAt(Trainer):
+        def train_step(self):
+            out = super().train_step()
+            if self.step + 1 == 4:
+                self._stop_signal = signal.SIGTERM
+            return out
+
+    a = write(
+        tmp_path / "a.jsonl", [{"prompt": f"reverse {w}\n", "response": w[::-1]} for w in ("abc", "xyz") * 20]
+    )
+    b = write(
+        tmp_path / "b.jsonl",
+        [{"text": f"the number {i} is {'even' if i % 2 == 0 else 'odd'}"} for i in range(60)],
+    )
+    common = [*TINY, f"data.train=[{a}, {b}]", "data.weights=[0.25, 0.75]", "data.pack=false",
+              f"train.output_dir={tmp_path}/runs", "train.max_steps=8"]  # fmt: skip
+    full = Trainer(load_config(None, [*common, "train.run_name=full"])).run()
+    out = capsys.readouterr().out
+    assert f"data: mixing {a}: 38 samples, weight 0.25, {b}: 58 samples, weight 0.75" in out
+    assert "data mixture over 32 samples: " in out
+    part = StopAt(load_config(None, [*common, "train.run_name=part"])).run()
+    assert part.interrupted and part.steps == 4
+    done = Trainer(load_config(None, [*common, "train.run_name=part", "train.resume=auto"])).run()
+    x, y = (
+        load_file(str(full.final_dir / "model.safetensors")),
+        load_file(str(done.final_dir / "model.safetensors")),
+    )
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert done.metrics["data_mixture"] == full.metrics["data_mixture"]

@@ -8,6 +8,7 @@ from typing import Any
 from leantune.data.encode import IGNORE_INDEX, EncodeStats, Sample, chat_prompt_ids, encode_records
 from leantune.data.formats import FORMATS, KINDS, prepare_records
 from leantune.data.loader import BatchStream, collate, eval_batches
+from leantune.data.mixture import MixtureStream, expand_source
 from leantune.data.packing import PackStats, pack_samples
 from leantune.data.records import DataError, load_records
 from leantune.data.tasks import TASKS, generate_examples
@@ -15,6 +16,7 @@ from leantune.data.tokenizer import build_byte_tokenizer, load_tokenizer
 
 __all__ = [
     "IGNORE_INDEX",
+    "MixtureStream",
     "PackStats",
     "TASKS",
     "BatchStream",
@@ -48,6 +50,10 @@ class Datasets:
     """Set when instruction or chat samples were packed (``data.pack``); ``train`` holds the rows."""
     pack_refused: str | None = None
     """Why samples asked to be packed were not (the model's code does not keep them apart)."""
+    sources: dict[str, list[Sample]] | None = None
+    """The training samples of each ``data.train`` entry (``train`` is their concatenation)."""
+    weights: list[float] | None = None
+    """``data.weights`` when several sources are mixed by weight (else batches draw from ``train``)."""
 
 
 def read_records(
@@ -60,46 +66,112 @@ def read_records(
     return records, where, fmt
 
 
+def _split(records: list, where: list[str], n_eval: int, seed: int) -> tuple[list, list, list, list]:
+    """(train records, train locations, eval records, eval locations): ``n_eval`` held out."""
+    import random
+
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:n_eval])
+    keep = [i for i in range(len(records)) if i not in held]
+    return ([records[i] for i in keep], [where[i] for i in keep],
+            [records[i] for i in sorted(held)], [where[i] for i in sorted(held)])  # fmt: skip
+
+
 def build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
     """Train and eval samples for a :class:`leantune.config.DataConfig`.
 
     ``builtin`` generates the task families (evaluation prompts are drawn first and excluded from
     training); a file is read, validated and split (``num_eval`` held out) unless ``eval`` is given.
+    Several sources (``data.train`` a list, or a directory of files) are each read in their own
+    format and split in proportion to their size; ``data.weights`` sets how batches mix them.
     """
     opts = {"max_length": cfg.max_length, "overlong": cfg.overlong, "pack": cfg.pack is not False}
-    if cfg.train == "builtin":
-        eval_recs = generate_examples(cfg.tasks, cfg.num_eval, cfg.seed + 1, unique=True)
-        train_recs = generate_examples(
-            cfg.tasks, cfg.num_train, cfg.seed, exclude={r["prompt"] for r in eval_recs}
-        )
-        fmt = "instruction"
-        train_where = [f"builtin train example {i}" for i in range(len(train_recs))]
-        eval_where = [f"builtin eval example {i}" for i in range(len(eval_recs))]
-    else:
-        train_recs, train_where, fmt = read_records(cfg.train, cfg.format, cfg.columns)
-        if cfg.eval is not None:
-            eval_recs, eval_where, eval_fmt = read_records(cfg.eval, cfg.format, cfg.columns)
-            if KINDS[eval_fmt] != KINDS[fmt]:
-                raise DataError(
-                    f"{cfg.eval}: format {eval_fmt} does not train like the training data's ({fmt})"
-                )
+    specs = cfg.train if isinstance(cfg.train, list) else [cfg.train]
+    files = [(spec, path) for spec in specs for path in expand_source(spec)]
+    loaded = []  # (spec, format, records, locations, built-in eval records or None)
+    for spec, path in files:
+        if path == "builtin":
+            eval_recs = generate_examples(cfg.tasks, cfg.num_eval, cfg.seed + 1, unique=True)
+            banned = {r["prompt"] for r in eval_recs}
+            recs = generate_examples(cfg.tasks, cfg.num_train, cfg.seed, exclude=banned)
+            where = [f"builtin train example {i}" for i in range(len(recs))]
+            loaded.append((spec, "instruction", recs, where, eval_recs))
         else:
-            n_eval = min(cfg.num_eval, len(train_recs) // 10)
-            import random
+            recs, where, fmt = read_records(path, cfg.format, cfg.columns)
+            loaded.append((spec, fmt, recs, where, None))
+    total = sum(len(x[2]) for x in loaded if x[4] is None)
+    train_parts: dict[str, list[Sample]] = {}
+    eval_samples: list[Sample] = []
+    stats: list[EncodeStats] = []
+    eval_stats: list[EncodeStats] = []
+    packs: list[PackStats] = []
+    formats: dict[str, str] = {}
+    if cfg.eval is not None:
+        eval_recs, eval_where, eval_fmt = read_records(cfg.eval, cfg.format, cfg.columns)
+        kinds = {KINDS[f] for _, f, *_ in loaded}
+        if KINDS[eval_fmt] not in kinds:
+            raise DataError(f"{cfg.eval}: format {eval_fmt} does not train like the training data's")
+        eval_samples, st = encode_records(eval_recs, eval_where, eval_fmt, tokenizer, **opts)
+        eval_stats.append(st)
+    for spec, fmt, recs, where, builtin_eval in loaded:
+        held: list = []
+        held_where: list[str] = []
+        if builtin_eval is not None:
+            held, held_where = builtin_eval, [f"builtin eval example {i}" for i in range(len(builtin_eval))]
+        elif cfg.eval is None:
+            share = cfg.num_eval if len(loaded) == 1 else round(cfg.num_eval * len(recs) / max(1, total))
+            recs, where, held, held_where = _split(recs, where, min(share, len(recs) // 10), cfg.seed)
+        samples, st = encode_records(recs, where, fmt, tokenizer, **opts)
+        stats.append(st)
+        if cfg.pack is True and KINDS[fmt] in ("instruction", "chat"):
+            samples, ps = pack_samples(samples, cfg.max_length, seed=cfg.seed)
+            packs.append(ps)
+        train_parts.setdefault(spec, []).extend(samples)
+        formats.setdefault(spec, fmt)
+        if held and cfg.eval is None:
+            ev, est = _encode_eval(held, held_where, fmt, tokenizer, opts)
+            eval_samples += ev
+            eval_stats.append(est)
+    train = [s for part in train_parts.values() for s in part]
+    fmt_names = sorted(set(formats.values()))
+    weights = None
+    if cfg.weights is not None and len(specs) > 1:
+        weights = [float(w) for w in cfg.weights]
+    return Datasets(
+        train=train,
+        eval=eval_samples,
+        format=fmt_names[0] if len(fmt_names) == 1 else "+".join(fmt_names),
+        train_stats=_merge_stats(stats),
+        eval_stats=_merge_stats(eval_stats) if eval_stats else None,
+        pack_stats=_merge_packs(packs) if packs else None,
+        sources={spec: part for spec, part in train_parts.items()},
+        weights=weights,
+    )
 
-            order = list(range(len(train_recs)))
-            random.Random(cfg.seed).shuffle(order)
-            held = set(order[:n_eval])
-            eval_recs = [train_recs[i] for i in sorted(held)]
-            eval_where = [train_where[i] for i in sorted(held)]
-            train_recs = [r for i, r in enumerate(train_recs) if i not in held]
-            train_where = [w for i, w in enumerate(train_where) if i not in held]
-    train, train_stats = encode_records(train_recs, train_where, fmt, tokenizer, **opts)
-    pack_stats = None
-    if cfg.pack is True and KINDS[fmt] in ("instruction", "chat"):
-        train, pack_stats = pack_samples(train, cfg.max_length, seed=cfg.seed)
-    eval_samples: list[Sample] = []  # unpacked: evaluation generates from each prompt
-    eval_stats = None
-    if eval_recs:
-        eval_samples, eval_stats = encode_records(eval_recs, eval_where, fmt, tokenizer, **opts)
-    return Datasets(train, eval_samples, fmt, train_stats, eval_stats, pack_stats)
+
+def _encode_eval(records: list, where: list[str], fmt: str, tokenizer: Any, opts: dict) -> tuple:
+    """Held-out samples, encoded like the training ones; a held-out share of text too short for one
+    packed sequence is evaluated document by document instead."""
+    try:
+        return encode_records(records, where, fmt, tokenizer, **opts)
+    except DataError:
+        if KINDS[fmt] != "text" or not opts["pack"]:
+            raise
+        return encode_records(records, where, fmt, tokenizer, **{**opts, "pack": False})
+
+
+def _merge_stats(parts: list[EncodeStats]) -> EncodeStats:
+    out = EncodeStats()
+    for p in parts:
+        for name in ("records", "samples", "truncated", "dropped_overlong", "dropped_no_labels", "tokens",
+                     "label_tokens"):  # fmt: skip
+            setattr(out, name, getattr(out, name) + getattr(p, name))
+        for k, v in p.extra.items():
+            out.extra[k] = out.extra.get(k, 0) + v
+    return out
+
+
+def _merge_packs(parts: list[PackStats]) -> PackStats:
+    return PackStats(sum(p.samples for p in parts), sum(p.rows for p in parts),
+                     sum(p.tokens for p in parts), parts[0].max_length)  # fmt: skip

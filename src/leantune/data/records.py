@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "load_records"]
+__all__ = ["DataError", "is_saved_dataset", "load_records"]
 
 SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -71,6 +71,8 @@ def load_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
         DataError: unsupported suffix, malformed content or no records.
     """
     p = Path(path)
+    if p.is_dir() and is_saved_dataset(p):
+        return _load_saved_dataset(p)
     if not p.is_file():
         raise FileNotFoundError(f"data file {str(p)!r} does not exist")
     builder = SUFFIXES.get(p.suffix.lower())
@@ -96,4 +98,28 @@ def load_records(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
     records = ds.to_list()
     if not records:
         raise DataError(f"{p}: the file has no records (it is empty)")
+    return records, [f"{p} record {i + 1}" for i in range(len(records))]
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A directory written by ``datasets`` ``save_to_disk`` (a ``Dataset`` or a ``DatasetDict``)."""
+    has = (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
+    return has or (path / "dataset_dict.json").is_file()
+
+
+def _load_saved_dataset(p: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """A ``datasets.Dataset.save_to_disk`` directory (a ``DatasetDict``'s ``train`` split)."""
+    import datasets
+
+    try:
+        ds = datasets.load_from_disk(str(p), keep_in_memory=True)
+    except Exception as err:  # datasets raises several types for unreadable directories
+        raise DataError(f"{p}: cannot be read as a saved dataset: {err}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{p}: a saved DatasetDict without a 'train' split (has {', '.join(ds)})")
+        ds = ds["train"]
+    records = ds.to_list()
+    if not records:
+        raise DataError(f"{p}: the saved dataset has no records")
     return records, [f"{p} record {i + 1}" for i in range(len(records))]
