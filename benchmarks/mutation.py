@@ -56,6 +56,7 @@ MODULES = {
         "tests/unit/test_segments.py",
         "tests/reliability/test_numerical_faults.py",
         "tests/unit/test_collectives_threads.py",
+        "tests/unit/test_optim_units.py",
     ],
     "src/leantune/data/encode.py": ["tests/unit/test_data.py", "tests/unit/test_encode.py"],
     # (not test_security.py: it reads the source text, which holds every mutant)
