@@ -76,6 +76,11 @@ class DataConfig:
     weights: list[float] | None = None
     """Sampling weights of the `train` sources, e.g. [0.7, 0.3] (normalised). Default: every
     sample equally likely (sources in proportion to their size)."""
+    streaming: bool | None = None
+    """Read JSON-lines training files on the fly instead of loading them: constant memory, a
+    shuffle buffer, exact resume. Default (null): for files above 1 GiB."""
+    shuffle_buffer: int = 1000
+    """Samples in the shuffle buffer when streaming."""
     eval: str | None = None
     """Evaluation data file. Default: generated held-out tasks for `builtin`, else a split of `train`."""
     format: str = "auto"
@@ -310,6 +315,10 @@ class Config:
                 + f") to your data's field names, got {self.data.columns!r}",
             ),
             (self.data.num_train >= 1, f"data.num_train must be >= 1, got {self.data.num_train}"),
+            (
+                self.data.shuffle_buffer >= 1,
+                f"data.shuffle_buffer must be >= 1, got {self.data.shuffle_buffer}",
+            ),
             (self.data.num_eval >= 0, f"data.num_eval must be >= 0, got {self.data.num_eval}"),
             (self.optim.lr > 0, f"optim.lr must be > 0, got {self.optim.lr}"),
             (self.optim.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.optim.weight_decay}"),

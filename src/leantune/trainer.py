@@ -26,6 +26,7 @@ from leantune import checkpoint as ckpt
 from leantune.config import Config, ConfigError, config_diff, config_from_dict, render_config
 from leantune.data import BatchStream, Datasets, MixtureStream, build_datasets, load_tokenizer
 from leantune.data.packing import packing_is_exact, unpack_rows
+from leantune.data.streaming import StreamingStream
 from leantune.distributed.runtime import all_agree, all_reduce_sum, init_distributed, run_on_main
 from leantune.distributed.strategy import attach_optimizer, wrap_model
 from leantune.evaluate import eval_loss, exact_match
@@ -146,10 +147,18 @@ class Trainer:
             dist_cfg=cfg.dist,
         )
         stream_args = {"seed": cfg.train.seed, "rank": self.rank, "world_size": self.world_size}
-        if self.data.weights is not None:
+        if self.data.stream_paths is not None:
+            d = cfg.data
+            self.stream: BatchStream | MixtureStream | StreamingStream = StreamingStream(
+                self.data.stream_paths, d.format, d.columns, self.tokenizer, max_length=d.max_length,
+                overlong=d.overlong, pack=d.pack is not False, batch_size=cfg.train.batch_size,
+                pad_id=self.tokenizer.pad_token_id, buffer_size=d.shuffle_buffer,
+                skip=0 if d.eval is not None else len(self.data.eval), **stream_args,
+            )  # fmt: skip
+        elif self.data.weights is not None:
             sources = [(name, unpack_rows(s) if self.data.pack_refused else s)
                        for name, s in (self.data.sources or {}).items()]  # fmt: skip
-            self.stream: BatchStream | MixtureStream = MixtureStream(
+            self.stream = MixtureStream(
                 sources, self.data.weights, cfg.train.batch_size, self.tokenizer.pad_token_id, **stream_args
             )
         else:
@@ -423,10 +432,10 @@ class Trainer:
         per_rank = state["per_rank"]
         mine = per_rank[self.rank] if len(per_rank) == self.world_size else per_rank[0]
         stream = dict(mine.get("data") or state["data"])
-        if isinstance(self.stream, MixtureStream):
+        if isinstance(self.stream, (MixtureStream, StreamingStream)):
             if len(per_rank) != self.world_size or state["batch_size"] != self.cfg.train.batch_size:
                 raise ConfigError(
-                    f"cannot resume {path}: a weighted data mixture resumes on the same number of ranks "
+                    f"cannot resume {path}: a data mixture or stream resumes on the same number of ranks "
                     f"({len(per_rank)}) and train.batch_size ({state['batch_size']})"
                 )
         elif "cursor" in stream:
@@ -471,8 +480,8 @@ class Trainer:
         """Write a resumable checkpoint of the current step and prune old ones (every rank calls this)."""
         root = self.run_dir / "checkpoints"
         mine = {"rng": ckpt.capture_rng(), "engine": self.stepper.engine_state_dict()}
-        if isinstance(self.stream, MixtureStream):
-            mine["data"] = self.stream.state_dict()  # each rank's own position in every source
+        if isinstance(self.stream, (MixtureStream, StreamingStream)):
+            mine["data"] = self.stream.state_dict()  # each rank's own position
         per_rank = self._gather(mine)
         opt = self.stepper.optimizer if isinstance(self.stepper, Stepper) else self.optimizer
 
@@ -795,7 +804,12 @@ class Trainer:
 
             m.print(self.hft.summary())
             m.print(f"HFT frozen: input embeddings and (block:projections) {freeze_summary(self.hft.mask)}")
-        m.print(f"data ({self.data.format}): train {self.data.train_stats.summary()}")
+        if isinstance(self.stream, StreamingStream):
+            st = self.stream
+            m.print(f"data ({st.fmt}): streaming {', '.join(st.paths)} "
+                    f"(~{st.lines_per_epoch} records, shuffle buffer {st.buffer_size})")  # fmt: skip
+        else:
+            m.print(f"data ({self.data.format}): train {self.data.train_stats.summary()}")
         if isinstance(self.stream, MixtureStream):
             sizes = ", ".join(f"{n}: {len(s)} samples, weight {w:.2f}" for n, s, w in
                               zip(self.stream.names, self.stream.samples, self.stream.weights))  # fmt: skip

@@ -105,3 +105,38 @@ def test_a_weighted_mixture_resumes_mid_run_bitwise_and_reports_what_it_drew(tmp
     )
     assert all(torch.equal(x[k], y[k]) for k in x)
     assert done.metrics["data_mixture"] == full.metrics["data_mixture"]
+
+
+def test_a_streamed_run_resumes_mid_stream_bitwise(tmp_path, capsys):
+    import signal
+
+    import torch
+    from safetensors.torch import load_file
+
+    from leantune.config import load_config
+    from leantune.trainer import Trainer
+
+    class StopAt(Trainer):
+        def train_step(self):
+            out = super().train_step()
+            if self.step + 1 == 5:
+                self._stop_signal = signal.SIGTERM
+            return out
+
+    rows = [
+        {"prompt": f"reverse {w}{i}\n", "response": f"{i}{w[::-1]}"}
+        for i, w in enumerate(["abc", "xyz"] * 30)
+    ]
+    path = write(tmp_path / "s.jsonl", rows)
+    common = [*TINY, f"data.train={path}", "data.streaming=true", "data.shuffle_buffer=6",
+              f"train.output_dir={tmp_path}/runs", "train.max_steps=9"]  # fmt: skip
+    full = Trainer(load_config(None, [*common, "train.run_name=full"])).run()
+    assert f"data (instruction): streaming {path} (~56 records, shuffle buffer 6)" in capsys.readouterr().out
+    part = StopAt(load_config(None, [*common, "train.run_name=part"])).run()
+    assert part.interrupted and part.steps == 5
+    done = Trainer(load_config(None, [*common, "train.run_name=part", "train.resume=auto"])).run()
+    x, y = (
+        load_file(str(full.final_dir / "model.safetensors")),
+        load_file(str(done.final_dir / "model.safetensors")),
+    )
+    assert all(torch.equal(x[k], y[k]) for k in x)

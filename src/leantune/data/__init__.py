@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from leantune.data.encode import IGNORE_INDEX, EncodeStats, Sample, chat_prompt_ids, encode_records
@@ -54,6 +55,8 @@ class Datasets:
     """The training samples of each ``data.train`` entry (``train`` is their concatenation)."""
     weights: list[float] | None = None
     """``data.weights`` when several sources are mixed by weight (else batches draw from ``train``)."""
+    stream_paths: list[str] | None = None
+    """The JSON-lines files to stream (``data.streaming``); ``train`` is then empty."""
 
 
 def read_records(
@@ -89,6 +92,8 @@ def build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
     opts = {"max_length": cfg.max_length, "overlong": cfg.overlong, "pack": cfg.pack is not False}
     specs = cfg.train if isinstance(cfg.train, list) else [cfg.train]
     files = [(spec, path) for spec in specs for path in expand_source(spec)]
+    if _streams(cfg, [path for _, path in files]):
+        return _streaming_datasets(cfg, [path for _, path in files], tokenizer, opts)
     loaded = []  # (spec, format, records, locations, built-in eval records or None)
     for spec, path in files:
         if path == "builtin":
@@ -148,6 +153,48 @@ def build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
         sources={spec: part for spec, part in train_parts.items()},
         weights=weights,
     )
+
+
+STREAM_ABOVE = 1 << 30  # data.streaming=null streams JSON-lines sources larger than this
+
+
+def _streams(cfg: Any, paths: list[str]) -> bool:
+    if cfg.streaming is False or "builtin" in paths:
+        return False
+    if cfg.streaming is None:
+        return all(Path(p).is_file() and Path(p).suffix.lower() == ".jsonl" for p in paths) and (
+            sum(Path(p).stat().st_size for p in paths) > STREAM_ABOVE
+        )
+    return True
+
+
+def _streaming_datasets(cfg: Any, paths: list[str], tokenizer: Any, opts: dict) -> Datasets:
+    """Nothing read but the held-out records: the trainer streams the rest."""
+    from leantune.data.streaming import heldout_records
+
+    for p in paths:
+        if not Path(p).is_file() or Path(p).suffix.lower() != ".jsonl":
+            raise DataError(f"{p}: data.streaming reads JSON-lines files (.jsonl) only")
+    if cfg.weights is not None:
+        raise DataError("data.weights mixes sources held in memory: set data.streaming=false to mix")
+    n_eval = 0 if cfg.eval is not None else cfg.num_eval
+    held, where = heldout_records(paths, n_eval)
+    fmt = cfg.format
+    if held:
+        held, fmt = prepare_records(held, where, cfg.format, cfg.columns)
+    if cfg.pack is True and KINDS.get(fmt, "") in ("instruction", "chat"):
+        raise DataError(
+            "data.pack=true packs instruction and chat data held in memory: set data.streaming=false"
+        )
+    eval_samples: list[Sample] = []
+    eval_stats = None
+    if cfg.eval is not None:
+        eval_recs, eval_where, eval_fmt = read_records(cfg.eval, cfg.format, cfg.columns)
+        eval_samples, eval_stats = encode_records(eval_recs, eval_where, eval_fmt, tokenizer, **opts)
+    elif held:
+        eval_samples, eval_stats = _encode_eval(held, where, fmt, tokenizer, opts)
+    name = fmt if fmt != "auto" else "streamed"
+    return Datasets([], eval_samples, name, EncodeStats(), eval_stats, stream_paths=paths)
 
 
 def _encode_eval(records: list, where: list[str], fmt: str, tokenizer: Any, opts: dict) -> tuple:
