@@ -81,6 +81,9 @@ class DataConfig:
     shuffle buffer, exact resume. Default (null): for files above 1 GiB."""
     shuffle_buffer: int = 1000
     """Samples in the shuffle buffer when streaming."""
+    cache_dir: str | None = None
+    """Directory of tokenised datasets: a repeated run, or the other ranks, read the samples
+    instead of tokenising again (keyed by the data settings, files and tokenizer)."""
     eval: str | None = None
     """Evaluation data file. Default: generated held-out tasks for `builtin`, else a split of `train`."""
     format: str = "auto"

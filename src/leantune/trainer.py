@@ -129,6 +129,12 @@ class Trainer:
         self.tokenizer = load_tokenizer(
             cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
         )
+        if cfg.data.cache_dir and self.world_size > 1:
+
+            def fill_cache() -> None:  # on rank 0, before the others read it
+                build_datasets(cfg.data, self.tokenizer)
+
+            run_on_main(fill_cache)
         self.data: Datasets = build_datasets(cfg.data, self.tokenizer)
         self.model = self._build_model()
         if self.data.pack_stats is not None and not packing_is_exact(
@@ -820,6 +826,8 @@ class Trainer:
             m.print(f"data: not packed ({self.data.pack_refused}); one sample per sequence")
         if self.data.eval_stats is not None:
             m.print(f"data: eval {self.data.eval_stats.summary()}")
+        if self.data.cache_note:
+            m.print(f"data: {self.data.cache_note}")
         m.print(f"run directory: {self.run_dir}")
         if self.world_size > 1:
             m.print(

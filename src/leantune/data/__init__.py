@@ -57,6 +57,8 @@ class Datasets:
     """``data.weights`` when several sources are mixed by weight (else batches draw from ``train``)."""
     stream_paths: list[str] | None = None
     """The JSON-lines files to stream (``data.streaming``); ``train`` is then empty."""
+    cache_note: str | None = None
+    """Where the samples came from or went to in ``data.cache_dir``."""
 
 
 def read_records(
@@ -82,6 +84,27 @@ def _split(records: list, where: list[str], n_eval: int, seed: int) -> tuple[lis
 
 
 def build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
+    """Train and eval samples for a :class:`leantune.config.DataConfig`, through the tokenised
+    cache when ``data.cache_dir`` is set (see :mod:`leantune.data.cache`)."""
+    if not cfg.cache_dir:
+        return _build_datasets(cfg, tokenizer)
+    from leantune.data.cache import cache_key, load_cached, save_cached
+
+    specs = cfg.train if isinstance(cfg.train, list) else [cfg.train]
+    if _streams(cfg, [path for spec in specs for path in expand_source(spec)]):
+        return _build_datasets(cfg, tokenizer)  # streamed data is tokenised as it is read
+    key = cache_key(cfg, tokenizer)
+    cached = load_cached(cfg.cache_dir, key)
+    if cached is not None:
+        cached.cache_note = f"read from the cache ({Path(cfg.cache_dir) / key}.*)"
+        return cached
+    data = _build_datasets(cfg, tokenizer)
+    written = save_cached(cfg.cache_dir, key, data)
+    data.cache_note = f"tokenised and cached ({written.with_suffix('')}.*)"
+    return data
+
+
+def _build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
     """Train and eval samples for a :class:`leantune.config.DataConfig`.
 
     ``builtin`` generates the task families (evaluation prompts are drawn first and excluded from
