@@ -60,7 +60,10 @@ MODULES = {
     ],
     "src/leantune/data/encode.py": ["tests/unit/test_data.py", "tests/unit/test_encode.py"],
     # (not test_security.py: it reads the source text, which holds every mutant)
-    "src/leantune/checkpoint.py": ["tests/reliability/test_checkpoints.py"],
+    "src/leantune/checkpoint.py": [
+        "tests/reliability/test_checkpoints.py",
+        "tests/reliability/test_checkpoint_units.py",
+    ],
     "src/leantune/distributed/collectives.py": [
         "tests/unit/test_segments.py",
         "tests/unit/test_dist_runtime.py",
