@@ -183,19 +183,26 @@ def collect(work: Path) -> list[dict[str, Any]]:
     return rows
 
 
+# notes tables -> the status a survivor they describe gets
+NOTE_STATUS = {"equivalent": "equivalent", "unreachable": "unreachable here"}
+
+
 def load_notes() -> dict[str, dict[str, str]]:
-    """``[[equivalent]]`` entries: ``mutant`` (its name), ``diff`` (a line of it, so that a stale
-    name after a code change does not silently excuse another mutant) and ``reason``."""
+    """``[[equivalent]]`` entries (no test could tell the mutant apart) and ``[[unreachable]]`` ones
+    (a test could, but only on hardware or in processes this selection does not have: a GPU, NCCL,
+    several real processes): ``mutant`` (its name), ``diff`` (a line of it, so that a stale name
+    after a code change does not silently excuse another mutant) and ``reason``."""
     if not NOTES.is_file():
         return {}
-    return {e["mutant"]: e for e in tomllib.loads(NOTES.read_text()).get("equivalent", [])}
+    data = tomllib.loads(NOTES.read_text())
+    return {e["mutant"]: {**e, "status": NOTE_STATUS[t]} for t in NOTE_STATUS for e in data.get(t, [])}
 
 
 def summarise(rows: list[dict[str, Any]], notes: dict[str, dict[str, str]]) -> dict[str, Any]:
     for row in rows:
         note = notes.get(row["mutant"])
         if row["status"] == "survived" and note and note["diff"] in row.get("diff", ""):
-            row["status"], row["reason"] = "equivalent", note["reason"]
+            row["status"], row["reason"] = note["status"], note["reason"]
     modules: dict[str, dict[str, int]] = {}
     for row in rows:
         counts = modules.setdefault(row["module"], {})
@@ -217,7 +224,7 @@ def summarise(rows: list[dict[str, Any]], notes: dict[str, dict[str, str]]) -> d
 
 def format_markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
-    cols = ("killed", "timeout", "survived", "equivalent", "no tests", "not checked")
+    cols = ("killed", "timeout", "survived", "equivalent", "unreachable here", "no tests", "not checked")
     lines = [
         "# Mutation testing of the core (mutmut)",
         "",
@@ -225,9 +232,10 @@ def format_markdown(report: dict[str, Any]) -> str:
         f"Date: {report['date']}; mutmut {report['mutmut']}; {report['machine']['cpus']} CPUs.",
         benchlib.source_note(report.get("source")),
         "",
-        "Score = (killed + timeout) / (killed + timeout + survived); mutants judged equivalent (reasons",
-        "below, from `benchmarks/mutation_notes.toml`), those no in-process test reaches (`no tests`)",
-        "and those the run did not get to (`not checked`) are left out.",
+        "Score = (killed + timeout) / (killed + timeout + survived); mutants judged equivalent, those only",
+        "a GPU or several processes could tell apart (`unreachable here`; reasons below, from",
+        "`benchmarks/mutation_notes.toml`), those no in-process test reaches (`no tests`) and those the",
+        "run did not get to (`not checked`) are left out.",
         "",
         "| module | " + " | ".join(cols) + " | score |",
         "|---|" + "--:|" * (len(cols) + 1),
@@ -238,7 +246,10 @@ def format_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {module} | {cells} | {benchlib.fmt(pct, '.1f', '%')} |")
     survivors = [r for r in report["rows"] if r["status"] == "survived"]
     equivalent = [r for r in report["rows"] if r["status"] == "equivalent"]
-    for title, rows in (("Surviving mutants", survivors), ("Equivalent mutants", equivalent)):
+    unreachable = [r for r in report["rows"] if r["status"] == "unreachable here"]
+    sections = (("Surviving mutants", survivors), ("Equivalent mutants", equivalent),
+                ("Mutants only a GPU or several processes can tell apart", unreachable))  # fmt: skip
+    for title, rows in sections:
         lines += ["", f"## {title} ({len(rows)})", ""]
         for r in rows:
             lines.append(f"- `{r['mutant']}`" + (f": {r['reason']}" if r.get("reason") else ""))
