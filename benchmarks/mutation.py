@@ -17,7 +17,9 @@ Run (from the repository root; ``scripts/mutation`` installs mutmut first)::
     scripts/mutation --modules src/leantune/data/encode.py
     scripts/mutation --report-only                     # re-render from the last run's copy
 
-``--keep`` reuses the scratch copy of an earlier run, brought up to date with the checkout: mutmut
+``--scratch NAME`` keeps a run in a copy of its own (``.mutation/NAME``), e.g. one per module
+group; the report takes each module from the copy with its newest results. ``--keep`` reuses the
+scratch copy of an earlier run, brought up to date with the checkout: mutmut
 then tests the mutants it has no result for and those of functions whose code changed.
 ``--recheck survived`` (with ``--keep``) re-tests the survivors of the last run (of ``--modules``)
 against the current tests, e.g. after adding tests for them.
@@ -187,6 +189,26 @@ def collect(work: Path) -> list[dict[str, Any]]:
 NOTE_STATUS = {"equivalent": "equivalent", "unreachable": "unreachable here"}
 
 
+def collect_all() -> list[dict[str, Any]]:
+    """The rows of every scratch copy (``--scratch``); a module mutated in several copies is taken
+    from the copy whose results for it are newest."""
+    best: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+    for work in sorted(p for p in SCRATCH.iterdir() if (p / "mutants").is_dir()):
+        for module, rows in _by_module(collect(work)).items():
+            meta = work / "mutants" / (module + ".meta")
+            stamp = meta.stat().st_mtime if meta.is_file() else 0.0
+            if module not in best or stamp > best[module][0]:
+                best[module] = (stamp, [{**r, "scratch": work.name} for r in rows])
+    return [r for _, rows in sorted(best.items()) for r in rows[1]]
+
+
+def _by_module(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["module"], []).append(r)
+    return out
+
+
 def load_notes() -> dict[str, dict[str, str]]:
     """``[[equivalent]]`` entries (no test could tell the mutant apart) and ``[[unreachable]]`` ones
     (a test could, but only on hardware or in processes this selection does not have: a GPU, NCCL,
@@ -265,11 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recheck", choices=["survived"], help="re-test the last run's survivors")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--scratch", default="tree", help="name of the scratch copy under .mutation/")
     args = parser.parse_args(argv)
     if shutil.which("mutmut", path=str(Path(sys.executable).parent)) is None:
         print("mutmut is not installed in this environment: run scripts/mutation", file=sys.stderr)
         return 2
-    work = SCRATCH / "tree"
+    work = SCRATCH / args.scratch
     if not args.report_only:
         if args.keep and work.is_dir():
             _sync_tree(work)
@@ -299,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not work.is_dir():
         print(f"no earlier run in {work}", file=sys.stderr)
         return 2
-    rows = collect(work)
+    rows = collect_all()
     version = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "--version"],
                              capture_output=True, text=True).stdout.split()[-1:]  # fmt: skip
     report = {
