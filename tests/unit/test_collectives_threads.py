@@ -209,3 +209,28 @@ def test_threaded_ranks_report_the_failing_rank():
 
     with pytest.raises(AssertionError, match="rank 1 failed: RuntimeError: boom"):
         run_ranks(2, rank_fn)
+
+
+def test_one_process_collectives_are_the_identity_and_import_dtensor_state_whole_or_local():
+    c = Collectives()
+    assert not c.replicated and not c.sharded
+    g = torch.tensor([1.0, -2.0])
+    for out in (c.average_gradient(g), c.sum_square_norms(g), c.shard_sum(None, g)):
+        assert out is g and out.tolist() == [1.0, -2.0]
+    state = {"x": 1}
+    assert c.export_state(g, "row", state) is state and c.import_state(g, "row", state) is state
+
+    def rank_fn(rank):
+        mesh = torch.distributed.device_mesh.init_device_mesh("cpu", (2,))
+        full = torch.arange(8.0).reshape(4, 2)
+        shard = distribute_tensor(full, mesh, [Shard(0)])
+        plain, sharded = torch.zeros(4, 2), torch.nn.Parameter(shard)
+        # a plain parameter (one process reading a sharded checkpoint) takes the whole tensor,
+        # a sharded one its own rows
+        return c.import_state(plain, "exp_avg", shard).tolist(), c.import_state(
+            sharded, "exp_avg", shard
+        ).tolist()
+
+    for rank, (whole, local) in enumerate(run_ranks(2, rank_fn)):
+        assert whole == torch.arange(8.0).reshape(4, 2).tolist()
+        assert local == torch.arange(8.0).reshape(4, 2)[2 * rank : 2 * rank + 2].tolist()
