@@ -1,0 +1,183 @@
+"""InBackward against plain torch loops: the options it forwards to the engine, the checks of its
+constructor, its inner optimizers' hyperparameters and state after freezing (survivors of mutmut)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from leantune.optim import LOMO, InBackward
+from leantune.optim.collectives import Collectives
+
+LR = 0.1
+
+
+def _linear(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(4, 3).to(dtype)
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(8, 4, generator=g), torch.randn(8, 3, generator=g)
+
+
+def _loss(model: torch.nn.Module, step: int) -> torch.Tensor:
+    x, y = _data(step)
+    return ((model(x.to(model.weight.dtype)).float() - y) ** 2).mean()
+
+
+def _grads(model: torch.nn.Module, step: int) -> list[torch.Tensor]:
+    """The gradients of a copy of ``model`` (the reference loops' input)."""
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    x, y = _data(step)
+    loss = ((x @ params[0].T + params[1] - y) ** 2).mean()
+    return list(torch.autograd.grad(loss, params))
+
+
+def test_the_default_seed_is_zero():
+    """The documented default seed of the stochastic-rounding generator is 0."""
+    opt = InBackward(torch.optim.SGD, _linear(), lr=LR, rounding="stochastic")
+    assert opt.seed == 0 and opt.state_dict()["leantune"]["seed"] == 0
+
+
+def test_the_seed_given_is_the_one_saved():
+    opt = InBackward(torch.optim.SGD, _linear(), lr=LR, rounding="stochastic", seed=7)
+    assert opt.state_dict()["leantune"]["seed"] == 7
+
+
+@pytest.mark.parametrize("cls", [torch.nn.Linear, int, "adamw", torch.optim.SGD([torch.zeros(1)])])
+def test_an_optimizer_cls_that_is_not_an_optimizer_class_is_refused_by_name(cls):
+    """Classes that are not optimizers and non-classes get the same message, naming what was given."""
+    message = f"optimizer_cls must be a torch.optim.Optimizer subclass, got {cls!r}"
+    with pytest.raises(TypeError, match="^" + re.escape(message) + "$"):
+        InBackward(cls, _linear(), lr=LR)
+
+
+@pytest.mark.parametrize("cls", [LOMO, torch.optim.LBFGS])
+def test_fused_optimizers_and_lbfgs_are_refused_by_name(cls):
+    with pytest.raises(TypeError, match=f"^{cls.__name__} cannot run inside backward$"):
+        InBackward(cls, _linear(), lr=LR)
+
+
+def test_clip_grad_value_equals_clamping_every_element_then_sgd():
+    model = _linear()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = InBackward(torch.optim.SGD, model, lr=LR, clip_grad_value=0.05)
+    expected = [p.clone() for p in start]
+    for step in range(3):
+        ref_model = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            for p, e in zip(ref_model.parameters(), expected):
+                p.copy_(e)
+        grads = _grads(ref_model, step)
+        assert any(g.abs().max() > 0.05 for g in grads)  # the clamp bites
+        expected = [e - LR * g.clamp(-0.05, 0.05) for e, g in zip(expected, grads)]
+        opt.backward(_loss(model, step))
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+
+
+def _sgd_reference(model: torch.nn.Module, steps: int, scale: float = 1.0) -> list[torch.Tensor]:
+    """Plain SGD on ``model``'s starting weights, with every gradient multiplied by ``scale``."""
+    expected = [p.detach().clone() for p in model.parameters()]
+    for step in range(steps):
+        ref_model = torch.nn.Linear(4, 3)
+        with torch.no_grad():
+            for p, e in zip(ref_model.parameters(), expected):
+                p.copy_(e)
+        expected = [e - LR * scale * g for e, g in zip(expected, _grads(ref_model, step))]
+    return expected
+
+
+def test_a_static_loss_scale_is_reported_and_divided_out_of_the_update():
+    model = _linear()
+    expected = _sgd_reference(model, 2)
+    opt = InBackward(torch.optim.SGD, model, lr=LR, loss_scale=8.0)
+    results = [opt.backward(_loss(model, step)) for step in range(2)]
+    assert [r.loss_scale for r in results] == [8.0, 8.0]
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+
+
+class _HalvingCollectives(Collectives):
+    """Replicated data parallelism with a second rank whose gradient is zero: the mean is half."""
+
+    replicated = True
+
+    def average_gradient(self, grad: torch.Tensor) -> torch.Tensor:
+        return grad.mul_(0.5)
+
+
+def test_the_collectives_given_average_the_gradients():
+    model = _linear()
+    expected = _sgd_reference(model, 2, scale=0.5)
+    opt = InBackward(torch.optim.SGD, model, lr=LR, collectives=_HalvingCollectives())
+    for step in range(2):
+        opt.backward(_loss(model, step))
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-6, atol=1e-7)
+
+
+class _Shards(Collectives):
+    sharded = True
+
+
+def test_a_statistics_optimizer_on_shards_is_refused_with_the_elementwise_alternatives():
+    with pytest.raises(ValueError) as err:
+        InBackward(torch.optim.Adagrad, _linear(), lr=LR, collectives=_Shards())
+    assert str(err.value) == (
+        "Adagrad in backward on FSDP2 shards would compute its statistics on one shard of each tensor; "
+        "use AdaLomo, LOMO, or one of AdamW, Adam, SGD, Lion, Adan in backward "
+        "(elementwise updates are exact on a shard)"
+    )
+    InBackward(torch.optim.AdamW, _linear(), lr=LR, collectives=_Shards())  # elementwise: accepted
+
+
+def test_init_state_then_training_equals_torch_adamw_with_amsgrad():
+    """The inner optimizers get every keyword (amsgrad), also for the state made by init_state."""
+    model, ref = _linear(), _linear()
+    opt = InBackward(torch.optim.AdamW, model, lr=LR, weight_decay=0.1, amsgrad=True)
+    opt.init_state()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=0.1, amsgrad=True)
+    for step in range(3):
+        opt.backward(_loss(model, step))
+        _loss(ref, step).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert set(opt.state[model.weight]) == set(ref_opt.state[ref.weight]) >= {"max_exp_avg_sq"}
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-7)
+
+
+def test_a_parameter_frozen_and_trainable_again_restarts_from_fresh_adamw_state():
+    model, ref = _linear(), _linear()
+    opt = InBackward(torch.optim.AdamW, model, lr=LR)
+    ref_w, ref_b = torch.optim.AdamW([ref.weight], lr=LR), torch.optim.AdamW([ref.bias], lr=LR)
+
+    def ref_step(step, opts):
+        _loss(ref, step).backward()
+        for o in opts:
+            o.step()
+            o.zero_grad()
+        ref.weight.grad = None
+
+    for step in range(2):
+        opt.backward(_loss(model, step))
+        ref_step(step, [ref_w, ref_b])
+    model.weight.requires_grad_(False)
+    opt.refresh_hooks()
+    ref.weight.requires_grad_(False)
+    opt.backward(_loss(model, 2))
+    ref_step(2, [ref_b])
+    model.weight.requires_grad_(True)
+    opt.refresh_hooks()
+    ref.weight.requires_grad_(True)
+    ref_w = torch.optim.AdamW([ref.weight], lr=LR)  # state dropped when frozen: a first step again
+    opt.backward(_loss(model, 3))
+    ref_step(3, [ref_w, ref_b])
+    assert int(opt.state[model.weight]["step"]) == 1
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-7)
