@@ -1,0 +1,251 @@
+"""The fused engine against plain loops and literal expectations: GradientView's sums and shapes,
+loss scaling with accumulation and replicated averaging, seeds and scalers through state_dict, the
+multi-rank refusal at the first backward (threaded ranks, in-process) (survivors of mutmut)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leantune.optim import LOMO, AdaLomo, InBackward, LossScaler
+from leantune.optim.collectives import Collectives
+from leantune.optim.engine import GradientView
+from leantune.optim.segments import Segment
+from tests.threaded import run_ranks
+
+LR = 0.1
+
+
+# ----------------------------------------------------------------------------------- GradientView
+def test_full_is_the_effective_gradient_shaped_rows_by_cols():
+    g = torch.arange(6.0).reshape(2, 3)
+    acc = torch.ones(2, 3)
+    assert GradientView(g, None).full().shape == (2, 3)
+    out = GradientView(g, acc, inv_scale=0.5, clip_value=1.5).full()
+    assert out.shape == (2, 3) and out.tolist() == [[1.0, 1.5, 1.5], [1.5, 1.5, 1.5]]
+
+
+@pytest.mark.parametrize("max_elements", [2, 3, 100])
+@pytest.mark.parametrize("which", ["grad", "acc"])
+def test_square_sum_over_chunks_is_the_sum_of_squares_of_the_whole_gradient(which, max_elements):
+    values = torch.arange(-5.0, 7.0).reshape(4, 3)
+    view = GradientView(values, None) if which == "grad" else GradientView(None, values)
+    total = view.square_sum(max_elements)
+    assert total.dtype == torch.float32 and total.dim() == 0
+    assert float(total) == pytest.approx(sum(v * v for v in range(-5, 7)), rel=1e-6)
+
+
+def test_square_sum_is_fp32_when_torch_default_dtype_is_fp64():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        total = GradientView(torch.ones(2, 2, dtype=torch.float32), None).square_sum(2)
+    finally:
+        torch.set_default_dtype(before)
+    assert total.dtype == torch.float32 and float(total) == pytest.approx(4.0, rel=1e-6)
+
+
+# ------------------------------------------------------- loss scale, accumulation, replicated mean
+class _HalvingCollectives(Collectives):
+    """Replicated data parallelism with a second rank whose gradient is zero: the mean is half."""
+
+    replicated = True
+
+    def average_gradient(self, grad):
+        return grad.mul_(0.5)
+
+
+def _two_layers():
+    torch.manual_seed(0)
+    return torch.nn.Linear(3, 3, bias=False), torch.nn.Linear(3, 2, bias=False)
+
+
+def _micro_loss(a, b, x, use_b):
+    h = a(x)
+    return (b(h) ** 2).mean() if use_b else (h**2).mean()
+
+
+@pytest.mark.parametrize(("collectives", "factor"), [(None, 1.0), (_HalvingCollectives(), 0.5)])
+@pytest.mark.parametrize("loss_scale", [None, 8.0])
+def test_accumulated_steps_with_a_layer_unseen_in_the_last_micro_batch_equal_sgd_on_the_mean(
+    collectives, factor, loss_scale
+):
+    """Two micro-batches, the second of which does not reach layer b (its gradient lives only in
+    the accumulation buffer): the update is SGD on the mean gradient, unscaled, averaged."""
+    a, b = _two_layers()
+    ra, rb = _two_layers()
+    kwargs = {"collectives": collectives} if collectives is not None else {}
+    opt = LOMO(
+        [*a.parameters(), *b.parameters()], lr=LR, accumulation_steps=2, loss_scale=loss_scale, **kwargs
+    )
+    for step in range(2):
+        gen = torch.Generator().manual_seed(step)
+        xs = [torch.randn(4, 3, generator=gen) for _ in range(2)]
+        for i, x in enumerate(xs):
+            opt.backward(_micro_loss(a, b, x, use_b=i == 0))
+        ref_params = [ra.weight, rb.weight]
+        grads = [torch.zeros_like(p) for p in ref_params]
+        for i, x in enumerate(xs):
+            loss = _micro_loss(ra, rb, x, use_b=i == 0)
+            used = ref_params if i == 0 else ref_params[:1]
+            for k, gr in enumerate(torch.autograd.grad(loss, used)):
+                grads[k] += gr / 2
+        with torch.no_grad():
+            for p, gr in zip(ref_params, grads):
+                p -= LR * factor * gr
+    torch.testing.assert_close(a.weight, ra.weight, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(b.weight, rb.weight, rtol=1e-5, atol=1e-7)
+
+
+def test_clipping_with_no_trainable_gradient_names_the_problem():
+    model = torch.nn.Linear(2, 2)
+    opt = LOMO(model, lr=LR, clip_grad_norm=1.0)
+    other = torch.ones(2, requires_grad=True)
+    with pytest.raises(RuntimeError, match="none of its 2 trainable parameters received a gradient"):
+        opt.backward((other * 2).sum())
+
+
+# ------------------------------------------------------------------------------ seeds and offsets
+class _Offset(Collectives):
+    def __init__(self, offset):
+        self.offset = offset
+
+    def seed_offset(self):
+        return self.offset
+
+
+def test_the_rank_offset_is_added_to_the_seed_of_stochastic_rounding():
+    """seed 3 with offset 4 rounds exactly as seed 7 without one."""
+    results = []
+    for seed, offset in [(3, 4), (7, 0)]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 8).to(torch.bfloat16)
+        opt = LOMO(model, lr=1e-3, rounding="stochastic", seed=seed, collectives=_Offset(offset))
+        for step in range(2):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step)).to(torch.bfloat16)
+            opt.backward(model(x).float().pow(2).mean())
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(x, y) for x, y in zip(*results))
+
+
+def test_the_seed_travels_through_the_state_dict():
+    a = LOMO(torch.nn.Linear(2, 2), lr=LR, rounding="stochastic", seed=5)
+    b = LOMO(torch.nn.Linear(2, 2), lr=LR, rounding="stochastic", seed=9)
+    sd = a.state_dict()
+    assert sd["leantune"]["seed"] == 5
+    b.load_state_dict(sd)
+    assert b.seed == 5 and b.state_dict()["leantune"]["seed"] == 5
+
+
+def test_an_engine_state_without_a_seed_keeps_the_optimizers_own():
+    opt = LOMO(torch.nn.Linear(2, 2), lr=LR, seed=9)
+    extra = opt.engine_state_dict()
+    del extra["seed"]
+    opt.load_engine_state_dict(extra)
+    assert opt.seed == 9
+
+
+def test_loading_a_loss_scaler_into_an_optimizer_without_one_creates_it():
+    src = LOMO(torch.nn.Linear(2, 2), lr=LR, loss_scale=LossScaler(64.0, growth_interval=3))
+    dst = LOMO(torch.nn.Linear(2, 2), lr=LR)
+    dst.load_state_dict(src.state_dict())
+    assert dst.loss_scaler is not None
+    assert (dst.loss_scaler.scale, dst.loss_scaler.growth_interval, dst.loss_scaler.dynamic) == (
+        64.0,
+        3,
+        True,
+    )
+
+
+def test_loading_keeps_the_loss_scaler_object_the_optimizer_was_given():
+    scaler = LossScaler(8.0)
+    src = LOMO(torch.nn.Linear(2, 2), lr=LR, loss_scale=LossScaler(64.0, growth_interval=3))
+    dst = LOMO(torch.nn.Linear(2, 2), lr=LR, loss_scale=scaler)
+    dst.load_state_dict(src.state_dict())
+    assert dst.loss_scaler is scaler and scaler.scale == 64.0 and scaler.growth_interval == 3
+
+
+# -------------------------------------------------------------------------------------- state_dict
+def test_state_after_a_stateless_parameter_is_restored_in_fp32():
+    """torch casts loaded state to the parameter's dtype; every parameter's fp32 statistics come
+    back fp32 and bitwise, also those that follow a parameter without state."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(3, 2).to(torch.bfloat16)) for _ in range(3)]
+    ps[0].requires_grad_(False)  # no state
+    opt = AdaLomo(ps, lr=LR)
+    opt.backward(sum((p.float() ** 2).sum() for p in ps[1:]))
+    sd = opt.state_dict()
+    clones = [torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad) for p in ps]
+    fresh = AdaLomo(clones, lr=LR)
+    fresh.load_state_dict(sd)
+    for p, q in zip(ps[1:], clones[1:]):
+        for key in ("row", "col"):
+            assert fresh.state[q][key].dtype == torch.float32
+            assert torch.equal(fresh.state[q][key], opt.state[p][key])
+
+
+def test_loading_segment_state_into_a_parameter_without_that_segment_names_the_key():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 2))
+    opt = AdaLomo([p], lr=LR)
+    opt.set_segments({p: [Segment("a", rows=(range(0, 2),))]})
+    opt.backward((p**2).sum())
+    fresh = AdaLomo([torch.nn.Parameter(p.detach().clone())], lr=LR)
+    with pytest.raises(KeyError, match="names a segment this parameter does not have"):
+        fresh.load_state_dict(opt.state_dict())
+
+
+class _CountingSGD(torch.optim.SGD):
+    """SGD that also counts its steps under an integer state key (torch.optim allows any key)."""
+
+    def step(self, closure=None):
+        super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p][1] = self.state[p].get(1, 0) + 1
+
+
+def test_state_keys_that_are_not_strings_are_saved_and_loaded_as_they_are():
+    model = torch.nn.Linear(2, 2)
+    opt = InBackward(_CountingSGD, model, lr=LR)
+    opt.backward(model(torch.ones(1, 2)).sum())
+    sd = opt.state_dict()
+    assert all(st[1] == 1 for st in sd["state"].values())
+    fresh = InBackward(_CountingSGD, torch.nn.Linear(2, 2), lr=LR)
+    fresh.load_state_dict(sd)
+    assert [st[1] for st in fresh.state.values()] == [1, 1]
+
+
+# ------------------------------------------------------------------------- context at first backward
+MULTI_RANK_MESSAGE = (
+    "LOMO: this process is one of 2 ranks and the parameters are plain (replicated) tensors, so each "
+    "rank would update its own copy. Choose: collectives='replicated' to average every gradient over "
+    "the ranks inside its hook (data parallelism: do not also wrap the model in "
+    "DistributedDataParallel), or collectives='local' to train each rank on its own; or shard the "
+    "model with torch.distributed.fsdp.fully_shard before building the optimizer"
+)
+
+
+def test_plain_parameters_on_two_ranks_are_refused_at_the_first_backward_with_the_choices():
+    def rank_fn(rank):
+        model = torch.nn.Linear(2, 2)
+        opt = LOMO(model, lr=LR)
+        with pytest.raises(RuntimeError) as err:
+            opt.backward(model(torch.ones(1, 2)).sum())
+        return str(err.value)
+
+    assert run_ranks(2, rank_fn) == [MULTI_RANK_MESSAGE] * 2
+
+
+def test_the_context_is_checked_once_at_the_first_backward():
+    """An optimizer that has stepped in one process keeps working when a process group appears."""
+    model = torch.nn.Linear(2, 2)
+    opt = LOMO(model, lr=LR)
+    opt.backward(model(torch.ones(1, 2)).sum())
+
+    def rank_fn(rank):
+        if rank == 0:
+            return opt.backward(model(torch.ones(1, 2)).sum()).updated
+        return True
+
+    assert run_ranks(2, rank_fn) == [True, True]
