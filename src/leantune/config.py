@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import textwrap
 import types
 import typing
@@ -104,6 +105,10 @@ class DataConfig:
     `train.batch_size` packed sequences. Default (null): text packed, the others not."""
     tasks: list[str] = field(default_factory=lambda: ["add", "reverse", "sort", "count"])
     """Built-in task families: add, reverse, sort, count."""
+    task_weights: list[float] | None = None
+    """Share of each of `tasks` in the generated training set, e.g. [1, 1, 1, 1] for balanced.
+    Default: add 3, reverse 2, sort 2, count 2 (`leantune.data.tasks.TASK_WEIGHTS`: add needs the
+    most samples to be learnt in the default job). Evaluation sets are always balanced."""
     num_train: int = 20000
     """Number of generated training examples (builtin)."""
     num_eval: int = 400
@@ -124,8 +129,8 @@ class OptimConfig:
     name: str = "adalomo"
     """Optimizer (see `leantune.optim.optimizer_names()`): adalomo, lomo, adamw, sgd, adafactor,
     lion, adan, sophia, or `<name>_in_backward` to free gradients early."""
-    lr: float = 0.05
-    """Peak learning rate. AdaLomo's is relative to each tensor's RMS: ~0.05 from scratch, 1e-3 to
+    lr: float = 0.02
+    """Peak learning rate. AdaLomo's is relative to each tensor's RMS: 0.02-0.05 from scratch, 1e-3 to
     5e-4 for fine-tuning; AdamW ~3e-4; LOMO 1e-2 .. 3e-2 with clipping."""
     weight_decay: float = 0.0
     """Decoupled weight decay."""
@@ -152,7 +157,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 800
+    max_steps: int = 900
     """Number of optimizer steps (0 = derive from `epochs`)."""
     epochs: float = 0.0
     """Number of passes over the training data when `max_steps` is 0."""
@@ -274,6 +279,7 @@ class Config:
             self.data.train = self.data.train[0]  # one source: a plain path, as it always was
         sources = self.data.train if isinstance(self.data.train, list) else [self.data.train]
         weights = self.data.weights
+        task_weights = self.data.task_weights
         checks: list[tuple[bool, str]] = [
             (
                 bool(sources) and all(sources),
@@ -286,6 +292,16 @@ class Config:
             (
                 weights is None or (all(w >= 0 for w in weights) and sum(weights) > 0),
                 f"data.weights must be >= 0 with a positive sum, got {weights}",
+            ),
+            (
+                task_weights is None or len(task_weights) == len(self.data.tasks),
+                f"data.task_weights has {len(task_weights or [])} entries for {len(self.data.tasks)} "
+                "data.tasks",
+            ),
+            (
+                task_weights is None
+                or (all(math.isfinite(w) and w >= 0 for w in task_weights) and sum(task_weights) > 0),
+                f"data.task_weights must be finite, >= 0, with a positive sum, got {task_weights}",
             ),
             (
                 self.model.dtype in DTYPES,

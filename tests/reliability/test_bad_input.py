@@ -188,6 +188,7 @@ def _snapshot(root):
 def test_resuming_with_a_different_config_explains_the_difference_and_changes_nothing(tmp_path, capsys):
     out = tmp_path / "runs"
     common = [*TINY, "train.max_steps=3", "train.save_every=2", f"train.output_dir={out}", "train.run_name=r"]
+    common.append("optim.lr=0.05")
     assert main(["train", *common]) == 0
     capsys.readouterr()
     before = _snapshot(out)

@@ -75,6 +75,10 @@ def test_yaml_file_then_overrides(tmp_path):
         (["train.max_steps=0"], "set train.max_steps or train.epochs"),
         (["optim.scheduler=step"], "optim.scheduler must be constant, linear or cosine"),
         (["dist.strategy=zero3"], "dist.strategy must be none, ddp or fsdp"),
+        (["data.task_weights=[1, 2]"], "data.task_weights has 2 entries for 4 data.tasks"),
+        (["data.task_weights=[1, 1, -1, 1]"], "data.task_weights must be finite, >= 0, with a positive sum"),
+        (["data.task_weights=[0, 0, 0, 0]"], "data.task_weights must be finite, >= 0, with a positive sum"),
+        (["data.task_weights=[1, 1, .nan, 1]"], "data.task_weights must be finite"),
     ],
 )
 def test_bad_config_is_an_error_that_names_the_field(overrides, message):

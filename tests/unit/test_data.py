@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import random
+import re
 
 import pytest
 
 from leantune.config import DataConfig
 from leantune.data import (
     IGNORE_INDEX,
+    TASK_WEIGHTS,
     BatchStream,
     DataError,
     build_byte_tokenizer,
@@ -17,6 +20,7 @@ from leantune.data import (
     encode_records,
     generate_examples,
     load_records,
+    task_weights,
 )
 from leantune.data.formats import prepare_records
 
@@ -37,21 +41,87 @@ def test_builtin_tasks_are_deterministic_correct_and_disjoint_from_eval():
     assert a != generate_examples(["add", "reverse", "sort", "count"], 200, seed=4)
     for ex in a:
         body = ex["prompt"].split(" ", 1)[1].rstrip("\n")
-        if ex["task"] == "add":
+        if ex["task"] == "add":  # least-significant digit first, zero-padded
             x, y = body.split("+")
-            assert int(ex["response"]) == int(x) + int(y)
+            assert len(x) == len(y) == 3 and len(ex["response"]) == 4
+            assert int(ex["response"][::-1]) == int(x[::-1]) + int(y[::-1])
         elif ex["task"] == "reverse":
             assert ex["response"] == body[::-1]
         elif ex["task"] == "sort":
             assert ex["response"] == "".join(sorted(body))
         else:
-            letter, word = body.split(" in ")
+            word, letter = ex["prompt"].rstrip("\n").split(": count ")
             assert int(ex["response"]) == word.count(letter)
     data = build_datasets(DataConfig(num_train=500, num_eval=40), build_byte_tokenizer())
     eval_prompts = {tuple(s.prompt_ids) for s in data.eval}
     assert len(eval_prompts) == 40
     assert not eval_prompts & {tuple(s.prompt_ids) for s in data.train}
     assert {s.task for s in data.eval} == {"add", "reverse", "sort", "count"}
+
+
+def test_builtin_renderings_by_example():
+    """The renderings the docs show, from the generators (47 + 305 = 352 written lsd first)."""
+    from leantune.data import tasks
+
+    class Draws(random.Random):
+        def __init__(self, ints, choices=()):
+            super().__init__(0)
+            self.ints, self.picks = list(ints), list(choices)
+
+        def randint(self, a, b):
+            return self.ints.pop(0)
+
+        def choice(self, seq):
+            return self.picks.pop(0)
+
+    assert tasks._add(Draws([2, 47, 3, 305])) == ("add 740+503\n", "2530")
+    assert tasks._add(Draws([3, 999, 3, 999])) == ("add 999+999\n", "8991")
+    assert tasks._add(Draws([1, 0, 1, 5])) == ("add 000+500\n", "5000")
+    assert tasks._count(Draws([5], "abacaa")) == ("abaca: count a\n", "3")
+
+
+def test_task_weights_set_exact_shares_in_every_prefix():
+    tasks = ["add", "reverse", "sort", "count"]
+    examples = generate_examples(tasks, 800, seed=0, weights=[3, 1, 2, 2])
+    for k in (8, 13, 100, 800):
+        counts = {t: sum(ex["task"] == t for ex in examples[:k]) for t in tasks}
+        for t, w in zip(tasks, [3, 1, 2, 2]):
+            assert abs(counts[t] - k * w / 8) <= 1, (k, counts)
+    assert [ex["task"] for ex in examples[:8]].count("add") == 3
+    balanced = generate_examples(tasks, 12, seed=0)
+    assert [ex["task"] for ex in balanced] == tasks * 3  # no weights: the plain cycle
+    assert {ex["task"] for ex in generate_examples(tasks, 50, seed=0, weights=[1, 0, 0, 1])} == {
+        "add",
+        "count",
+    }
+
+
+def test_the_default_training_set_follows_task_weights_and_the_eval_set_is_balanced():
+    data = build_datasets(DataConfig(num_train=800, num_eval=40), build_byte_tokenizer())
+    train = {t: sum(s.task == t for s in data.train) for t in TASK_WEIGHTS}
+    total = sum(TASK_WEIGHTS.values())
+    assert all(abs(train[t] - 800 * w / total) <= 1 for t, w in TASK_WEIGHTS.items()), train
+    assert {t: sum(s.task == t for s in data.eval) for t in TASK_WEIGHTS} == dict.fromkeys(TASK_WEIGHTS, 10)
+    even = build_datasets(
+        DataConfig(num_train=800, num_eval=40, task_weights=[1, 1, 1, 1]), build_byte_tokenizer()
+    )
+    assert {t: sum(s.task == t for s in even.train) for t in TASK_WEIGHTS} == dict.fromkeys(TASK_WEIGHTS, 200)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ([1.0], "data.task_weights has 1 entries for 2 data.tasks"),
+        ([1.0, -1.0], "must be finite, >= 0, with a positive sum"),
+        ([0.0, 0.0], "must be finite, >= 0, with a positive sum"),
+        ([float("inf"), 1.0], "must be finite"),
+    ],
+)
+def test_bad_task_weights_are_errors(weights, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate_examples(["add", "sort"], 4, seed=0, weights=weights)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        task_weights(["add", "sort"], weights)
 
 
 def test_unknown_task_is_an_error():

@@ -51,6 +51,8 @@ def test_the_key_changes_with_the_data_the_settings_and_the_tokenizer(tmp_path):
     key = cache_key(cfg, tok)
     assert cache_key(cfg, build_byte_tokenizer()) == key
     assert cache_key(load_config(None, [f"data.train={path}", "data.max_length=32"]).data, tok) != key
+    builtin = cache_key(load_config(None, []).data, tok)
+    assert cache_key(load_config(None, ["data.task_weights=[1, 1, 1, 1]"]).data, tok) != builtin
     other = build_byte_tokenizer()
     other.chat_template = "{{ messages }}"
     assert cache_key(cfg, other) != key

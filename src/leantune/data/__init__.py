@@ -12,7 +12,7 @@ from leantune.data.loader import BatchStream, collate, eval_batches
 from leantune.data.mixture import MixtureStream, expand_source
 from leantune.data.packing import PackStats, pack_samples
 from leantune.data.records import DataError, load_records
-from leantune.data.tasks import TASKS, generate_examples
+from leantune.data.tasks import TASK_WEIGHTS, TASKS, generate_examples, task_weights
 from leantune.data.tokenizer import build_byte_tokenizer, load_tokenizer
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "MixtureStream",
     "PackStats",
     "TASKS",
+    "TASK_WEIGHTS",
     "BatchStream",
     "DataError",
     "Datasets",
@@ -33,6 +34,7 @@ __all__ = [
     "encode_records",
     "eval_batches",
     "generate_examples",
+    "task_weights",
     "load_records",
     "load_tokenizer",
     "pack_samples",
@@ -122,7 +124,8 @@ def _build_datasets(cfg: Any, tokenizer: Any) -> Datasets:
         if path == "builtin":
             eval_recs = generate_examples(cfg.tasks, cfg.num_eval, cfg.seed + 1, unique=True)
             banned = {r["prompt"] for r in eval_recs}
-            recs = generate_examples(cfg.tasks, cfg.num_train, cfg.seed, exclude=banned)
+            weights = task_weights(cfg.tasks, cfg.task_weights)
+            recs = generate_examples(cfg.tasks, cfg.num_train, cfg.seed, weights=weights, exclude=banned)
             where = [f"builtin train example {i}" for i in range(len(recs))]
             loaded.append((spec, "instruction", recs, where, eval_recs))
         else:

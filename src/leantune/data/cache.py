@@ -26,10 +26,10 @@ from leantune.data.packing import PackStats
 
 __all__ = ["cache_key", "load_cached", "save_cached"]
 
-VERSION = 1
+VERSION = 2  # 2: the built-in add and count renderings changed, task_weights
 # the settings samples depend on (not streaming: streamed data is not cached)
 _FIELDS = ("train", "weights", "eval", "format", "columns", "max_length", "overlong", "pack", "tasks",
-           "num_train", "num_eval", "seed")  # fmt: skip
+           "task_weights", "num_train", "num_eval", "seed")  # fmt: skip
 
 
 def _tokenizer_digest(tokenizer: Any) -> str:
