@@ -29,7 +29,7 @@ def _lsd_first(value: int, width: int) -> str:
 def _add(rng: random.Random) -> tuple[str, str]:
     # Digits least-significant first and zero-padded, so that every answer digit sits at a fixed
     # distance from the two digits it sums and the carry comes from the digit just written: the
-    # tiny model learns this in the default job, the plain rendering not at all (docs/tasks.md).
+    # tiny model learns this in the default job, the plain rendering not at all (docs/default-job.md).
     a = rng.randint(0, 10 ** rng.randint(1, 3) - 1)
     b = rng.randint(0, 10 ** rng.randint(1, 3) - 1)
     return f"add {_lsd_first(a, 3)}+{_lsd_first(b, 3)}\n", _lsd_first(a + b, 4)
@@ -78,8 +78,10 @@ def _check_tasks(tasks: list[str]) -> None:
 def task_weights(tasks: list[str], weights: list[float] | None = None) -> list[float]:
     """The training-set weights of ``tasks``: ``weights`` checked, or :data:`TASK_WEIGHTS`."""
     _check_tasks(tasks)
-    if weights is None:
-        return [TASK_WEIGHTS[t] for t in tasks]
+    return [TASK_WEIGHTS[t] for t in tasks] if weights is None else _checked_weights(tasks, weights)
+
+
+def _checked_weights(tasks: list[str], weights: list[float]) -> list[float]:
     if len(weights) != len(tasks):
         raise ValueError(f"data.task_weights has {len(weights)} entries for {len(tasks)} data.tasks")
     if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:
@@ -118,25 +120,26 @@ def generate_examples(
         unique: no prompt appears twice (used for evaluation sets).
     """
     _check_tasks(tasks)
-    shares = [1.0] * len(tasks) if weights is None else task_weights(tasks, weights)
+    shares = [1.0] * len(tasks) if weights is None else _checked_weights(tasks, weights)
     total = sum(shares)
     credit = [0.0] * len(tasks)
     rng = random.Random(seed)
     banned = set(exclude or ())
     out: list[dict[str, str]] = []
     attempts = 0
+    pick: int | None = None  # the family of the next example; a banned prompt is redrawn from it
     while len(out) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
             raise ValueError(f"cannot draw {n} distinct examples from tasks {tasks}: the space is too small")
-        for i, share in enumerate(shares):
-            credit[i] += share
-        pick = max(range(len(tasks)), key=credit.__getitem__)
+        if pick is None:
+            credit = [c + share for c, share in zip(credit, shares)]
+            pick = max(range(len(tasks)), key=credit.__getitem__)
+            credit[pick] -= total
         ex = make_example(tasks[pick], rng)
         if ex["prompt"] in banned:
-            credit = [c - share for c, share in zip(credit, shares)]  # this draw did not count
             continue
-        credit[pick] -= total
+        pick = None
         if unique:
             banned.add(ex["prompt"])
         out.append(ex)
