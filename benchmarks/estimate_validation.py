@@ -70,6 +70,7 @@ class Config:
     tied: bool | None = None  # override the preset's tie_word_embeddings
     vocab: int | None = None  # override the vocabulary size (small: activations dominate the loss)
     padded: bool = False  # the last quarter of the last sequence is padding (attention mask zeros)
+    loss_chunk: int = 0  # leantune's chunked loss (train.loss_chunk); 0 = model(**batch).loss
 
     @property
     def name(self) -> str:
@@ -84,6 +85,8 @@ class Config:
             parts.append("padded")
         if self.ckpt:
             parts.append("ckpt")
+        if self.loss_chunk:
+            parts.append(f"chunk{self.loss_chunk}")
         if self.accum > 1:
             parts.append(f"accum{self.accum}")
         if (self.seq, self.batch) != (512, 1):
@@ -130,6 +133,10 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
 
     import torch
 
+    if cfg.get("mallopt"):  # what `leantune train` does at start-up, instead of the environment variable
+        from leantune.rss import fix_mmap_threshold
+
+        fix_mmap_threshold()
     torch.set_num_threads(int(cfg["threads"]))
     import transformers  # noqa: F401  (part of the baseline the estimate's overhead constant covers)
     from transformers import LlamaForCausalLM  # noqa: F401
@@ -189,6 +196,9 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
         mask = torch.ones_like(ids)
         mask[-1, -(cfg["seq"] // 4) :] = 0
         batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    from leantune.loss import ChunkedLMLoss, StandardLMLoss
+
+    loss_fn = ChunkedLMLoss(model, int(cfg["loss_chunk"])) if cfg.get("loss_chunk") else StandardLMLoss()
     release_free_memory()
     after_build = proc_status_bytes("VmRSS")
     build_peak = proc_status_bytes("VmHWM")  # imports + model construction (a preset initialises in fp32)
@@ -196,10 +206,12 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     peaks, seconds, losses = [], [], []
     for _ in range(int(cfg["steps"])):
         t0 = time.perf_counter()
+        if cfg.get("trim"):  # give freed heap back before every step (leantune.rss.release_free_memory)
+            release_free_memory()
         for _ in range(k):
             ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mixed else contextlib.nullcontext()
             with ctx:
-                loss = model(**batch).loss  # the output object dies here
+                loss = loss_fn(model, batch)  # the output object dies here
             opt.backward(loss)
             losses.append(loss.detach().item())
             del loss
@@ -231,11 +243,13 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _run_subprocess(cfg: Config, *, threads: int, steps: int, default_malloc: bool) -> dict[str, Any]:
-    payload = json.dumps({**asdict(cfg), "threads": threads, "steps": steps})
+def _run_subprocess(
+    cfg: Config, *, threads: int, steps: int, default_malloc: bool, mallopt: bool = False
+) -> dict[str, Any]:
+    payload = json.dumps({**asdict(cfg), "threads": threads, "steps": steps, "mallopt": mallopt})
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if not default_malloc:
+    if not (default_malloc or mallopt):
         env["MALLOC_MMAP_THRESHOLD_"] = FIXED_MMAP_THRESHOLD
     env["OMP_NUM_THREADS"] = str(threads)
     proc = subprocess.run(
@@ -263,6 +277,7 @@ def predict(cfg: Config) -> dict[str, Any]:
         grad_checkpointing=cfg.ckpt,
         accumulation_steps=cfg.accum,
         padded=cfg.padded,
+        loss_chunk=cfg.loss_chunk,
     )
     return estimate_memory(shape, setup).to_dict()
 

@@ -165,6 +165,18 @@ class TrainConfig:
     """Micro-batch size (sequences per forward/backward)."""
     accumulation_steps: int = 1
     """Micro-batches per optimizer step (gradients averaged)."""
+    loss_chunk: int = 256
+    """Tokens per chunk of the chunked linear cross-entropy: the head and the loss are computed that
+    many tokens at a time, so the full logits (tokens x vocabulary, 2.9 GiB at 2048 tokens of a
+    128K vocabulary in fp32) never exist; same loss and gradients (`leantune.loss`). 0 = the family's
+    standard loss on full logits. Families whose logits leantune cannot reproduce fall back to the
+    standard loss with a warning."""
+    fix_mmap_threshold: bool = True
+    """`leantune train` fixes glibc's mmap threshold at 64 KiB at start-up, so that freed tensors go
+    back to the OS and peak RSS is the live tensors, what `leantune estimate` predicts (glibc's
+    adaptive default kept 1.3-1.4x that on a 1B bf16 step). It costs time when training on the
+    CPU (1.46-1.58x the step time there; on a GPU the tensors are not malloc's): false = glibc's
+    defaults (docs/memory.md). An `MALLOC_MMAP_THRESHOLD_` you set is left alone."""
     seed: int = 0
     """Seed of model initialisation and data order."""
     device: str = "auto"
@@ -418,6 +430,10 @@ class Config:
                 not (self.peft.method == "prefix" and self.model.gradient_checkpointing),
                 "peft.method=prefix does not work with model.gradient_checkpointing (peft refuses it: the "
                 "prefix is passed as a key/value cache); turn one of them off, or use peft.method=prompt",
+            ),
+            (
+                not isinstance(self.train.loss_chunk, bool) and self.train.loss_chunk >= 0,
+                f"train.loss_chunk must be >= 0 tokens (0 = the standard loss), got {self.train.loss_chunk}",
             ),
             (
                 self.train.hft_redraw in ("stage", "epoch"),

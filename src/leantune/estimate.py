@@ -552,6 +552,9 @@ class TrainSetup:
         device: ``"cpu"`` (peak RSS, validated) or ``"cuda"`` (device memory, modelled).
         padded: batches contain padding (an attention mask with zeros): an ``L x L`` mask per
             layer and k/v repeated to all heads (see :func:`activation_bytes_per_token`).
+        loss_chunk: tokens per chunk of leantune's chunked linear cross-entropy (``train.loss_chunk``,
+            default 256): one chunk's logits at a time and the head's gradient; 0 = the family's
+            standard loss on the full fp32 logits.
     """
 
     optimizer: str = "adalomo"
@@ -564,9 +567,12 @@ class TrainSetup:
     strategy: str = "none"
     device: str = "cpu"
     padded: bool = False
+    loss_chunk: int = 256  # = leantune.loss.DEFAULT_CHUNK (not imported: this module loads no torch)
 
     def __post_init__(self) -> None:
         _resolve_optimizer(self.optimizer)
+        if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be an integer >= 0 (0 = standard), got {self.loss_chunk!r}")
         for key in ("seq_len", "batch_size", "accumulation_steps", "world_size"):
             _check_int(key, getattr(self, key))
         for key, allowed in (("dtype", DTYPE_MODES), ("strategy", STRATEGIES), ("device", DEVICES)):
@@ -696,7 +702,15 @@ class MemoryBreakdown:
             note = self.notes.get(key, "")
             lines.append(f"  {_LABELS[key]:<20}{getattr(self, key) / GiB:>9.3f}  {note}".rstrip())
         lines += [f"  {'-' * 29}", f"  {'total (peak)':<20}{self.total / GiB:>9.3f}  at: {self.moment}"]
-        return "\n".join(lines)
+        loss = (
+            f"chunked loss ({st.loss_chunk} tokens per chunk)"
+            if st.loss_chunk
+            else "standard loss (full fp32 logits)"
+        )
+        assumes = f"assumes: {loss}"
+        if st.device == "cpu":
+            assumes += "; glibc's mmap threshold fixed, as `leantune train` sets it"
+        return "\n".join([*lines, "", f"  {assumes}"])
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -857,14 +871,38 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     # (its update waits for the embedding's contribution; under FSDP it is in the root unit, which
     # reduce-scatters at the end of backward).
     held = lm_grad if (tied or not fused) else 0
-    moments: dict[str, dict[str, float]] = {
-        "log-softmax backward": {"activations": kept, "logits": 3 * 4 * tokens * vocab},
-        "lm_head backward": {
-            "gradients": lm_grad_arriving,
-            "activations": kept,
-            "logits": s * tokens * vocab,  # dL/dlogits in the compute dtype
-            "temporaries": grad_hidden,
-        },
+    if setup.loss_chunk:
+        # leantune.loss.linear_cross_entropy: a chunk's fp32 logits turned into the softmax in place,
+        # with the compute-dtype logits before or the compute-dtype gradient after them
+        # (workspace_bytes); the head's gradient built in the loss's forward in the compute dtype
+        # (cast to the weights' at the end under "mixed"); the hidden-state gradient; the chunk's
+        # hidden states.
+        chunk = min(setup.loss_chunk, tokens)
+        workspace = chunk * vocab * (4 + (s if s < 4 else 0))
+        head_grad = vocab * hidden * (s + (w if w != s else 0))
+        cast_head = 2 * vocab * hidden if mixed else 0  # fp32 head in bf16 autocast: its bf16 copy
+        moments: dict[str, dict[str, float]] = {
+            "chunked loss": {
+                "gradients": head_grad,
+                "activations": kept,
+                "logits": workspace,
+                "temporaries": grad_hidden + s * chunk * hidden + 4 * tokens + cast_head,
+            },
+            "lm_head backward": {"gradients": lm_grad, "activations": kept, "temporaries": grad_hidden},
+        }
+        notes["logits"] = f"one chunk: {chunk} of {tokens} tokens x {vocab} vocab (train.loss_chunk)"
+    else:
+        moments = {
+            "log-softmax backward": {"activations": kept, "logits": 3 * 4 * tokens * vocab},
+            "lm_head backward": {
+                "gradients": lm_grad_arriving,
+                "activations": kept,
+                "logits": s * tokens * vocab,  # dL/dlogits in the compute dtype
+                "temporaries": grad_hidden,
+            },
+        }
+        notes["logits"] = f"{tokens} tokens x {vocab} vocab, fp32 for the loss (train.loss_chunk=0)"
+    moments |= {
         "last layer backward": {
             "gradients": held + (0 if fused else layer_grad) + unit_grads,
             "activations": last_layer,
@@ -908,7 +946,6 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     peak = max(totals, key=totals.__getitem__)
     terms = {k: int(moments[peak].get(k, 0)) for k in ("weights", "gradients", "activations", "logits")}
     terms["temporaries"] = int(moments[peak].get("temporaries", 0))
-    notes["logits"] = f"{tokens} tokens x {vocab} vocab, fp32 for the loss"
     notes["model"] = (
         "parameters and activations counted on the family's own modelling code (fake tensors)"
         if counted

@@ -5,13 +5,16 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from leantune.data.encode import IGNORE_INDEX, Sample
 from leantune.data.loader import eval_batches
+
+if TYPE_CHECKING:
+    from leantune.loss import ChunkedLMLoss
 
 __all__ = ["eval_loss", "exact_match", "generate_texts"]
 
@@ -35,8 +38,12 @@ def eval_loss(
     max_batches: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    loss: ChunkedLMLoss | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy per target token over ``samples`` and its perplexity (all ranks)."""
+    """Mean cross-entropy per target token over ``samples`` and its perplexity (all ranks).
+
+    With ``loss`` (a :class:`leantune.loss.ChunkedLMLoss` on ``model``) the logits are computed a
+    chunk of tokens at a time, as in training; the same figures otherwise."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nll, tokens)
@@ -44,6 +51,11 @@ def eval_loss(
         if max_batches and i >= max_batches:
             break
         batch = {k: v.to(device) for k, v in batch.items()}
+        if loss is not None:
+            nll, n = loss.nll(model, batch)
+            total[0] += nll.double()
+            total[1] += n
+            continue
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         # peft prompt tuning returns logits for its virtual tokens too, in front: keep the last L.
         logits = logits[:, -batch["input_ids"].shape[1] :]

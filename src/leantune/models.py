@@ -74,6 +74,17 @@ PRESETS: dict[str, Preset] = {
     "0.37b": Preset(1024, 2816, 24, 16, 16, 32000, note="~374 M, the optimizer benchmark shape"),
     "0.5b": Preset(1280, 3456, 24, 20, 20, 32000, note="~557 M"),
     "1b": Preset(2048, 5632, 22, 32, 4, 32000, note="TinyLlama-1.1B shape"),
+    "1b-l3": Preset(
+        2048,
+        8192,
+        16,
+        32,
+        8,
+        128256,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        note="Llama-3.2-1B shape (128K vocabulary, tied)",
+    ),
     "3b": Preset(
         3072,
         8192,

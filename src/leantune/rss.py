@@ -8,7 +8,19 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["proc_status_bytes", "proc_status_kib", "reset_peak_rss", "release_free_memory"]
+__all__ = [
+    "MMAP_THRESHOLD",
+    "fix_mmap_threshold",
+    "proc_status_bytes",
+    "proc_status_kib",
+    "release_free_memory",
+    "reset_peak_rss",
+]
+
+MMAP_THRESHOLD = 65536
+"""Bytes from which glibc serves an allocation by its own ``mmap`` when leantune fixes the threshold
+(glibc's initial default, which it otherwise raises at run time)."""
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number, glibc's malloc.h
 
 
 def proc_status_kib(key: str) -> int | None:
@@ -55,3 +67,29 @@ def release_free_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> str:
+    """Keep glibc from holding freed tensors: serve every allocation of ``threshold`` bytes or more
+    by its own ``mmap`` (returned to the OS when freed), as ``MALLOC_MMAP_THRESHOLD_`` would.
+
+    glibc's default threshold starts at 128 KiB and rises to the largest block freed so far (up to
+    32 MiB); from then on tensors below it come from the heap, and the heap keeps what they freed:
+    resident memory grows 9-19% above the live tensors over the first steps. A fixed threshold
+    also switches that adaptation off. Returns what was done, for the run log: nothing where
+    ``MALLOC_MMAP_THRESHOLD_`` is set already (the user's choice) or the C library is not glibc.
+    """
+    import ctypes
+    import os
+
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return f"glibc: MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']} (set by you)"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "allocator: not glibc, left as it is"
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    if mallopt(_M_MMAP_THRESHOLD, int(threshold)) != 1:
+        return "allocator: glibc refused a fixed mmap threshold, left as it is"
+    return f"glibc mmap threshold fixed at {threshold // 1024} KiB (freed tensors go back to the OS)"

@@ -30,6 +30,7 @@ from leantune.data.streaming import StreamingStream
 from leantune.distributed.runtime import all_agree, all_reduce_sum, init_distributed, run_on_main
 from leantune.distributed.strategy import attach_optimizer, wrap_model
 from leantune.evaluate import eval_loss, exact_match
+from leantune.loss import ChunkedLMLoss, training_loss
 from leantune.models import build_model, check_model_dir, count_parameters, human_count, resolve_dtype
 from leantune.monitor import Monitor, format_bytes, peak_memory_bytes
 from leantune.optim import Stepper, build_optimizer, is_fused, needs_create_graph
@@ -47,6 +48,8 @@ RESUMABLE_CHANGES = (
     "train.keep_last",
     "train.device",
     "train.max_nonfinite",
+    "train.loss_chunk",  # the same loss, a chunk at a time: a way to fit a resumed run
+    "train.fix_mmap_threshold",
     "optim.clip_grad_norm",  # not part of any saved state: a way past loss spikes on resume
     "optim.clip_grad_value",
     "train.batch_size",  # allowed when the global batch stays the same (checked on load)
@@ -116,6 +119,7 @@ class Trainer:
         self.is_main = True
         self.last_eval: dict[str, Any] = {}
         self.hft: Any = None  # leantune.hft.HftTracker when train.hft is on
+        self.allocator_note: str | None = None  # what `leantune train` did to glibc's allocator
 
     # ----------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -143,6 +147,17 @@ class Trainer:
             # the family's code ignores the position ids in its mask: samples would see each other
             self.data.train, self.data.pack_stats = unpack_rows(self.data.train), None
             self.data.pack_refused = f"{type(self.model).__name__} does not keep packed samples apart"
+        # Before sharding: the probe batch runs on the whole model, locally; the head keeps the
+        # forward patched in here through fully_shard (which changes its class, not its __dict__).
+        o = cfg.optim
+        two_pass = is_fused(o.name) and (o.clip_grad_norm is not None or o.loss_scale is not None)
+        refuse = (
+            "FSDP2 with a measuring backward pass first (optim.clip_grad_norm or optim.loss_scale with "
+            "a fused optimizer) crashes inside PyTorch's autograd engine with the chunked loss"
+            if cfg.dist.strategy == "fsdp" and self.world_size > 1 and two_pass
+            else None
+        )
+        self.loss_fn, self._loss_note = training_loss(self.model, cfg.train.loss_chunk, refuse=refuse)
         # train_model runs the forward passes (a DDP wrapper for ordinary optimizers under ddp);
         # self.model is the model itself, for evaluation and saving.
         self.train_model = wrap_model(
@@ -578,7 +593,7 @@ class Trainer:
             tokens += n_tokens
             if lost:
                 continue  # this step is already lost; keep the data position exact
-            loss = self.train_model(**batch).loss
+            loss = self.loss_fn(self.train_model, batch)
             # One sync per micro-batch: the mean loss over ranks, and whether any rank's is not
             # finite (then every rank skips together, or the collectives would deadlock).
             local = [
@@ -660,6 +675,7 @@ class Trainer:
             max_batches=e.max_batches,
             rank=self.rank,
             world_size=self.world_size,
+            loss=self.loss_fn if isinstance(self.loss_fn, ChunkedLMLoss) else None,
         )
         if e.accuracy_samples and self.is_main:
             values.update(
@@ -799,6 +815,11 @@ class Trainer:
             f"{n_train / max(n_total, 1):.2%}), {self.cfg.model.dtype} on {self.device} | "
             f"attention: {attn}{how} | optimizer: {self.cfg.optim.name}"
         )
+        m.print(f"loss: {self.loss_fn.description}")
+        if self.allocator_note:
+            m.print(f"memory: {self.allocator_note}")
+        if self._loss_note:
+            m.print(f"warning: train.loss_chunk={self.cfg.train.loss_chunk}: {self._loss_note}", style="red")
         if self.cfg.peft.method != "none":
             from leantune.adapters import adapter_notes
 

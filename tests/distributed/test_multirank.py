@@ -407,7 +407,10 @@ def test_a_plain_optimizer_on_a_users_fully_shard_model_equals_one_process(tmp_p
         ids, labels = global_batch(step)
         opt.backward(model(input_ids=ids, labels=labels).loss)
     got = load_file(str(tmp_path / f"{mode}.json.safetensors"))
-    assert_weights_close(got, {n: p.detach() for n, p in model.named_parameters()})
+    # AdamW divides by sqrt(v): where v is near zero the two ranks' summation order shows (seen:
+    # one element of 2048 off by 3e-6 on this machine, at HEAD too); the others are exact to 1e-6.
+    atol = 5e-6 if mode == "adamw-in-backward" else 1e-6
+    assert_weights_close(got, {n: p.detach() for n, p in model.named_parameters()}, atol=atol)
 
 
 def test_replicated_lomo_equals_torch_ddp_with_sgd(tmp_path):

@@ -67,6 +67,8 @@ def test_train_writes_everything_and_loss_falls(trained):
     run_dir, stdout = trained
     assert "leantune: resolved config" in stdout and "run summary" in stdout
     assert "exact match" in stdout and "peak memory" in stdout
+    assert "loss: chunked linear cross-entropy (256 tokens per chunk)" in stdout
+    assert "memory: glibc mmap threshold fixed at 64 KiB" in stdout
     for rel in (
         "config.yaml",
         "metrics.jsonl",
@@ -211,3 +213,21 @@ def test_throughput_excludes_evaluation_and_checkpoint_time(tmp_path):
     # the machine (a bound relative to this run's own wall time, not a number of seconds).
     assert summary.metrics["train_seconds"] < wall - 4.9
     assert summary.metrics["tokens_per_s"] > 0
+
+
+def test_the_chunked_loss_trains_like_the_standard_one(tmp_path):
+    # Same data, same model: the default chunked loss (here 16 tokens per chunk, many chunks per
+    # batch) and train.loss_chunk=0 give the same losses and evaluation, to fp32 rounding.
+    common = [*TINY, f"train.output_dir={tmp_path}", "train.max_steps=8", "eval.every=4",
+              "eval.accuracy_samples=0", "log.every=1", "log.plot=false"]  # fmt: skip
+    runs = {}
+    for chunk in (0, 16):
+        cfg = load_config(
+            None, [*common, "log.tensorboard=false", f"train.loss_chunk={chunk}", f"train.run_name=c{chunk}"]
+        )
+        runs[chunk] = read_log(Trainer(cfg).run().run_dir)
+    for kind, key in (("train", "loss"), ("eval", "eval_loss")):
+        a = [r[key] for r in runs[0] if r["kind"] == kind]
+        b = [r[key] for r in runs[16] if r["kind"] == kind]
+        assert len(a) == len(b) > 0
+        assert a == pytest.approx(b, rel=1e-4), kind

@@ -34,16 +34,16 @@ class Faulty(Trainer):
     def setup(self):
         super().setup()
         self.snapshots = {}
-        forward = self.train_model
+        loss_fn = self.loss_fn  # the trainer's loss (chunked or standard) of each micro-batch
 
-        def faulty_forward(**batch):
-            out = forward(**batch)
+        def faulty_loss(model, batch):
+            loss = loss_fn(model, batch)
             if self.step + 1 in self.nan_loss and not self._micro:
-                out.loss = out.loss * NAN
+                loss = loss * NAN
             self._micro += 1
-            return out
+            return loss
 
-        self.train_model = faulty_forward
+        self.loss_fn = faulty_loss
 
     def train_step(self):
         self._micro = 0

@@ -165,8 +165,11 @@ def test_a_fully_shard_run_equals_one_process_in_weights_and_state(mode):
 
     for rank, (weights, state, layouts, reloaded, kind) in enumerate(run_ranks(2, rank_fn)):
         assert kind is ShardedCollectives and reloaded, rank
+        # AdamW divides by sqrt(v): where v is near zero the ranks' summation order shows (seen:
+        # one element of 2048 off by 3e-6 on this machine); the other modes are exact to 1e-6.
+        atol = 5e-6 if mode == "adamw-in-backward" else 1e-6
         for n, p in reference.named_parameters():
-            torch.testing.assert_close(weights[n], p.detach(), rtol=1e-5, atol=1e-6,
+            torch.testing.assert_close(weights[n], p.detach(), rtol=1e-5, atol=atol,
                                        msg=lambda m, n=n: f"{n} rank {rank}: {m}")  # fmt: skip
         assert state.keys() == ref_state.keys()
         for k, v in ref_state.items():

@@ -76,6 +76,8 @@ def test_yaml_file_then_overrides(tmp_path):
         (["optim.scheduler=step"], "optim.scheduler must be constant, linear or cosine"),
         (["dist.strategy=zero3"], "dist.strategy must be none, ddp or fsdp"),
         (["data.task_weights=[1, 2]"], "data.task_weights has 2 entries for 4 data.tasks"),
+        (["train.loss_chunk=-1"], "train.loss_chunk must be >= 0 tokens (0 = the standard loss), got -1"),
+        (["train.loss_chunk=true"], "train.loss_chunk: expected an integer, got 'true'"),
         (["data.task_weights=[1, 1, -1, 1]"], "data.task_weights must be finite, >= 0, with a positive sum"),
         (["data.task_weights=[0, 0, 0, 0]"], "data.task_weights must be finite, >= 0, with a positive sum"),
         (["data.task_weights=[1, 1, .nan, 1]"], "data.task_weights must be finite"),

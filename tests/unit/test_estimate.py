@@ -33,7 +33,8 @@ SHAPE_01B = ModelShape.from_preset("0.1b")
 
 
 def est(shape: ModelShape = SHAPE_01B, **setup):
-    return estimate_memory(shape, TrainSetup(**setup))
+    # the standard loss unless a test asks for the chunked one (train.loss_chunk)
+    return estimate_memory(shape, TrainSetup(**{"loss_chunk": 0, **setup}))
 
 
 # ----------------------------------------------------------------------------------- model terms
@@ -367,6 +368,19 @@ def test_cli_table(capsys):
     assert "fits" not in out
 
 
+def test_cli_loss_chunk(capsys):
+    def run(*extra):
+        argv = ["estimate", "--model", "1b-l3", "--seq", "2048", "--grad-checkpointing", "--json", *extra]
+        assert main(argv) == 0
+        return json.loads(capsys.readouterr().out)
+
+    default, standard, big = run(), run("--loss-chunk", "0"), run("--loss-chunk", "1024")
+    assert default["setup"]["loss_chunk"] == 256 and standard["moment"] == "log-softmax backward"
+    assert default["total"] < big["total"] < standard["total"]
+    assert main(["estimate", "--model", "1b-l3", "--seq", "2048"]) == 0
+    assert "assumes: chunked loss (256 tokens per chunk)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("budget", "pattern"),
     [
@@ -436,6 +450,8 @@ def test_cli_world_size_defaults_to_ddp(capsys):
         (["--model", "0.1b", "--seq", "512", "--dtype", "int4"], r"--dtype: invalid choice"),
         (["--model", "0.1b", "--seq", "512", "--strategy", "fsdp", "--world-size", "0"], r"--world-size"),
         (["--model", "0.1b", "--seq", "512", "--strategy", "none", "--world-size", "2"], r"needs strategy"),
+        (["--model", "0.1b", "--seq", "512", "--loss-chunk", "-2"], r"--loss-chunk: must be >= 0"),
+        (["--model", "0.1b", "--seq", "512", "--loss-chunk", "x"], r"--loss-chunk: expected a number of"),
     ],
 )
 def test_cli_errors(capsys, tmp_path, argv, pattern):

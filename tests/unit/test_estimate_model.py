@@ -133,6 +133,9 @@ def test_unknown_optimizer_message_suggests_one_name_and_explains_sophia():
     assert canonical_optimizer("floor") == "floor" and canonical_optimizer("Lion") == "lion"
     with pytest.raises(ValueError, match=r"^Invalid dtype: 'int8' \(choose from fp32, bf16, fp16, mixed\)$"):
         TrainSetup(dtype="int8")
+    for bad in (-1, 2.5, True, "256"):
+        with pytest.raises(ValueError, match="loss_chunk"):
+            TrainSetup(loss_chunk=bad)
 
 
 # ------------------------------------------------------------------------------ shape tensors
@@ -202,7 +205,13 @@ def test_the_table_lists_every_term_with_its_note_and_the_peak():
         "  framework overhead      0.500  o note",
         "  -----------------------------",
         "  total (peak)            4.251  at: optimizer step",
+        "",
+        "  assumes: chunked loss (256 tokens per chunk); glibc's mmap threshold fixed, "
+        "as `leantune train` sets it",
     ])  # fmt: skip
+    cuda = TrainSetup(optimizer="adamw", device="cuda", loss_chunk=0)
+    standard = MemoryBreakdown(**{**b.__dict__, "setup": cuda})
+    assert standard.format().splitlines()[-1] == "  assumes: standard loss (full fp32 logits)"
     plain = MemoryBreakdown(**{**b.__dict__, "setup": TrainSetup(optimizer="adamw", accumulation_steps=2)})
     assert plain.format().splitlines()[0].endswith("seq 512 x batch 1, cpu, 2 accumulation steps")
     single = MemoryBreakdown(**{**b.__dict__, "setup": TrainSetup(optimizer="adamw")})
@@ -333,10 +342,28 @@ def _ledger(shape: ModelShape, st: TrainSetup) -> tuple[dict[str, int], dict[str
     layer_grad = math.prod(largest_layer) * w
     unit_grads = layer_params * w if sharded else 0
     hidden_grad = s * tokens * h
-    m: dict[str, dict[str, float]] = {
-        "log-softmax backward": {"activations": kept, "logits": 12 * tokens * vocab},
-        "lm_head backward": {"gradients": vocab * h * 6 if mixed else head_grad, "activations": kept,
-                             "logits": s * tokens * vocab, "temporaries": hidden_grad},  # fmt: skip
+    if st.loss_chunk:
+        # leantune.loss.linear_cross_entropy, read off its forward: at the last chunk, the fp32
+        # logits (the softmax, in place) with the bf16 product before or the bf16 gradient after
+        # them (fp32: the logits are the product); the head's gradient in the compute dtype (+ its
+        # fp32 cast under mixed); the hidden-state gradient, the chunk's hidden states, the nll of
+        # every token; under mixed the bf16 copy of the fp32 head. Then its backward scales both
+        # gradients in place: the head's gradient and the hidden-state gradient are all there is.
+        c = min(st.loss_chunk, tokens)
+        product = c * vocab * s if s == 2 else 0
+        m: dict[str, dict[str, float]] = {
+            "chunked loss": {"gradients": vocab * h * (6 if mixed else s), "activations": kept,
+                             "logits": 4 * c * vocab + product,
+                             "temporaries": hidden_grad + s * c * h + 4 * tokens + 2 * vocab * h * mixed},
+            "lm_head backward": {"gradients": head_grad, "activations": kept, "temporaries": hidden_grad},
+        }  # fmt: skip
+    else:
+        m = {
+            "log-softmax backward": {"activations": kept, "logits": 12 * tokens * vocab},
+            "lm_head backward": {"gradients": vocab * h * 6 if mixed else head_grad, "activations": kept,
+                                 "logits": s * tokens * vocab, "temporaries": hidden_grad},  # fmt: skip
+        }
+    m |= {
         "last layer backward": {"gradients": waiting + (0 if fused else layer_grad) + unit_grads,
                                 "activations": last, "temporaries": s * tokens * (h + 2 * i)},  # fmt: skip
     }
@@ -406,9 +433,10 @@ SETUPS = {
 @pytest.mark.parametrize("shape_id", list(SHAPES))
 @pytest.mark.parametrize("setup_id", list(SETUPS))
 @pytest.mark.parametrize("tokens", [(32, 2), (1, 1)], ids=["seq32x2", "seq1"])
-def test_every_moment_equals_the_ledger(shape_id, setup_id, tokens):
+@pytest.mark.parametrize("loss_chunk", [0, 24, 256], ids=["standard-loss", "chunk24", "chunk256"])
+def test_every_moment_equals_the_ledger(shape_id, setup_id, tokens, loss_chunk):
     shape = SHAPES[shape_id]
-    setup = TrainSetup(**SETUPS[setup_id], seq_len=tokens[0], batch_size=tokens[1])
+    setup = TrainSetup(**SETUPS[setup_id], seq_len=tokens[0], batch_size=tokens[1], loss_chunk=loss_chunk)
     b = estimate_memory(shape, setup)
     totals, terms = _ledger(shape, setup)
     assert b.moments == totals
@@ -424,7 +452,7 @@ def test_notes_say_where_each_term_comes_from():
     shape = SHAPES["untied"]
 
     def notes(**setup):
-        return estimate_memory(shape, TrainSetup(**setup)).notes
+        return estimate_memory(shape, TrainSetup(**{"loss_chunk": 0, **setup})).notes
 
     n = notes(optimizer="adalomo", dtype="bf16", seq_len=2048)
     assert n["weights"] == f"{count_text(shape.parameters)} params x 2 B"
@@ -432,7 +460,9 @@ def test_notes_say_where_each_term_comes_from():
     assert n["gradients"] == "one tensor at a time"
     layer = 2048 * activation_bytes_per_token(shape, "bf16")["layer"]
     assert n["activations"] == f"3 layers x {format_bytes(layer)}"
-    assert n["logits"] == "2048 tokens x 1000 vocab, fp32 for the loss"
+    assert n["logits"] == "2048 tokens x 1000 vocab, fp32 for the loss (train.loss_chunk=0)"
+    chunked = notes(optimizer="adalomo", dtype="bf16", seq_len=2048, loss_chunk=256)["logits"]
+    assert chunked == "one chunk: 256 of 2048 tokens x 1000 vocab (train.loss_chunk)"
     assert n["model"] == "parameters and activations from the LLaMA formulas"
     assert n["overhead"] == "python + torch + transformers, model objects, first-step scratch"
     assert n["temporaries"] == "none alive at this moment"  # the peak: log-softmax backward

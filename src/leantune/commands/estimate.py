@@ -17,10 +17,13 @@ A model directory of any family transformers knows (GPT-2, Phi-3, Mixtral, DeepS
 read from its config.json: its own modelling code runs on fake tensors (no weights, no memory) to
 count its parameters and what every layer saves for backward. Presets use the LLaMA formulas.
 
-The estimate is the peak of one step: CPU resident memory (validated against measurement, see
-benchmarks/results/estimate_validation.md) or, with --device cuda, device memory (modelled, with
-a guessed CUDA-context constant). On CPU it assumes glibc's mmap threshold is fixed
-(MALLOC_MMAP_THRESHOLD_=65536); with glibc's defaults RSS ran 9-13% higher in the validation.
+The estimate is the peak of one step as `leantune train` runs it: CPU resident memory (validated
+against measurement, see benchmarks/results/estimate_validation.md and chunked_loss.md) or, with
+--device cuda, device memory (modelled, with a guessed CUDA-context constant). The loss is
+leantune's chunked linear cross-entropy (--loss-chunk 256 tokens, as train.loss_chunk; 0 = the
+standard loss on full fp32 logits). On CPU it assumes glibc's mmap threshold is fixed, as
+`leantune train` sets it at start-up (MALLOC_MMAP_THRESHOLD_=65536 does the same for a plain
+script); with glibc's defaults RSS ran 9-19% higher in the validation.
 """
 
 
@@ -31,6 +34,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _tokens(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = the standard loss), got {value}")
     return value
 
 
@@ -100,6 +113,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="cpu",
         help="cpu: resident memory (validated); cuda: device memory (modelled); default cpu",
     )
+    p.add_argument(
+        "--loss-chunk",
+        type=_tokens,
+        default=256,
+        metavar="T",
+        help="tokens per chunk of the chunked loss (train.loss_chunk, default 256); 0 = full logits",
+    )
     p.add_argument("--budget", type=_size, metavar="SIZE", help="memory per device, e.g. 24GiB, 80GB, 512MiB")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
@@ -133,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
             strategy=strategy,
             device=args.device,
             padded=args.padded,
+            loss_chunk=args.loss_chunk,
         )
     except ValueError as err:
         return fail(str(err))

@@ -15,6 +15,9 @@ Settings come from an optional YAML file, then `section.key=value` overrides, e.
   leantune train my.yaml model.path=./llama data.train=data.jsonl model.dtype=bf16
   leantune train train.resume=auto train.run_name=my-run      # continue after a crash
   leantune train dist.nproc=2 dist.strategy=fsdp               # starts torchrun for you
+  leantune train ... train.loss_chunk=1024     # tokens per chunk of the loss (0 = full logits)
+  leantune train ... train.fix_mmap_threshold=false   # glibc's allocator as is: faster on CPU,
+                                                      # more RSS than `leantune estimate` says
 `leantune config` lists every key with its documentation.
 """
 
@@ -72,9 +75,18 @@ def _train(args: argparse.Namespace) -> int:
     if launched is not None:
         return launched
     from leantune.checkpoint import CheckpointError
+    from leantune.rss import fix_mmap_threshold
     from leantune.trainer import Trainer, TrainingError
 
+    # Before the model exists: what RSS shows is then the live tensors, what `leantune estimate`
+    # predicts (glibc's adaptive threshold would keep freed tensors in its heap).
+    allocator = (
+        fix_mmap_threshold()
+        if cfg.train.fix_mmap_threshold
+        else "glibc defaults (train.fix_mmap_threshold=false)"
+    )
     trainer = Trainer(cfg)
+    trainer.allocator_note = allocator
     trainer.config_path = path
     trainer.overrides = overrides  # repeated in the "resume with" hints
     try:

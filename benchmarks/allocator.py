@@ -1,0 +1,104 @@
+"""glibc's mmap threshold: peak RSS against step time, for the choice `leantune train` makes.
+
+    python benchmarks/allocator.py [--thresholds default,65536,1048576,8388608] [--steps 3]
+
+One configuration (the Llama-3.2-1B shape, bf16, activation checkpointing, AdaLomo, the chunked
+loss, seq 2048, batch 1: the chunked row of ``benchmarks/chunked_loss.py``) run in a fresh process
+per threshold with the worker of ``benchmarks/estimate_validation.py``; ``default`` is glibc's
+adaptive threshold, a number is ``MALLOC_MMAP_THRESHOLD_`` in bytes (fixed: no adaptation). The
+estimate is the same for all (it assumes a fixed threshold). Step time: the median of the steps
+after the first. Thresholds alternate order between repeats.
+
+Results: ``benchmarks/results/allocator.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import benchlib
+import estimate_validation as ev
+
+RESULTS = Path(__file__).resolve().parent / "results"
+GiB = 1 << 30
+CONFIG = ev.Config(preset="1b-l3", optim="adalomo", dtype="bf16", seq=2048, ckpt=True, loss_chunk=256)
+
+
+def measure(threshold: str, steps: int, threads: int) -> dict:
+    env = dict(os.environ)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if threshold != "default":
+        env["MALLOC_MMAP_THRESHOLD_"] = threshold
+    env["OMP_NUM_THREADS"] = str(threads)
+    payload = json.dumps({**asdict(CONFIG), "threads": threads, "steps": steps})
+    cmd = [sys.executable, ev.__file__, "--worker", payload]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise benchlib.WorkerError(threshold, f"failed (exit code {proc.returncode})", proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--thresholds", default="default,65536,1048576,8388608")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=RESULTS / "allocator")
+    args = parser.parse_args(argv)
+    names = args.thresholds.split(",")
+    load = benchlib.loadavg()
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            m = measure(name, args.steps, args.threads)
+            runs[name].append(m)
+            print(f"{name}: peak {m['peak_rss'] / GiB:.2f} GiB, steps {[round(s, 1) for s in m['seconds']]}",
+                  flush=True)  # fmt: skip
+    predicted = ev.predict(CONFIG)["total"]
+    rows = [{"threshold": n, "peak_rss": statistics.median(m["peak_rss"] for m in ms),
+             "step_seconds": statistics.median(s for m in ms for s in m["seconds"][1:])}
+            for n, ms in runs.items()]  # fmt: skip
+    report = {"args": {k: str(v) for k, v in vars(args).items()}, "config": asdict(CONFIG),
+              "machine": benchlib.machine(), "source": benchlib.source(), "load": load,
+              "predicted": predicted, "rows": rows, "runs": runs}  # fmt: skip
+    benchlib.write_report(args.out, report, render(report))
+    print(f"wrote {args.out}.md")
+    return 0
+
+
+def render(report: dict) -> str:
+    rows, pred = report["rows"], report["predicted"]
+    base = next((r for r in rows if r["threshold"] == "default"), rows[0])
+    lines = [
+        "# glibc's mmap threshold: peak RSS and step time",
+        "",
+        f"Command: `python benchmarks/allocator.py --thresholds {report['args']['thresholds']} "
+        f"--steps {report['args']['steps']} --repeats {report['args']['repeats']}`  ",
+        "Llama-3.2-1B shape, bf16, activation checkpointing, AdaLomo, chunked loss (256), seq 2048, "
+        f"batch 1; {report['machine']['cpus']} CPUs, load before: {benchlib.format_load(report['load'])}.",
+        benchlib.source_note(report["source"]),
+        "",
+        f"Estimate (assumes a fixed threshold): {pred / GiB:.2f} GiB.",
+        "",
+        "| MALLOC_MMAP_THRESHOLD_ | peak RSS (GiB) | vs estimate | step (s) | time / glibc default |",
+        "|---|--:|--:|--:|--:|",
+    ]
+    for r in rows:
+        t = r["threshold"]
+        name = "glibc default (adaptive)" if t == "default" else f"{int(t):,} B fixed"
+        ratio = r["step_seconds"] / base["step_seconds"]
+        lines.append(f"| {name} | {r['peak_rss'] / GiB:.2f} | {r['peak_rss'] / pred - 1:+.1%} | "
+                     f"{r['step_seconds']:.1f} | {ratio:.2f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
