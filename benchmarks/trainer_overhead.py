@@ -5,7 +5,10 @@
 Both run the default job's model (preset ``tiny``), data (built-in tasks, same order), batch size
 and optimizer (AdaLomo) for ``--steps`` steps, without evaluation or intermediate checkpoints, each
 in a fresh subprocess; repeats alternate between the two. The plain loop is the minimum a user would
-write: ``opt.backward(model(**batch).loss)`` over the same batches, no logging. tokens/s count the
+write for the same work: ``opt.backward(loss_fn(model, batch))`` over the same batches with the
+loss and the allocator setting ``leantune train`` uses (``leantune.loss.ChunkedLMLoss``,
+``leantune.rss.fix_mmap_threshold()``; their own costs are in ``chunked_loss.md`` and
+``allocator.md``), no logging. tokens/s count the
 non-padding tokens of the batches. The ratio is the library's own overhead (config, monitoring,
 per-step metric syncs, progress bar, LR scheduler).
 
@@ -31,22 +34,26 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def plain_loop(steps: int) -> dict:
     from leantune.config import Config
     from leantune.data import BatchStream, build_byte_tokenizer, build_datasets
+    from leantune.loss import ChunkedLMLoss
     from leantune.models import build_model
     from leantune.optim import AdaLomo
+    from leantune.rss import fix_mmap_threshold
 
+    fix_mmap_threshold()
     cfg = Config()
     tok = build_byte_tokenizer()
     data = build_datasets(cfg.data, tok)
     model = build_model(preset=cfg.model.preset, vocab_size=len(tok), seed=cfg.train.seed)
     model.config.use_cache = False
     opt = AdaLomo(model, lr=cfg.optim.lr)
+    loss_fn = ChunkedLMLoss(model, cfg.train.loss_chunk)
     stream = BatchStream(data.train, cfg.train.batch_size, tok.pad_token_id, seed=cfg.train.seed)
     tokens = 0
     t0 = time.perf_counter()
     for _ in range(steps):
         batch = stream.next_batch()
         tokens += int(batch["attention_mask"].sum())
-        opt.backward(model(**batch).loss)
+        opt.backward(loss_fn(model, batch))
     seconds = time.perf_counter() - t0
     return {"tokens": tokens, "seconds": seconds}
 

@@ -172,11 +172,12 @@ class TrainConfig:
     standard loss on full logits. Families whose logits leantune cannot reproduce fall back to the
     standard loss with a warning."""
     fix_mmap_threshold: bool = True
-    """`leantune train` fixes glibc's mmap threshold at 64 KiB at start-up, so that freed tensors go
+    """`leantune train` fixes glibc's mmap threshold at 1 MiB at start-up, so that freed tensors go
     back to the OS and peak RSS is the live tensors, what `leantune estimate` predicts (glibc's
     adaptive default kept 1.3-1.4x that on a 1B bf16 step). It costs time when training on the
-    CPU (1.46-1.58x the step time there; on a GPU the tensors are not malloc's): false = glibc's
-    defaults (docs/memory.md). An `MALLOC_MMAP_THRESHOLD_` you set is left alone."""
+    CPU (1.47x the step time of that step, 0.87x the default job's tokens/s; on a GPU the tensors
+    are not malloc's): false = glibc's defaults (docs/memory.md). An `MALLOC_MMAP_THRESHOLD_` you
+    set is left alone."""
     seed: int = 0
     """Seed of model initialisation and data order."""
     device: str = "auto"

@@ -17,9 +17,11 @@ __all__ = [
     "reset_peak_rss",
 ]
 
-MMAP_THRESHOLD = 65536
-"""Bytes from which glibc serves an allocation by its own ``mmap`` when leantune fixes the threshold
-(glibc's initial default, which it otherwise raises at run time)."""
+MMAP_THRESHOLD = 1 << 20
+"""Bytes from which glibc serves an allocation by its own ``mmap`` when leantune fixes the threshold.
+1 MiB: the peak RSS of a 1B bf16 step was the same as with 64 KiB (the threshold the estimator was
+validated with), and the default job ran at 0.87x glibc's speed instead of 0.52x
+(``benchmarks/results/allocator.md``)."""
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number, glibc's malloc.h
 
 
@@ -92,4 +94,5 @@ def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> str:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     if mallopt(_M_MMAP_THRESHOLD, int(threshold)) != 1:
         return "allocator: glibc refused a fixed mmap threshold, left as it is"
-    return f"glibc mmap threshold fixed at {threshold // 1024} KiB (freed tensors go back to the OS)"
+    size = f"{threshold >> 20} MiB" if threshold % (1 << 20) == 0 else f"{threshold >> 10} KiB"
+    return f"glibc mmap threshold fixed at {size} (freed tensors go back to the OS)"

@@ -68,7 +68,7 @@ def test_train_writes_everything_and_loss_falls(trained):
     assert "leantune: resolved config" in stdout and "run summary" in stdout
     assert "exact match" in stdout and "peak memory" in stdout
     assert "loss: chunked linear cross-entropy (256 tokens per chunk)" in stdout
-    assert "memory: glibc mmap threshold fixed at 64 KiB" in stdout
+    assert "memory: glibc mmap threshold fixed at 1 MiB" in stdout
     for rel in (
         "config.yaml",
         "metrics.jsonl",

@@ -22,8 +22,8 @@ against measurement, see benchmarks/results/estimate_validation.md and chunked_l
 --device cuda, device memory (modelled, with a guessed CUDA-context constant). The loss is
 leantune's chunked linear cross-entropy (--loss-chunk 256 tokens, as train.loss_chunk; 0 = the
 standard loss on full fp32 logits). On CPU it assumes glibc's mmap threshold is fixed, as
-`leantune train` sets it at start-up (MALLOC_MMAP_THRESHOLD_=65536 does the same for a plain
-script); with glibc's defaults RSS ran 9-19% higher in the validation.
+`leantune train` sets it at start-up (MALLOC_MMAP_THRESHOLD_=1048576 does the same for a plain
+script); with glibc's defaults RSS ran 9-45% higher (docs/memory.md).
 """
 
 
