@@ -1,5 +1,6 @@
 """What the benchmark scripts share: where and with which code a result was measured, and the worker
-subprocess protocol (a worker prints one ``RESULT {json}`` line; the parent reads the last one).
+subprocess protocol (a worker prints one ``RESULT {json}`` line; the parent reads the last one), a
+matrix of named configurations run over it (:func:`run_matrix`) and Markdown tables (:func:`render_table`).
 
 The scripts import it as a sibling module: ``python benchmarks/X.py`` (and torchrun) put this
 directory first on ``sys.path``; the tests add it through pytest's ``pythonpath`` setting.
@@ -13,7 +14,9 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +163,76 @@ def run_worker(
     result = json.loads(lines[-1][len(RESULT_PREFIX) :])
     result["process_wall_seconds"] = wall
     return result
+
+
+def run_matrix(
+    worker_script: Path,
+    configs: dict[str, dict[str, Any]],
+    *,
+    repeats: int = 1,
+    timeout: float | None = None,
+    progress: Callable[[str], None] | None = print,
+    env: dict[str, str] | None = None,
+) -> dict[str, list[dict[str, Any]]]:
+    """Run every named configuration in a fresh ``python WORKER_SCRIPT --worker JSON`` process
+    (``JSON``: the configuration's parameters), ``repeats`` rounds interleaved so that a drift in
+    machine load hits every configuration alike.
+
+    Args:
+        worker_script: a script whose ``--worker JSON`` mode prints one ``RESULT`` line
+            (:func:`emit_result`).
+        configs: configuration name -> the worker's parameters (must be JSON-serialisable).
+        repeats: runs per configuration.
+        timeout: seconds per run before the worker is killed.
+        progress: called with one line per run (``None``: silent).
+        env: variables set in the workers' environment on top of this process's.
+
+    Returns:
+        Name -> one dict per run: the worker's result (see :func:`run_worker`), or for a run that
+        failed ``{"error": <its last stderr line or the exception>, "detail": <more of it>}``; a
+        failure never stops the matrix.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    worker_env = {**os.environ, **(env or {})}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+    total, k = len(configs) * repeats, 0
+    for r in range(repeats):
+        for name, params in configs.items():
+            k += 1
+            label = name if repeats == 1 else f"{name} (repeat {r + 1}/{repeats})"
+            cmd = [sys.executable, str(Path(worker_script).resolve()), "--worker", json.dumps(params)]
+            t0 = time.perf_counter()
+            try:
+                result = run_worker(cmd, worker_env, label, timeout)
+                status = "ok"
+            except WorkerError as err:
+                result = {"error": err.last_line, "detail": err.detail}
+                status = f"FAILED: {err.last_line}"
+            except Exception as err:  # e.g. a malformed RESULT line: recorded like a failed worker
+                result = {"error": f"{type(err).__name__}: {err}", "detail": repr(err)}
+                status = f"FAILED: {result['error']}"
+            runs[name].append(result)
+            if progress is not None:
+                progress(f"[{k}/{total}] {label}: {status} ({time.perf_counter() - t0:.1f} s)")
+    return runs
+
+
+def render_table(headers: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    """A GitHub Markdown table, one line per row, ending in a newline.
+
+    ``align`` has one letter per column: ``l`` (left, the default), ``r`` (right: numbers) or
+    ``c`` (centre). ``|`` in a cell is escaped and newlines become spaces.
+    """
+    align = align if align is not None else "l" * len(headers)
+    if len(align) != len(headers) or set(align) - set("lrc"):
+        raise ValueError(f"align needs one of l/r/c per column ({len(headers)}), got {align!r}")
+    for row in rows:
+        if len(row) != len(headers):
+            raise ValueError(f"row has {len(row)} cells, the table {len(headers)} columns: {row!r}")
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
+
+    rule = {"l": "---", "r": "---:", "c": ":---:"}
+    return "\n".join([line(headers), line([rule[a] for a in align]), *map(line, rows)]) + "\n"

@@ -128,7 +128,9 @@ DATA_COLUMNS = ("text", "prompt", "response", "messages", "instruction", "input"
 class OptimConfig:
     name: str = "adalomo"
     """Optimizer (see `leantune.optim.optimizer_names()`): adalomo, lomo, adamw, sgd, adafactor,
-    lion, adan, sophia, or `<name>_in_backward` to free gradients early."""
+    lion, adan, sophia, or `<name>_in_backward` to free gradients early; from other packages
+    (`pip install 'leantune[competitors]'`): galore, apollo, adam_mini, badam, adamw8bit, adamw4bit
+    (their own options in `kwargs`, e.g. {rank: 128} for galore; dist.strategy=none only)."""
     lr: float = 0.02
     """Peak learning rate. AdaLomo's is relative to each tensor's RMS: 0.02-0.05 from scratch, 1e-3 to
     5e-4 for fine-tuning; AdamW ~3e-4; LOMO 1e-2 .. 3e-2 with clipping."""
@@ -507,10 +509,36 @@ class Config:
                 "while the GPU computes); on the CPU they are already there: set dist.cpu_offload=false"
             )
 
+    def _validate_competitor(self) -> None:
+        """The optimizers of other packages (leantune.optim.competitors) run on a whole model in one
+        process; some of them rename, freeze or reshape parameters themselves."""
+        name = self.optim.name.lower().replace("-", "_")
+        if self.dist.strategy != "none":
+            raise ConfigError(
+                f"optim.name={name} runs with dist.strategy=none only: its package computes its "
+                "statistics on whole tensors in one process (leantune has not validated it across ranks); "
+                "use adalomo, lomo or adamw with ddp/fsdp"
+            )
+        if name in ("adamw8bit", "adamw4bit"):
+            return
+        if self.peft.method != "none":
+            raise ConfigError(
+                f"optim.name={name} chooses which tensors to project, group or freeze from the base "
+                f"model's parameter names and shapes, which peft.method={self.peft.method} changes; "
+                "use adamw, adamw8bit or adamw4bit with adapters"
+            )
+        if self.train.hft:
+            raise ConfigError(
+                f"optim.name={name} with train.hft: HFT freezes half of the tensors, which {name} reads "
+                "once at start (badam also freezes tensors itself); use adalomo, adamw or adamw8bit with HFT"
+            )
+
     def _validate_combinations(self, fused: bool) -> None:
         """Options that would be silently ignored or wrong together."""
-        from leantune.optim import is_elementwise, needs_create_graph
+        from leantune.optim import is_competitor, is_elementwise, needs_create_graph
 
+        if is_competitor(self.optim.name):
+            self._validate_competitor()
         own = {
             "lr": "optim.lr",
             "weight_decay": "optim.weight_decay",

@@ -33,7 +33,7 @@ from leantune.evaluate import eval_loss, exact_match
 from leantune.loss import ChunkedLMLoss, training_loss
 from leantune.models import build_model, check_model_dir, count_parameters, human_count, resolve_dtype
 from leantune.monitor import Monitor, format_bytes, peak_memory_bytes
-from leantune.optim import Stepper, build_optimizer, is_fused, needs_create_graph
+from leantune.optim import Stepper, build_optimizer, is_fused, needs_create_graph, resume_refusal
 
 __all__ = ["RunSummary", "Trainer", "TrainingError", "train"]
 
@@ -439,6 +439,13 @@ class Trainer:
     # ----------------------------------------------------------- checkpoints
     def _load(self, path: Path) -> None:
         run_on_main(lambda: self._check_resume_config(self.run_dir))
+        refusal = resume_refusal(self.cfg.optim.name)
+        if refusal is not None:
+            raise ConfigError(
+                f"cannot resume {path} with optim.name={self.cfg.optim.name}: {refusal}, so the run "
+                "would not continue the same optimization. Start a new run (train.resume unset, or a "
+                "new train.run_name), from the saved weights with model.path=<checkpoint>/model if wanted"
+            )
         self._load_model(path / "model")
         opt = self.stepper.optimizer if isinstance(self.stepper, Stepper) else self.optimizer
         ckpt.load_optimizer(self.model, opt, path / "optim")
@@ -719,7 +726,8 @@ class Trainer:
                     norms = [o["grad_norm"] for o in window if o["grad_norm"] is not None]
                     values = {
                         "loss": sum(finite) / len(finite) if finite else float("nan"),
-                        "lr": self.optimizer.param_groups[0]["lr"],
+                        # float(): torchao's optimizers keep lr as a tensor
+                        "lr": float(self.optimizer.param_groups[0]["lr"]),
                         "tokens_per_s": toks / elapsed,
                         "tokens_per_s_per_device": toks / elapsed / self.world_size,
                         "peak_mem_bytes": peak_memory_bytes(self.device),
