@@ -9,6 +9,7 @@ directory first on ``sys.path``; the tests add it through pytest's ``pythonpath`
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import os
@@ -236,3 +237,17 @@ def render_table(headers: list[str], rows: list[list[str]], align: str | None = 
 
     rule = {"l": "---", "r": "---:", "c": ":---:"}
     return "\n".join([line(headers), line([rule[a] for a in align]), *map(line, rows)]) + "\n"
+
+
+def parse_only(value: str | None, known: list[str]) -> list[str]:
+    """``--only a,b`` as a list of names of ``known`` (all of them when empty); an unknown name
+    exits with the closest known one as a hint."""
+    if not value:
+        return list(known)
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    for n in names:
+        if n not in known:
+            close = difflib.get_close_matches(n, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise SystemExit(f"--only: unknown configuration {n!r}.{hint} Known: {', '.join(known)}")
+    return names

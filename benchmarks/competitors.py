@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import difflib
 import functools
 import importlib.metadata
 import json
@@ -247,14 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _names(only: str | None) -> list[str]:
-    names = [n.strip() for n in (only or ",".join(CONFIGS)).split(",") if n.strip()]
-    for n in names:
-        if n not in CONFIGS:
-            close = difflib.get_close_matches(n, list(CONFIGS), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise SystemExit(f"--only: unknown configuration {n!r}.{hint} Known: {', '.join(CONFIGS)}")
-    return names
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -271,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--{key} must be >= 1")
     if args.warmup < 0:
         raise SystemExit("--warmup must be >= 0")
-    names = _names(args.only)
+    names = benchlib.parse_only(args.only, list(CONFIGS))
     keys = ("preset", "vocab_size", "dtype", "seq", "batch", "steps", "warmup", "threads")
     setup = {k: getattr(args, k) for k in keys}
     configs = {n: {**setup, **CONFIGS[n]} for n in names}

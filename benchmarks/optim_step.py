@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import difflib
 import json
 import os
 import shlex
@@ -343,15 +342,7 @@ def _worker_main(payload: str) -> int:
 
 # --------------------------------------------------------------------------------------- parent
 def _parse_only(value: str | None) -> list[str]:
-    if not value:
-        return list(CONFIGS)
-    names = [n.strip() for n in value.split(",") if n.strip()]
-    for n in names:
-        if n not in CONFIGS:
-            close = difflib.get_close_matches(n, list(CONFIGS), n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise SystemExit(f"--only: unknown configuration {n!r}.{hint} Known: {', '.join(CONFIGS)}")
-    return names
+    return benchlib.parse_only(value, list(CONFIGS))
 
 
 def _raise_oom_score(adj: int) -> Callable[[], None]:
