@@ -487,10 +487,15 @@ _OPTIMIZERS: dict[str, _OptimModel] = {
     ),
 }
 _ALREADY_FUSED = ("adalomo", "lomo")
+# leantune.optim.competitors: their memory depends on each package's internals (quantisation
+# blocks, projector storage, BAdam's fp32 block copy), so benchmarks/competitors.py measures it.
+_MEASURED_ONLY = ("galore", "apollo", "adam_mini", "badam", "adamw8bit", "adamw4bit")
 
 
 def estimator_optimizers() -> list[str]:
-    """Optimizer names the estimate models: leantune's except Sophia, plus ``"floor"``."""
+    """Optimizer names the estimate models: leantune's except Sophia and the competitors from other
+    packages (:mod:`leantune.optim.competitors`, measured by ``benchmarks/competitors.py``), plus
+    ``"floor"``."""
     names = list(_OPTIMIZERS) + [n + _IN_BACKWARD for n in _OPTIMIZERS if n not in _ALREADY_FUSED]
     return names + [FLOOR]
 
@@ -507,7 +512,14 @@ def _resolve_optimizer(name: str) -> tuple[str, _OptimModel | None, bool]:
     known = estimator_optimizers()
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    why = " Sophia keeps the graph of the gradients and is not modelled." if base.startswith("sophia") else ""
+    why = ""
+    if base.startswith("sophia"):
+        why = " Sophia keeps the graph of the gradients and is not modelled."
+    elif base in _MEASURED_ONLY:
+        why = (
+            f" {base} comes from another package and is measured, not modelled: "
+            "python benchmarks/competitors.py (results in benchmarks/results/competitors_*.md)."
+        )
     raise ValueError(f"Unknown optimizer {name!r}.{hint}{why} Known: {', '.join(known)}")
 
 

@@ -189,12 +189,16 @@ def test_setup_errors(kwargs, message):
 
 
 def test_optimizer_names_match_leantune_and_chunk_size():
-    from leantune.optim import optimizer_names
+    from leantune.optim import is_competitor, optimizer_names
     from leantune.optim.engine import DEFAULT_CHUNK_ELEMENTS
 
     ours = set(estimator_optimizers()) - {"floor"}
-    theirs = {n for n in optimizer_names() if not n.startswith("sophia")}
+    theirs = {n for n in optimizer_names() if not n.startswith("sophia") and not is_competitor(n)}
     assert ours == theirs
+    for name in optimizer_names():
+        if is_competitor(name):
+            with pytest.raises(ValueError, match=rf"{name} comes from another package and is measured"):
+                canonical_optimizer(name.upper())
     assert CHUNK_ELEMENTS == DEFAULT_CHUNK_ELEMENTS
     assert canonical_optimizer("AdamW-In-Backward") == "adamw_in_backward"
 

@@ -11,7 +11,8 @@ from leantune.optim import InBackward, build_optimizer
 
 KNOWN = (
     "adalomo, lomo, adamw, sgd, adafactor, lion, adan, sophia, adamw_in_backward, sgd_in_backward, "
-    "adafactor_in_backward, lion_in_backward, adan_in_backward"
+    "adafactor_in_backward, lion_in_backward, adan_in_backward, galore, apollo, adam_mini, badam, "
+    "adamw8bit, adamw4bit"
 )
 
 
