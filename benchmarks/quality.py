@@ -15,6 +15,11 @@ Adafactor     0.01, 0.03, 0.1     ``torch.optim.Adafactor``: relative step min(l
 SGD           0.1, 0.3, 1.0       ``torch.optim.SGD`` (no momentum), clip 1.0: LOMO's update
 ============  ==================  ==========================================================
 
+The competitors of :mod:`leantune.optim.competitors` run with ``--only`` (AdamW's recipe: clip 1.0,
+wd 0; results in ``results/quality_competitors.md``): GaLore and APOLLO (lr 3e-3, 1e-2, 3e-2; rank
+32, a quarter of the hidden size), Adam-mini, AdamW 8-bit and 4-bit (3e-4, 1e-3, 3e-3), BAdam (1e-3,
+3e-3, 1e-2; its defaults: one block at a time, switched every 50 steps).
+
 SGD without momentum is the unfused twin of LOMO (same update rule): the two rows should agree up
 to floating-point summation order, which checks the fused path; their time differs because LOMO's
 exact clipping runs backward twice. Weight decay is 0 everywhere. Clipping by global norm 1.0 is
@@ -38,6 +43,8 @@ Run (from the repository root, venv active; ~25 min on 2 quiet cores)::
     python benchmarks/quality.py
     python benchmarks/quality.py --quick                     # smoke test: tiny budget, 1 lr each
     python benchmarks/quality.py --only adamw,adalomo --steps 300 --confirm-seeds ''
+    python benchmarks/quality.py --only adamw,adalomo,galore,apollo,adam_mini,badam,adamw8bit,adamw4bit \
+        --confirm-seeds '' --out benchmarks/results/quality_competitors
 
 Results: ``benchmarks/results/quality.{json,md,png}`` (``--out`` to change).
 """
@@ -76,6 +83,7 @@ class Optimizer:
     overrides: tuple[str, ...] = ()
 
 
+_CLIP = "optim.clip_grad_norm=1.0"
 OPTIMIZERS: dict[str, Optimizer] = {
     o.name: o
     for o in (
@@ -84,8 +92,18 @@ OPTIMIZERS: dict[str, Optimizer] = {
         Optimizer("lomo", "LOMO", (0.1, 0.3, 1.0), ("optim.clip_grad_norm=1.0",)),
         Optimizer("adafactor", "Adafactor", (0.01, 0.03, 0.1)),
         Optimizer("sgd", "SGD", (0.1, 0.3, 1.0), ("optim.clip_grad_norm=1.0",)),
+        # The competitors (leantune.optim.competitors), AdamW's recipe otherwise. Rank 32 = a quarter
+        # of the tiny preset's hidden size, the ratio of GaLore's and APOLLO's LLaMA runs.
+        Optimizer("galore", "GaLore", (3e-3, 1e-2, 3e-2), (_CLIP, "optim.kwargs={rank: 32}")),
+        Optimizer("apollo", "APOLLO", (3e-3, 1e-2, 3e-2), (_CLIP, "optim.kwargs={rank: 32}")),
+        Optimizer("adam_mini", "Adam-mini", (3e-4, 1e-3, 3e-3), (_CLIP,)),
+        Optimizer("badam", "BAdam", (1e-3, 3e-3, 1e-2), (_CLIP,)),
+        Optimizer("adamw8bit", "AdamW 8-bit", (3e-4, 1e-3, 3e-3), (_CLIP,)),
+        Optimizer("adamw4bit", "AdamW 4-bit", (3e-4, 1e-3, 3e-3), (_CLIP,)),
     )
 }
+# What `python benchmarks/quality.py` compares (results/quality.md); the competitors with --only.
+DEFAULT = ("adamw", "adalomo", "lomo", "adafactor", "sgd")
 QUICK = {"steps": 10, "batch": 8, "eval_every": 5, "num_train": 400, "num_eval": 32, "warmup": 2}
 
 
@@ -286,14 +304,21 @@ def summarize(runs: list[dict[str, Any]], grids: dict[str, list[float]]) -> dict
     return {"runs": runs, "best": best, "seed_stats": seeds, "adalomo_vs_adamw": gap}
 
 
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     best = report["best"]
     tasks = s["tasks"]
     m = report["machine"]
     params = next((r["parameters"] for r in report["runs"] if r.get("ok")), None)
+    labels = [OPTIMIZERS[o].label for o in s["grids"]]
+    clipped = [OPTIMIZERS[o].label for o in s["grids"] if _CLIP in OPTIMIZERS[o].overrides]
+    unclipped = [x for x in labels if x not in clipped]
     out = [
-        "# Quality: AdamW, AdaLomo, LOMO, Adafactor, SGD on the built-in instruction tasks",
+        f"# Quality: {', '.join(labels)} on the built-in instruction tasks",
         "",
         f"Preset `{s['preset']}` ({fmt(params, ',')} parameters, random init), built-in tasks "
         f"`{', '.join(tasks)}` ({s['num_train']} training examples, {s['num_eval']} held-out prompts), "
@@ -395,10 +420,21 @@ def format_markdown(report: dict[str, Any]) -> str:
         "Notes:",
         f"- Selection: lowest final eval loss on the held-out prompts of seed 0 (the same {s['num_eval']} "
         f"prompts score exact match, one answer = {100 / s['num_eval']:.2g} points; selecting on the "
-        "evaluation set favours every optimizer alike). AdamW, LOMO and SGD use `clip_grad_norm=1.0`; "
-        "AdaLomo and Adafactor none. Adafactor is `torch.optim.Adafactor`, whose relative step is "
-        f"min(lr, 1/sqrt(t)): an lr above 1/sqrt({s['steps']}) ≈ {s['steps'] ** -0.5:.2g} is capped late "
-        "in the run, unlike AdaLomo's.",
+        f"evaluation set favours every optimizer alike). {_and(clipped)} use `clip_grad_norm=1.0`"
+        + (f"; {_and(unclipped)} none." if unclipped else ".")
+        + (
+            " Adafactor is `torch.optim.Adafactor`, whose relative step is min(lr, 1/sqrt(t)): an lr above "
+            f"1/sqrt({s['steps']}) ≈ {s['steps'] ** -0.5:.2g} is capped late in the run, unlike AdaLomo's."
+            if "adafactor" in s["grids"]
+            else ""
+        )
+        + (
+            " GaLore and APOLLO project the decoder's linear layers at rank 32 (`optim.kwargs`); BAdam "
+            "trains one decoder block at a time with its defaults (switch every 50 steps, embeddings and "
+            "the tied head frozen: made for fine-tuning, here from a random init)."
+            if set(s["grids"]) & {"galore", "apollo", "badam"}
+            else ""
+        ),
         "- Time: train s = wall-clock sum of the training steps (forward, backward, update; evaluation "
         "excluded); CPU s/step = median process CPU time of a step (one torch thread: the work itself, "
         "less disturbed by other processes). LOMO's exact global-norm clipping runs backward twice, SGD "
@@ -475,7 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-train", type=int, default=20000)
     p.add_argument("--num-eval", type=int, default=400)
     p.add_argument("--eval-every", type=int, default=50, help="loss-only evaluations for the curves")
-    p.add_argument("--only", help=f"comma-separated subset of {', '.join(OPTIMIZERS)}")
+    p.add_argument(
+        "--only",
+        help=f"comma-separated subset of {', '.join(OPTIMIZERS)} (default: {','.join(DEFAULT)})",
+    )
     for o in OPTIMIZERS.values():
         p.add_argument(
             f"--{o.name}-lrs",
@@ -507,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
     if args.worker:
         benchlib.emit_result(run_worker(json.loads(args.worker)))
         return 0
-    names = list(OPTIMIZERS) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
+    names = list(DEFAULT) if not args.only else [n.strip() for n in args.only.split(",") if n.strip()]
     for n in names:
         if n not in OPTIMIZERS:
             close = difflib.get_close_matches(n, list(OPTIMIZERS), n=1)

@@ -10,6 +10,7 @@ import math
 import pytest
 
 OPTIMIZERS = ["adamw", "adalomo", "lomo", "adafactor", "sgd"]
+COMPETITORS = ["galore", "apollo", "adam_mini", "badam", "adamw8bit", "adamw4bit"]
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +19,20 @@ def bench():
 
 
 def test_every_optimizer_of_the_issue_is_compared(bench):
-    assert list(bench.OPTIMIZERS) == OPTIMIZERS
+    assert tuple(OPTIMIZERS) == bench.DEFAULT
+    assert list(bench.OPTIMIZERS) == OPTIMIZERS + list(COMPETITORS)
     assert all(len(o.lrs) == 3 for o in bench.OPTIMIZERS.values())
+
+
+def test_every_competitor_run_is_a_valid_leantune_config(bench, tmp_path):
+    from leantune.config import load_config
+
+    settings = {"preset": "tiny", "tasks": bench.TASKS, "num_train": 100, "num_eval": 8, "steps": 10,
+                "batch": 4, "warmup": 2, "eval_every": 5, "work": str(tmp_path)}  # fmt: skip
+    for name in COMPETITORS:
+        cfg = load_config(None, bench._overrides(settings, name, bench.OPTIMIZERS[name].lrs[1], 0))
+        assert cfg.optim.name == name and cfg.optim.clip_grad_norm == 1.0
+        assert cfg.optim.kwargs == ({"rank": 32} if name in ("galore", "apollo") else {})
 
 
 def test_quick_run_writes_report(bench, tmp_path, capsys):

@@ -15,6 +15,8 @@ Settings come from an optional YAML file, then `section.key=value` overrides, e.
   leantune train my.yaml model.path=./llama data.train=data.jsonl model.dtype=bf16
   leantune train train.resume=auto train.run_name=my-run      # continue after a crash
   leantune train dist.nproc=2 dist.strategy=fsdp               # starts torchrun for you
+  leantune train optim.name=galore optim.kwargs='{rank: 128}' optim.lr=1e-2   # GaLore, APOLLO,
+      # Adam-mini, BAdam, torchao's 8/4-bit AdamW: pip install 'leantune[competitors]'
   leantune train ... train.loss_chunk=1024     # tokens per chunk of the loss (0 = full logits)
   leantune train ... train.fix_mmap_threshold=false   # glibc's allocator as is: faster on CPU,
                                                       # more RSS than `leantune estimate` says
