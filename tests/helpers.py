@@ -12,6 +12,7 @@ def tiny_llama(
     dtype: torch.dtype = torch.float32,
     layers: int = 2,
     attn: str = "sdpa",
+    device: torch.device | str = "cpu",
 ):
     """A 2-layer LLaMA with hidden size 32 and grouped-query attention (random init)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -28,7 +29,8 @@ def tiny_llama(
         attn_implementation=attn,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    # initialised on the CPU whatever the device, so that a seed gives the same weights everywhere
+    model = LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
     model.config.use_cache = False
     return model
 
@@ -40,4 +42,6 @@ def batch(seed: int = 0, *, size: int = 4, length: int = 12, vocab: int = 48) ->
 
 
 def loss_of(model, b) -> torch.Tensor:
-    return model(**b).loss
+    """The model's loss on batch ``b``, moved to the model's device (batches are made on the CPU)."""
+    device = next(model.parameters()).device
+    return model(**{k: v.to(device) for k, v in b.items()}).loss

@@ -46,3 +46,22 @@ def test_exit_worker_flushes_and_skips_interpreter_teardown():
     assert proc.returncode == 3
     assert proc.stdout == "out-without-newline"
     assert proc.stderr == "err-without-newline"
+
+
+def test_fsdp_in_one_process_without_torchrun_makes_a_one_rank_group(monkeypatch):
+    # `leantune train dist.strategy=fsdp` with no torchrun (FSDP2's CPU offload on one GPU): FSDP2
+    # would otherwise look for torchrun's RANK and fail.
+    import torch.distributed as dist
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    try:
+        env = init_distributed("fsdp", "cpu")
+        assert dist.is_initialized() and dist.get_world_size() == 1
+        assert (env.rank, env.world_size, env.backend) == (0, 1, "gloo")
+        t = torch.ones(3)
+        dist.all_reduce(t)
+        assert torch.equal(t, torch.ones(3))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

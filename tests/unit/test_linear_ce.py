@@ -20,15 +20,20 @@ def _oracle(h, w, y, b=None, scale=1.0, softcap=None, reduction="mean"):
     return F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), ignore_index=-100, reduction=reduction)
 
 
-def _case(dtype, *, n=(3, 13), dim=24, vocab=70, bias=False, seed=0):
+def _case(dtype, *, n=(3, 13), dim=24, vocab=70, bias=False, seed=0, device="cpu"):
+    # drawn on the CPU, so that a seed gives the same case on every device
     g = torch.Generator().manual_seed(seed)
-    h = torch.randn(*n, dim, generator=g).to(dtype).requires_grad_()
-    w = (torch.randn(vocab, dim, generator=g) * 0.4).to(dtype).requires_grad_()
-    b = (torch.randn(vocab, generator=g) * 0.1).to(dtype).requires_grad_() if bias else None
+
+    def leaf(t):
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    h = leaf(torch.randn(*n, dim, generator=g))
+    w = leaf(torch.randn(vocab, dim, generator=g) * 0.4)
+    b = leaf(torch.randn(vocab, generator=g) * 0.1) if bias else None
     y = torch.randint(0, vocab, n, generator=g)
     y[0, :5] = -100  # a masked prompt
     y[:, -1] = -100  # padding
-    return h, w, b, y
+    return h, w, b, y.to(device)
 
 
 def _grads(loss, *ts):
@@ -37,8 +42,8 @@ def _grads(loss, *ts):
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 1000])
 @pytest.mark.parametrize("bias,scale,softcap", [(False, 1.0, None), (True, 0.25, 2.0)])
-def test_fp32_loss_and_gradients_equal_the_full_logits(chunk, bias, scale, softcap):
-    h, w, b, y = _case(torch.float32, bias=bias)
+def test_fp32_loss_and_gradients_equal_the_full_logits(chunk, bias, scale, softcap, device):
+    h, w, b, y = _case(torch.float32, bias=bias, device=device)
     ref = _oracle(h, w, y, b, scale, softcap)
     got = linear_cross_entropy(h, w, y, bias=b, chunk=chunk, scale=scale, softcap=softcap)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
@@ -47,11 +52,11 @@ def test_fp32_loss_and_gradients_equal_the_full_logits(chunk, bias, scale, softc
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_within_the_rounding_of_the_logits(dtype):
+def test_low_precision_within_the_rounding_of_the_logits(dtype, device):
     # The logits are rounded to the head's dtype by the matmul, as in the standard path; the head's
     # gradient is summed over chunks in fp32 (the standard one in a single low-precision product).
     # Bound: 1e-2 of the largest gradient element, 1e-3 of the loss.
-    h, w, b, y = _case(dtype, n=(4, 40), vocab=300)
+    h, w, b, y = _case(dtype, n=(4, 40), vocab=300, device=device)
     ref = _oracle(h, w, y)
     got = linear_cross_entropy(h, w, y, chunk=16)
     assert abs(float(got.detach()) - float(ref.detach())) <= 1e-3 * float(ref.detach())
@@ -61,11 +66,11 @@ def test_low_precision_within_the_rounding_of_the_logits(dtype):
         assert err <= 1e-2, err
 
 
-def test_fp32_weights_under_bf16_autocast_match_the_autocast_standard_path():
+def test_fp32_weights_under_bf16_autocast_match_the_autocast_standard_path(device):
     # leantune's "mixed" mode: the products run in bf16 as autocast would run them; the gradients
-    # come back in the weights' fp32.
-    h, w, _, y = _case(torch.float32, n=(4, 40), vocab=300)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # come back in the weights' fp32. Autocast of the inputs' device (the one the function reads).
+    h, w, _, y = _case(torch.float32, n=(4, 40), vocab=300, device=device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         ref = _oracle(h, w, y)
         got = linear_cross_entropy(h, w, y, chunk=16)
     assert abs(float(got.detach()) - float(ref.detach())) <= 1e-3 * float(ref.detach())
@@ -75,8 +80,8 @@ def test_fp32_weights_under_bf16_autocast_match_the_autocast_standard_path():
         assert err <= 1e-2, err
 
 
-def test_sum_and_per_token_reductions():
-    h, w, _, y = _case(torch.float32)
+def test_sum_and_per_token_reductions(device):
+    h, w, _, y = _case(torch.float32, device=device)
     torch.testing.assert_close(
         linear_cross_entropy(h, w, y, chunk=4, reduction="sum"), _oracle(h, w, y, reduction="sum")
     )
@@ -88,18 +93,18 @@ def test_sum_and_per_token_reductions():
     assert (per[y == -100] == 0).all()
 
 
-def test_grad_output_scales_the_gradients():
+def test_grad_output_scales_the_gradients(device):
     # A loss scale (fp16) or accumulation arrives as grad_output: the gradients built in forward
     # must be multiplied by it.
-    h, w, _, y = _case(torch.float32)
+    h, w, _, y = _case(torch.float32, device=device)
     ref = _grads(_oracle(h, w, y) * 3.5, h, w)
     got = _grads(linear_cross_entropy(h, w, y, chunk=6) * 3.5, h, w)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_all_targets_ignored_gives_nan_like_the_standard_loss():
-    h, w, _, y = _case(torch.float32)
+def test_all_targets_ignored_gives_nan_like_the_standard_loss(device):
+    h, w, _, y = _case(torch.float32, device=device)
     y = torch.full_like(y, -100)
     assert torch.isnan(linear_cross_entropy(h, w, y)) and torch.isnan(_oracle(h, w, y))
     assert float(linear_cross_entropy(h, w, y, reduction="sum").detach()) == 0.0
@@ -123,10 +128,10 @@ def test_bad_input_is_refused():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_second_backward_through_the_same_graph_recomputes_the_same_gradients(dtype):
+def test_a_second_backward_through_the_same_graph_recomputes_the_same_gradients(dtype, device):
     # Exact clipping runs a measuring backward (retain_graph) before the real one; the first
     # backward hands its tensors to autograd (which may keep them as .grad and change them).
-    h, w, b, y = _case(dtype, bias=True)
+    h, w, b, y = _case(dtype, bias=True, device=device)
     loss = linear_cross_entropy(h, w, y, bias=b, chunk=5, softcap=3.0)
     first = [g.clone() for g in torch.autograd.grad(loss * 2.0, [h, w, b], retain_graph=True)]
     for g in first:
@@ -143,7 +148,7 @@ def test_a_second_backward_through_the_same_graph_recomputes_the_same_gradients(
 # ------------------------------------------------------------------ through a model
 
 
-def _model_batch(vocab=48, pad=True):
+def _model_batch(vocab=48, pad=True, device="cpu"):
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, vocab, (3, 11), generator=g)
     mask = torch.ones_like(ids)
@@ -152,14 +157,14 @@ def _model_batch(vocab=48, pad=True):
     if pad:
         mask[2, 8:] = 0
         labels[2, 8:] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_model_loss_and_every_gradient_equal_transformers(tied):
+def test_model_loss_and_every_gradient_equal_transformers(tied, device):
     torch.manual_seed(0)
-    model = tiny_llama(tie=tied)
-    batch = _model_batch()
+    model = tiny_llama(tie=tied, device=device)
+    batch = _model_batch(device=device)
     ref = model(**batch).loss
     ref_grads = torch.autograd.grad(ref, list(model.parameters()))
     loss = ChunkedLMLoss(model, chunk=5)
@@ -178,12 +183,12 @@ def test_model_loss_and_every_gradient_equal_transformers(tied):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_a_fused_step_equals_the_standard_step_and_the_head_hook_fires_once(tied):
+def test_a_fused_step_equals_the_standard_step_and_the_head_hook_fires_once(tied, device):
     torch.manual_seed(0)
-    a = tiny_llama(tie=tied)
-    b = tiny_llama(tie=tied)
+    a = tiny_llama(tie=tied, device=device)
+    b = tiny_llama(tie=tied, device=device)
     b.load_state_dict(a.state_dict())
-    batch = _model_batch()
+    batch = _model_batch(device=device)
     fires = []
     b.get_output_embeddings().weight.register_post_accumulate_grad_hook(lambda p: fires.append(1))
     opt_a = build_optimizer("adalomo", a, lr=1e-2)
@@ -237,15 +242,17 @@ def test_an_fp16_head_falls_back_to_the_standard_loss():
     assert fn.description.startswith("standard") and note.startswith("not here")
 
 
-def test_a_family_whose_logits_differ_is_caught_by_the_probe():
-    model = tiny_llama()
+def test_a_family_whose_logits_differ_is_caught_by_the_probe(device):
+    # The probe runs on the device and compares the two losses within a tolerance: a family whose
+    # losses agree must pass it there too, or training there would silently fall back.
+    model = tiny_llama(device=device)
     model.config.logits_scaling = 4.0  # leantune would divide by it; Llama's code does not
-    fn, note = training_loss(model, 64, device=torch.device("cpu"))
+    fn, note = training_loss(model, 64, device=device)
     assert fn.description.startswith("standard") and "probe batch" in note
     assert model.get_output_embeddings().forward.__func__ is torch.nn.Linear.forward  # given back
-    fn, note = training_loss(tiny_llama(), 64, device=torch.device("cpu"))
+    fn, note = training_loss(tiny_llama(device=device), 64, device=device)
     assert note is None and fn.description.startswith("chunked")
-    assert training_loss(tiny_llama(), 0, device=torch.device("cpu"))[0].description.startswith("standard")
+    assert training_loss(tiny_llama(device=device), 0, device=device)[0].description.startswith("standard")
 
 
 def test_the_loss_never_holds_the_full_logits():
@@ -313,11 +320,11 @@ def test_the_estimate_of_the_issue_shapes():
     assert total("8b", 16384, 256, "cuda") <= 24 < total("8b", 5120, 0, "cuda")
 
 
-def test_without_torchs_keep_graph_probe_a_second_backward_recomputes(monkeypatch):
+def test_without_torchs_keep_graph_probe_a_second_backward_recomputes(monkeypatch, device):
     from leantune.loss import linear_ce
 
     monkeypatch.setattr(linear_ce, "_keeps_graph", lambda: False)
-    h, w, _, y = _case(torch.float32)
+    h, w, _, y = _case(torch.float32, device=device)
     loss = linear_cross_entropy(h, w, y, chunk=5)
     first = torch.autograd.grad(loss, [h, w], retain_graph=True)
     for g in first:

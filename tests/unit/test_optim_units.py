@@ -23,22 +23,24 @@ from tests.unit.test_segments import _Sharded
 
 
 # ------------------------------------------------------------------------------------------ Stepper
-def _linear(seed: int = 0) -> torch.nn.Linear:
+def _linear(seed: int = 0, device: torch.device | str = "cpu") -> torch.nn.Linear:
     torch.manual_seed(seed)
-    return torch.nn.Linear(4, 3)
+    return torch.nn.Linear(4, 3).to(device)  # initialised on the CPU: the same weights on every device
 
 
 def _loss(model: torch.nn.Module, seed: int) -> torch.Tensor:
+    # drawn on the CPU (the same data on every device), computed on the model's device
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g)
-    return torch.nn.functional.mse_loss(model(x), y)
+    device = model.weight.device
+    return torch.nn.functional.mse_loss(model(x.to(device)), y.to(device))
 
 
 @pytest.mark.parametrize(
     ("loss_scale", "accumulation"), [(None, 1), (None, 3), (2.0, 1), (1024.0, 2)], ids=str
 )
-def test_stepper_equals_a_plain_sgd_loop_and_reports_scale_and_norm(loss_scale, accumulation):
-    ref, ours = _linear(), _linear()
+def test_stepper_equals_a_plain_sgd_loop_and_reports_scale_and_norm(loss_scale, accumulation, device):
+    ref, ours = _linear(device=device), _linear(device=device)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     stepper = Stepper(
         torch.optim.SGD(ours.parameters(), lr=0.1), loss_scale=loss_scale, accumulation_steps=accumulation
@@ -63,8 +65,8 @@ def test_stepper_equals_a_plain_sgd_loop_and_reports_scale_and_norm(loss_scale, 
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_stepper_clip_grad_value_equals_torch_clip_then_sgd():
-    ref, ours = _linear(), _linear()
+def test_stepper_clip_grad_value_equals_torch_clip_then_sgd(device):
+    ref, ours = _linear(device=device), _linear(device=device)
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     stepper = Stepper(torch.optim.SGD(ours.parameters(), lr=0.1), clip_grad_value=0.05)
     for seed in range(3):
@@ -78,9 +80,9 @@ def test_stepper_clip_grad_value_equals_torch_clip_then_sgd():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def test_stepper_dynamic_scale_backs_off_on_fp16_overflow_then_steps_and_grows():
+def test_stepper_dynamic_scale_backs_off_on_fp16_overflow_then_steps_and_grows(device):
     # fp16 weights, fp32 loss: the scaled gradient 4 * scale is inf in fp16 until scale <= 8192.
-    w = torch.nn.Parameter(torch.full((3,), 0.5, dtype=torch.float16))
+    w = torch.nn.Parameter(torch.full((3,), 0.5, dtype=torch.float16, device=device))
     scaler = LossScaler(init_scale=2.0**16, growth_interval=1)
     stepper = Stepper(torch.optim.SGD([w], lr=0.0625), loss_scale=scaler)
     for scale in (2.0**16, 2.0**15, 2.0**14):
@@ -95,8 +97,8 @@ def test_stepper_dynamic_scale_backs_off_on_fp16_overflow_then_steps_and_grows()
     assert scaler.scale == 2.0**14 and scaler.overflows == 3  # one clean step grows it back
 
 
-def test_stepper_without_loss_scaling_applies_a_large_but_finite_fp16_gradient():
-    w = torch.nn.Parameter(torch.ones(1, dtype=torch.float16))
+def test_stepper_without_loss_scaling_applies_a_large_but_finite_fp16_gradient(device):
+    w = torch.nn.Parameter(torch.ones(1, dtype=torch.float16, device=device))
     stepper = Stepper(torch.optim.SGD([w], lr=2.0**-16))
     result = stepper.backward((w.float() * 40000.0).sum())  # 40000 fits fp16 (max 65504), 2x would not
     assert result.updated and not result.skipped and result.loss_scale is None
@@ -159,8 +161,8 @@ def test_stepper_zero_grad_frees_gradients_and_restarts_the_accumulation():
     assert stepper.backward(_loss(model, 2)).updated
 
 
-def test_stepper_state_dict_round_trip_resumes_identically_with_the_scaler():
-    a, b = _linear(), _linear()
+def test_stepper_state_dict_round_trip_resumes_identically_with_the_scaler(device):
+    a, b = _linear(device=device), _linear(device=device)
     opt_a = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
     stepper = Stepper(opt_a, loss_scale=LossScaler(init_scale=8.0, growth_interval=2), accumulation_steps=2)
     for seed in range(3):  # one step, then half of the next
@@ -206,29 +208,39 @@ def _float(bits: int) -> float:
     return struct.unpack("<f", struct.pack("<I", bits & 0xFFFFFFFF))[0]
 
 
-def test_bf16_stochastic_round_is_the_bit_trick_on_randint_draws_of_the_generator():
+def test_bf16_stochastic_round_is_the_bit_trick_on_randint_draws_of_the_generator(device):
     values = [1.0 + 2.0**-10, -3.3, 0.1, 2.0 - 2.0**-20, -(2.0**-130), 1e30, 7.0, 0.0, math.inf]
-    x = torch.tensor(values * 8, dtype=torch.float32)
+    x = torch.tensor(values * 8, dtype=torch.float32, device=device)
+    # the draws of a generator on the device (its own stream: CUDA's differs from the CPU's)
     noise = torch.randint(
-        0, 1 << 16, (x.numel(),), dtype=torch.int32, generator=torch.Generator().manual_seed(5)
+        0,
+        1 << 16,
+        (x.numel(),),
+        dtype=torch.int32,
+        device=device,
+        generator=torch.Generator(device=device).manual_seed(5),
     ).tolist()
     # Add 16 noise bits to the fp32 pattern and keep its top half (a carry moves to the next bf16).
     want = [_float((_bits(v) + k) & 0xFFFF0000) for v, k in zip(x.tolist(), noise)]
-    got = stochastic_round(x.clone(), torch.bfloat16, torch.Generator().manual_seed(5))
+    got = stochastic_round(x.clone(), torch.bfloat16, torch.Generator(device=device).manual_seed(5))
     assert got.dtype == torch.bfloat16 and got.float().tolist() == want
 
 
-def test_fp16_stochastic_round_of_one_generator_seed_is_reproducible_and_varies_with_it():
-    x = torch.full((256,), 1.0 + 2.0**-12)  # a quarter of an fp16 ulp above 1
-    a = stochastic_round(x.clone(), torch.float16, torch.Generator().manual_seed(3))
-    b = stochastic_round(x.clone(), torch.float16, torch.Generator().manual_seed(3))
-    c = stochastic_round(x.clone(), torch.float16, torch.Generator().manual_seed(4))
+def test_fp16_stochastic_round_of_one_generator_seed_is_reproducible_and_varies_with_it(device):
+    x = torch.full((256,), 1.0 + 2.0**-12, device=device)  # a quarter of an fp16 ulp above 1
+
+    def gen(seed: int) -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(seed)
+
+    a = stochastic_round(x.clone(), torch.float16, gen(3))
+    b = stochastic_round(x.clone(), torch.float16, gen(3))
+    c = stochastic_round(x.clone(), torch.float16, gen(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
-    # the noise comes from the generator only, not from the global RNG
+    # the noise comes from the generator only, not from the global RNG (manual_seed seeds CUDA's too)
     torch.manual_seed(0)
-    d = stochastic_round(x.clone(), torch.float16, torch.Generator().manual_seed(3))
+    d = stochastic_round(x.clone(), torch.float16, gen(3))
     torch.manual_seed(1)
-    e = stochastic_round(x.clone(), torch.float16, torch.Generator().manual_seed(3))
+    e = stochastic_round(x.clone(), torch.float16, gen(3))
     assert torch.equal(d, a) and torch.equal(e, a)
 
 
@@ -245,11 +257,11 @@ def _fp16_cases():
 
 
 @pytest.mark.parametrize("value", _fp16_cases())
-def test_fp16_over_all_noise_values_the_round_up_count_is_the_nearest_to_its_probability(value):
-    x = torch.full((1 << 16,), value, dtype=torch.float32)
+def test_fp16_over_all_noise_values_the_round_up_count_is_the_nearest_to_its_probability(value, device):
+    x = torch.full((1 << 16,), value, dtype=torch.float32, device=device)
     lo, hi = ulp_above(x[:1], torch.float16)
     lo, hi = float(lo), float(hi)
-    every = torch.arange(1 << 16, dtype=torch.int32)
+    every = torch.arange(1 << 16, dtype=torch.int32, device=device)
     r = stochastic_round(x.clone(), torch.float16, noise=lambda n: every[:n]).float()
     assert set(r.tolist()) <= {lo, hi}
     # E[r] = x needs P(hi) = (x - lo) / (hi - lo); with 2^16 noise values the count of hi can be
@@ -259,11 +271,11 @@ def test_fp16_over_all_noise_values_the_round_up_count_is_the_nearest_to_its_pro
     assert abs(ups - p_hi * (1 << 16)) <= Fraction(1, 2)
 
 
-def test_fp16_stochastic_round_of_more_than_one_noise_draw_uses_every_piece():
+def test_fp16_stochastic_round_of_more_than_one_noise_draw_uses_every_piece(device):
     # The optimizers' noise table refuses draws over MAX_DRAW: longer tensors take several draws.
     n = NoiseTable.MAX_DRAW + 3
-    table = NoiseTable(0, torch.device("cpu"), torch.Generator().manual_seed(0))
-    x = torch.full((n,), 1.0 + 2.0**-12)
+    table = NoiseTable(0, device, torch.Generator(device=device).manual_seed(0))
+    x = torch.full((n,), 1.0 + 2.0**-12, device=device)
     r = stochastic_round(x, torch.float16, noise=table).float()
     assert r.shape == (n,) and bool(((r == 1.0) | (r == 1.0 + 2.0**-10)).all())
     assert abs(float((r > 1.0).double().mean()) - 0.25) < 2e-3

@@ -63,7 +63,9 @@ def init_distributed(strategy: str, device: str = "auto", timeout_minutes: float
         torch.cuda.set_device(dev)
     else:
         dev = torch.device("cpu")
-    if world == 1 and not is_distributed():
+    # One process without torchrun needs no group, except for FSDP2, whose fully_shard needs a
+    # device mesh (e.g. for its CPU offload on one GPU).
+    if world == 1 and not is_distributed() and strategy != "fsdp":
         return DistEnv(0, 1, 0, dev, None)
     if strategy == "none":
         raise ValueError(
@@ -71,7 +73,14 @@ def init_distributed(strategy: str, device: str = "auto", timeout_minutes: float
         )
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not is_distributed():
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+        timeout = timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # torchrun's rendezvous
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # fsdp in one process started without torchrun: a one-rank group on an in-process
+            # store, which needs no address or port.
+            store = dist.HashStore()
+            dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
 
 
