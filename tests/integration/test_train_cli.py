@@ -140,9 +140,10 @@ class StopAt(Trainer):
     [["optim.name=adalomo", "train.accumulation_steps=2"], ["optim.name=adamw", "optim.lr=3e-3"]],
     ids=["adalomo-accum", "adamw"],
 )
-def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_path, extra):
+def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_path, extra, device):
     common = [
         *TINY,
+        f"train.device={device.type}",
         f"train.output_dir={tmp_path}",
         "eval.every=0",
         "log.every=1",

@@ -6,8 +6,9 @@ import json
 import subprocess
 from pathlib import Path
 
-import gpu_check
 import pytest
+
+import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_the_dry_run_passes_every_section_and_writes_the_report(tmp_path):
     proc = subprocess.run(
-        [str(ROOT / "scripts" / "gpu-check"), "--dry-run", "--out", str(tmp_path), "--work", str(tmp_path / "w")],
+        [str(ROOT / "scripts" / "gpu-check"), "--dry-run", "--out", str(tmp_path), "--work", str(tmp_path / "w")],  # noqa: E501
         capture_output=True,
         text=True,
         timeout=900,
