@@ -239,6 +239,37 @@ def render_table(headers: list[str], rows: list[list[str]], align: str | None = 
     return "\n".join([line(headers), line([rule[a] for a in align]), *map(line, rows)]) + "\n"
 
 
+def add_run_options(
+    ap: Any, names: list[str], *, steps: int, warmup: int, timeout: float, preset: str = "0.37b"
+) -> None:
+    """The options every step benchmark takes: the model shape (``--preset --seq --batch``), the
+    steps (``--steps --warmup``), the rounds (``--repeats``), ``--threads``, ``--timeout``,
+    ``--only`` (a subset of ``names``) and the hidden ``--worker JSON`` of :func:`run_matrix`'s
+    workers. Check them with :func:`check_run_options`."""
+    import argparse
+
+    ap.add_argument("--preset", default=preset, help=f"leantune.models preset (default: {preset})")
+    ap.add_argument("--seq", type=int, default=512, help="sequence length (default: 512)")
+    ap.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    ap.add_argument("--steps", type=int, default=steps, help=f"timed steps per run (default: {steps})")
+    ap.add_argument("--warmup", type=int, default=warmup, help=f"untimed steps first (default: {warmup})")
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds, medians (default: 1)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads, the same for all (default: 2)")
+    ap.add_argument("--timeout", type=float, default=timeout, help=f"seconds per run (default: {timeout:g})")
+    ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(names)}")
+    ap.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
+
+
+def check_run_options(args: Any) -> None:
+    """Exit with a message naming the option when a count from :func:`add_run_options` is out of
+    range (``--warmup`` may be 0, the others must be >= 1)."""
+    for key in ("seq", "batch", "steps", "repeats", "threads"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key} must be >= 1")
+    if args.warmup < 0:
+        raise SystemExit("--warmup must be >= 0")
+
+
 def parse_only(value: str | None, known: list[str]) -> list[str]:
     """``--only a,b`` as a list of names of ``known`` (all of them when empty); an unknown name
     exits with the closest known one as a hint."""

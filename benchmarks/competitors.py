@@ -225,24 +225,15 @@ def format_markdown(report: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Peak RSS and s/step of AdaLomo vs its competitors.")
-    ap.add_argument("--preset", default="0.37b", help="leantune.models preset (default: 0.37b)")
+    benchlib.add_run_options(ap, list(CONFIGS), steps=3, warmup=1, timeout=7200.0)
     ap.add_argument("--vocab-size", type=int, default=None, help="vocabulary size (default: the preset's)")
     ap.add_argument("--dtype", choices=DTYPES, default="fp32", help="weight dtype (default: fp32)")
-    ap.add_argument("--seq", type=int, default=512, help="sequence length (default: 512)")
-    ap.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per run (default: 3)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (default: 1)")
-    ap.add_argument("--repeats", type=int, default=1, help="interleaved rounds (default: 1)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
-    ap.add_argument("--timeout", type=float, default=7200.0, help="seconds per run (default: 7200)")
-    ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
     ap.add_argument(
         "--out",
         type=Path,
         default=None,
         help="report .md, .json next to it (default: results/competitors_<preset>_<dtype>.md)",
     )
-    ap.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     return ap
 
 
@@ -257,11 +248,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.worker is not None:
         benchlib.emit_result(run_worker(json.loads(args.worker)))
         raise SystemExit(0)
-    for key in ("seq", "batch", "steps", "repeats", "threads"):
-        if getattr(args, key) < 1:
-            raise SystemExit(f"--{key} must be >= 1")
-    if args.warmup < 0:
-        raise SystemExit("--warmup must be >= 0")
+    benchlib.check_run_options(args)
     names = benchlib.parse_only(args.only, list(CONFIGS))
     keys = ("preset", "vocab_size", "dtype", "seq", "batch", "steps", "warmup", "threads")
     setup = {k: getattr(args, k) for k in keys}

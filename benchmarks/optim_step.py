@@ -684,11 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description="Peak RSS and seconds per step of optimizers vs the forward+backward floor.",
     )
-    ap.add_argument("--preset", default="0.37b", help="leantune.models preset (default: 0.37b)")
-    ap.add_argument("--seq", type=int, default=512, help="sequence length (default: 512)")
-    ap.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per configuration (default: 8)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    benchlib.add_run_options(ap, list(CONFIGS), steps=8, warmup=2, timeout=3600.0)
     ap.add_argument(
         "--dtype",
         choices=DTYPES,
@@ -698,18 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--grad-checkpointing", action="store_true", help="activation checkpointing (non-reentrant)"
     )
-    ap.add_argument("--only", default=None, help=f"comma-separated subset of: {', '.join(CONFIGS)}")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads, same for all (default: 2)")
-    ap.add_argument(
-        "--repeats", type=int, default=1, help="interleaved rounds; medians reported (default: 1)"
-    )
-    ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per configuration (default: 3600)")
     ap.add_argument(
         "--out",
         default=str(DEFAULT_OUT),
         help="path without extension; writes .json, .md, .png (default: benchmarks/results/optim_step)",
     )
-    ap.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     return ap
 
 
@@ -719,11 +708,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.worker is not None:
         raise SystemExit(_worker_main(args.worker))
-    for name in ("seq", "batch", "steps", "threads", "repeats"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name} must be >= 1")
-    if args.warmup < 0:
-        raise SystemExit("--warmup must be >= 0")
+    benchlib.check_run_options(args)
     names = _parse_only(args.only)
     machine = _machine_info(args.threads)
     base = {

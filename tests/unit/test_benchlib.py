@@ -89,3 +89,18 @@ def test_source_note():
     assert "uncommitted changes in 10 file(s)" in note and "`f7.py`, ..." in note and "f8.py" not in note
     loose = {"package": "/x/leantune", "digest": "abcd", "git_commit": None}
     assert "`/x/leantune` (not a git checkout)" in benchlib.source_note(loose)
+
+
+def test_run_options_are_shared_and_checked_naming_the_option():
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    benchlib.add_run_options(ap, ["a", "b"], steps=3, warmup=1, timeout=60.0, preset="test")
+    args = ap.parse_args([])
+    assert (args.preset, args.seq, args.batch, args.steps, args.warmup) == ("test", 512, 1, 3, 1)
+    assert (args.repeats, args.threads, args.timeout, args.only, args.worker) == (1, 2, 60.0, None, None)
+    benchlib.check_run_options(ap.parse_args(["--warmup", "0"]))  # no warmup is allowed
+    for bad, message in (("--seq=0", "--seq must be >= 1"), ("--repeats=0", "--repeats must be >= 1"),
+                         ("--warmup=-1", "--warmup must be >= 0")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            benchlib.check_run_options(ap.parse_args([bad]))

@@ -432,7 +432,7 @@ def test_only_sophia_needs_the_graph_of_the_gradients():
 
 
 # ------------------------------------------------------------------- Collectives.import_state
-class _Sharded:
+class _FakeDTensor:
     """Stands for a DTensor (what FSDP2 gives): only its two accessors matter to import_state."""
 
     def __init__(self, local: torch.Tensor, full: torch.Tensor) -> None:
@@ -450,14 +450,14 @@ def test_import_state_gathers_for_a_plain_parameter_and_keeps_the_shard_for_a_sh
 
     c = Collectives()
     local, full = torch.ones(2), torch.arange(4.0)
-    value = _Sharded(local, full)
+    value = _FakeDTensor(local, full)
     # A state saved sharded (a DTensor), loaded where the parameter is whole: the full tensor.
     assert c.import_state(torch.zeros(4), "v", value) is full
     # The parameter is itself sharded: this rank's shard of the state.
-    assert c.import_state(_Sharded(torch.zeros(2), torch.zeros(4)), "v", value) is local
+    assert c.import_state(_FakeDTensor(torch.zeros(2), torch.zeros(4)), "v", value) is local
     # No parameter to compare with (e.g. a segment's state): the local part.
     assert c.import_state(None, "v", value) is local
     # Plain values pass through untouched, whatever the parameter.
     plain = torch.zeros(3)
     assert c.import_state(torch.zeros(3), "v", plain) is plain
-    assert c.import_state(_Sharded(plain, plain), "step", 7) == 7
+    assert c.import_state(_FakeDTensor(plain, plain), "step", 7) == 7
