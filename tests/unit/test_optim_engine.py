@@ -22,6 +22,7 @@ from leantune.optim import (
     is_fused,
     optimizer_names,
 )
+from leantune.optim.collectives import Collectives
 from tests.helpers import batch, loss_of, tiny_llama
 from tests.unit.test_optim_oracles import assert_models_close
 
@@ -561,3 +562,26 @@ def test_init_state_builds_what_the_first_update_starts_from(name, dtype, roundi
     opt.init_state()
     for p, st in opt.state.items():
         assert all(torch.equal(v, trained[id(p)][k]) for k, v in st.items() if torch.is_tensor(v))
+
+
+class _Recording(Collectives):
+    """Identity collectives that record what each rank sends to the norm/flag reductions."""
+
+    def __init__(self) -> None:
+        self.sent: list[torch.Tensor] = []
+
+    def sum_square_norms(self, total: torch.Tensor) -> torch.Tensor:
+        self.sent.append(total)
+        return total
+
+
+def test_a_rank_with_nothing_to_add_still_enters_the_reductions_with_a_device_tensor(device):
+    # Another rank that has gradients enters these collectives; skipping one here would hang it,
+    # and NCCL refuses a CPU tensor.
+    model = tiny_llama(device=device)
+    opt = LOMO(model, lr=1e-2, clip_grad_norm=1.0)
+    opt.collectives = rec = _Recording()
+    assert float(opt._global_square_sum()) == 0.0  # no square sums collected on this rank
+    assert opt._any_zeroed() is False  # no tensor was checked on this rank
+    assert len(rec.sent) == 2
+    assert all(t.device == device and t.dtype == torch.float32 and t.dim() == 0 for t in rec.sent)

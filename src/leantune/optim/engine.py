@@ -627,7 +627,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Whether any rank zeroed a non-finite gradient this step (the one host sync per step)."""
         flags = list(self._zeroed.values())
         self._zeroed.clear()
-        total = torch.zeros((), dtype=torch.float32) if not flags else flags[0].float()
+        total = self._scalar_zero() if not flags else flags[0].float()
         for f in flags[1:]:
             total = total + f.float().to(total.device)
         return self.collectives.sum_square_norms(total).item() > 0
@@ -657,10 +657,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             out.extend((p, seg, state) for seg, state in self._targets(p) if "grad_acc" in state)
         return out
 
+    def _scalar_zero(self) -> Tensor:
+        """A float32 zero on the parameters' device: what a rank with nothing to add sends to a
+        collective (NCCL takes device tensors only)."""
+        first = next(iter(self._hooks), None)
+        return torch.zeros((), dtype=torch.float32, device=first.device if first is not None else None)
+
     def _global_square_sum(self) -> Tensor:
         sums = list(self._square_sums.values())
         if not sums:
-            return torch.zeros((), dtype=torch.float32)
+            # Still a collective: the other ranks enter it whether or not this one has gradients.
+            return self.collectives.sum_square_norms(self._scalar_zero())
         total = sums[0]
         for s in sums[1:]:
             total = total + s.to(total.device)
