@@ -105,3 +105,18 @@ def test_kahan_without_a_compensation_buffer_is_refused_by_name():
     wb = WriteBack("kahan")
     with pytest.raises(RuntimeError, match="^kahan rounding needs a compensation buffer$"):
         wb.apply(torch.zeros(2, dtype=torch.bfloat16), lambda w: w.add_(1.0))
+
+
+def test_the_noise_is_a_table_on_the_cpu_and_randint_of_the_device_generator_elsewhere(device):
+    gen = torch.Generator(device=device).manual_seed(4)
+    source = WriteBack("stochastic", lambda d: gen, lambda: 5).noise(device)
+    if device.type == "cpu":
+        assert isinstance(source, NoiseTable) and source.generator is gen
+        return
+    # On CUDA the table's offset would need a host sync per chunk: randint draws on the device.
+    assert not isinstance(source, NoiseTable)
+    expected = torch.randint(
+        0, 1 << 16, (7,), dtype=torch.int32, device=device,
+        generator=torch.Generator(device=device).manual_seed(4),
+    )  # fmt: skip
+    assert torch.equal(source(7), expected)

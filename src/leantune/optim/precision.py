@@ -267,10 +267,14 @@ class WriteBack:
         self._tables: dict[str, NoiseTable] = {}
 
     def noise(self, device: torch.device) -> NoiseSource:
-        """The noise source of ``device``: a :class:`NoiseTable` made on first use from the seed."""
+        """The noise source of ``device``: on the CPU a :class:`NoiseTable` made on first use from
+        the seed (cheaper than drawing every value); on an accelerator ``randint`` with the
+        device's generator, which costs about what reading the table does there and, unlike the
+        table's offset, never waits for the device (one host sync per chunk would serialise the
+        update)."""
         gen = self._generators(device) if self._generators is not None else None
-        if gen is None:
-            return _randint_noise(device, None)
+        if gen is None or device.type != "cpu":
+            return _randint_noise(device, gen)
         key = str(device)
         table = self._tables.get(key)
         if table is None or table.generator is not gen:
