@@ -123,8 +123,27 @@ def test_bad_input_is_refused():
         linear_cross_entropy(h, w, y[:, :4])
     with pytest.raises(ValueError, match="softcap"):
         linear_cross_entropy(h, w, y, softcap=0.0)
-    with pytest.raises(NotImplementedError, match="reduction='none'"):
-        linear_cross_entropy(h, w, y, reduction="none")  # with grad: no backward for per-token losses
+    with pytest.raises(ValueError, match="reduction must be one of mean, sum, none"):
+        linear_cross_entropy(h, w, y, reduction="batchmean")
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000])
+@pytest.mark.parametrize("bias,scale,softcap", [(False, 1.0, None), (True, 0.25, 2.0)])
+def test_per_token_losses_take_each_rows_weight_in_backward(chunk, bias, scale, softcap, device):
+    # reduction="none" with gradients (a preference loss weighs each sequence's log-prob by its
+    # own coefficient): sum(c * nll) through it equals the same through the full logits.
+    h, w, b, y = _case(torch.float32, bias=bias, device=device)
+    c = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    ref = _oracle(h, w, y, b, scale, softcap, reduction="none").view(y.shape)
+    got = linear_cross_entropy(h, w, y, bias=b, chunk=chunk, scale=scale, softcap=softcap, reduction="none")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for g_ref, g_got in zip(_grads((c * ref).sum(), h, w, b), _grads((c * got).sum(), h, w, b)):
+        torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-6)
+    # A second backward through a kept graph (exact clipping's measuring pass) gives the same.
+    got = linear_cross_entropy(h, w, y, bias=b, chunk=chunk, scale=scale, softcap=softcap, reduction="none")
+    first = torch.autograd.grad((c * got).sum(), [h, w], retain_graph=True)
+    second = torch.autograd.grad((c * got).sum(), [h, w])
+    assert all(torch.equal(a, b_) for a, b_ in zip(first, second))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -140,6 +140,13 @@ class ChunkedLMLoss:
             loss = loss + coef * aux.to(loss.device)
         return loss
 
+    def token_nll(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``(nll, mask)``, both ``(B, L)``: each position's next-token nll in fp32 (0 where the
+        target is ignored), with gradients (each position's weight arrives in backward), and which
+        positions have a target. Position ``t`` predicts ``labels[:, t + 1]``."""
+        _, hidden, targets = self._hidden(model, batch)
+        return self.head(hidden, **{_TARGETS: targets, "reduction": "none"}), targets != IGNORE_INDEX
+
     @torch.no_grad()
     def nll(self, model: nn.Module, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``(sum of the target tokens' nll in fp32, number of target tokens)`` of ``batch``."""

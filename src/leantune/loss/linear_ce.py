@@ -60,12 +60,13 @@ def _chunks(
     chunk: int,
     scale: float,
     softcap: float | None,
-    weight_of_row: float,
+    weight_of_row: float | Tensor,
     need: tuple[bool, bool, bool],
     cdt: torch.dtype,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Per-row nll over the ``valid`` rows and, where ``need``-ed, the gradients of
-    ``weight_of_row * sum(nll)`` w.r.t. hidden, weight and bias, ``chunk`` rows at a time."""
+    ``sum(weight_of_row * nll)`` w.r.t. hidden, weight and bias, ``chunk`` rows at a time
+    (``weight_of_row``: one number for all rows, or a float32 tensor with one per row)."""
     need_h, need_w, need_b = need
     need_grad = need_h or need_w or need_b
     vocab = weight.shape[0]
@@ -101,7 +102,10 @@ def _chunks(
                 continue
             p.div_(total)
             p.scatter_add_(1, y.unsqueeze(1), torch.full_like(z_y, -1.0).unsqueeze(1))
-            p.mul_(weight_of_row)
+            if isinstance(weight_of_row, Tensor):
+                p.mul_(weight_of_row.index_select(0, rows).unsqueeze(1))
+            else:
+                p.mul_(weight_of_row)
             if tanh is not None:
                 p.mul_(1.0 - tanh.square_())  # d softcap / du = 1 - tanh^2
                 del tanh
@@ -148,11 +152,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> Tensor:
         # needs_input_grad ignores the grad mode of the caller (forward itself runs without grad).
         need = tuple(grad_enabled and ctx.needs_input_grad[i] for i in range(3))
-        if any(need) and reduction == "none":
-            raise NotImplementedError(
-                "linear_cross_entropy: reduction='none' has no backward (the gradients are built in the "
-                "forward pass for a scalar loss); use 'sum' or 'mean' to train"
-            )
         valid = (targets != ignore_index).nonzero().squeeze(1)
         n_valid = valid.numel()
         # Gradients of the *mean* loss carry 1/n_valid (no valid token: zero gradients, a NaN loss).
@@ -163,9 +162,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         autocast = torch.is_autocast_enabled(device_type)
         cdt = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
         args = (valid, chunk, scale, softcap, weight_of_row, need, cdt)
-        nll, *grads = _chunks(hidden, weight, bias, targets, *args)
         if reduction == "none":
+            # Each row's weight in the gradient (grad_output) is known only in backward: the
+            # chunks' logits are recomputed there, once.
+            nll = _chunks(hidden, weight, bias, targets, *args[:4], 0.0, (False, False, False), cdt)[0]
+            ctx.grads = None
+            ctx.per_row = True
+            ctx.save_for_backward(hidden, weight, bias, targets)
+            ctx.args = args
             return nll
+        nll, *grads = _chunks(hidden, weight, bias, targets, *args)
+        ctx.per_row = False
         loss = nll.sum()
         if reduction == "mean":
             loss = loss / n_valid if n_valid else loss * float("nan")
@@ -178,6 +185,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        if ctx.per_row:  # reduction="none": grad_out holds each row's weight
+            hidden, weight, bias, targets = ctx.saved_tensors
+            valid, chunk, scale, softcap, _, need, cdt = ctx.args
+            args = (valid, chunk, scale, softcap, grad_out.to(torch.float32), need, cdt)
+            _, *grads = _chunks(hidden, weight, bias, targets, *args)
+            return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
         grads = ctx.grads
         if grads is None:  # gave its tensors away already, and the graph was kept after all
             hidden, weight, bias, targets = ctx.saved_tensors
@@ -226,8 +239,10 @@ def linear_cross_entropy(
         scale: multiplies the logits before the softcap (e.g. Granite's ``1 / logits_scaling``).
         softcap: ``c`` of a final ``c * tanh(z / c)`` (Gemma 2's ``final_logit_softcapping``).
         reduction: ``mean`` (over non-ignored targets; NaN when there are none, like
-            ``F.cross_entropy``), ``sum``, or ``none`` (per-row losses, 0 at ignored rows; no
-            gradient).
+            ``F.cross_entropy``), ``sum``, or ``none`` (per-row losses, 0 at ignored rows). With
+            ``mean`` and ``sum`` the gradients are built in the forward pass; with ``none`` each
+            row's weight (its ``grad_output``, e.g. a preference loss's) is known only in backward,
+            which recomputes the chunks' logits: three head products per chunk instead of two.
 
     fp16: the gradients are rounded to fp16 here, in forward, before a loss scale arrives as
     ``grad_output``: small ones flush to zero. Use bf16 or fp32 (``ChunkedLMLoss`` refuses fp16).
