@@ -222,3 +222,53 @@ def test_too_little_text_to_pack_one_sequence(tok, where, name):
 
 def test_stats_defaults():
     assert EncodeStats().summary() == "0 records -> 0 sequences, 0 tokens (0 trained)"
+
+
+# ------------------------------------------------------------------------------- preference pairs
+def _pref(records):
+    from leantune.data.formats import prepare_records
+
+    recs, fmt = prepare_records(records, [f"p.jsonl:{i + 1}" for i in range(len(records))])
+    assert fmt == "preference"
+    return recs, [f"p.jsonl:{i + 1}" for i in range(len(records))]
+
+
+def test_a_preference_pair_is_the_prompt_then_each_completion_trained_on_the_completion(llama3):
+    from leantune.data import encode_preference
+
+    recs, where = _pref([{"prompt": "sort 312", "chosen": "123", "rejected": "321"}])
+    (pair,), stats = encode_preference(recs, where, llama3, max_length=256)
+    for side, text in ((pair.chosen, "123"), (pair.rejected, "321")):
+        msgs = [{"role": "user", "content": "sort 312"}, {"role": "assistant", "content": text}]
+        assert side.input_ids == ids(llama3, llama3.apply_chat_template(msgs, tokenize=False), special=False)
+        assert llama3.decode([t for t in side.labels if t != IGNORE_INDEX]) == f"{text}<|eot_id|>"
+    prompt = chat_prompt_ids(llama3, [{"role": "user", "content": "sort 312"}])
+    assert pair.chosen.input_ids[: len(prompt)] == pair.rejected.input_ids[: len(prompt)] == prompt
+    assert stats.samples == 1 and stats.extra == {
+        "dropped_empty": 0, "dropped_identical": 0, "dropped_no_completion": 0, "dropped_overlong": 0
+    }  # fmt: skip
+
+
+def test_identical_and_truncated_away_pairs_are_counted_and_dropped(llama3):
+    from leantune.data import encode_preference
+
+    long_prompt = "x " * 200
+    recs, where = _pref(
+        [
+            {"prompt": "a", "chosen": "b", "rejected": "b"},  # identical
+            {"prompt": "a", "chosen": "", "rejected": "c"},  # empty
+            {"prompt": long_prompt, "chosen": "b", "rejected": "c"},  # no completion token left
+            {"prompt": "a", "chosen": "b", "rejected": "c"},
+        ]
+    )
+    pairs, stats = encode_preference(recs, where, llama3, max_length=64)
+    assert len(pairs) == 1 and stats.records == 4
+    assert stats.extra == {
+        "dropped_empty": 1, "dropped_identical": 1, "dropped_no_completion": 1, "dropped_overlong": 0
+    }  # fmt: skip
+    assert stats.truncated == 1  # the long prompt's chosen side, before it was found empty
+    message = r"p.jsonl: no usable preference pairs out of 3 \(1 empty, 1 identical, 1 no completion\)"
+    with pytest.raises(DataError, match=message):
+        encode_preference(recs[:3], where[:3], llama3, max_length=64)
+    pairs, stats = encode_preference(recs[2:], where[2:], llama3, max_length=64, overlong="drop")
+    assert len(pairs) == 1 and stats.extra["dropped_overlong"] == 1

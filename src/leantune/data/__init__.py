@@ -6,7 +6,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from leantune.data.encode import IGNORE_INDEX, EncodeStats, Sample, chat_prompt_ids, encode_records
+from leantune.data.encode import (
+    IGNORE_INDEX,
+    EncodeStats,
+    PreferencePair,
+    Sample,
+    chat_prompt_ids,
+    encode_preference,
+    encode_records,
+)
 from leantune.data.formats import FORMATS, KINDS, prepare_records
 from leantune.data.loader import BatchStream, collate, eval_batches
 from leantune.data.mixture import MixtureStream, expand_source
@@ -32,6 +40,8 @@ __all__ = [
     "collate",
     "chat_prompt_ids",
     "encode_records",
+    "encode_preference",
+    "PreferencePair",
     "eval_batches",
     "generate_examples",
     "task_weights",

@@ -17,7 +17,15 @@ from typing import Any
 from leantune.data.formats import KINDS
 from leantune.data.records import DataError
 
-__all__ = ["IGNORE_INDEX", "EncodeStats", "Sample", "chat_prompt_ids", "encode_records"]
+__all__ = [
+    "IGNORE_INDEX",
+    "EncodeStats",
+    "PreferencePair",
+    "Sample",
+    "chat_prompt_ids",
+    "encode_preference",
+    "encode_records",
+]
 
 
 def _starts_with_bos(tokenizer: Any, text: str) -> bool:
@@ -232,3 +240,78 @@ def encode_records(
     stats.tokens = sum(len(s.input_ids) for s in samples)
     stats.label_tokens = sum(sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in samples)
     return samples, stats
+
+
+@dataclass
+class PreferencePair:
+    """One prompt with its chosen and rejected completions, each a full sequence whose labels
+    cover the completion only (the prompt masked), as a preference objective reads them."""
+
+    chosen: Sample
+    rejected: Sample
+
+
+def encode_preference(
+    records: list[dict[str, Any]],
+    where: list[str],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    overlong: str = "truncate",
+) -> tuple[list[PreferencePair], EncodeStats]:
+    """Tokenize canonical ``preference`` records (``prompt``, ``chosen``, ``rejected`` as messages:
+    :func:`leantune.data.formats.prepare_records`) through the tokenizer's chat template: each side
+    is the prompt followed by its completion, with the loss on the completion's assistant turns.
+
+    Dropped and counted in the statistics (``extra``): pairs with an empty chosen or rejected
+    completion (``empty``), pairs whose chosen and rejected completions are the same tokens
+    (``identical``: no preference to learn), and pairs where
+    either side keeps no completion token after ``max_length`` (``no_completion``) or is longer
+    than it with ``overlong="drop"``.
+
+    Raises:
+        DataError: no pair is left, naming the causes.
+    """
+    enc = _Encoder(tokenizer, max_length, overlong)
+    stats = EncodeStats(records=len(records))
+    counts = {"empty": 0, "identical": 0, "no_completion": 0, "overlong": 0}
+    pairs: list[PreferencePair] = []
+
+    def empty(messages: list[dict[str, Any]]) -> bool:
+        replies = [m for m in messages if m["role"] == "assistant"]
+        return all(not m.get("content") and not m.get("tool_calls") for m in replies)
+
+    for rec, loc in zip(records, where):
+        if empty(rec["chosen"]) or empty(rec["rejected"]):
+            counts["empty"] += 1
+            continue
+        sides = []
+        for name in ("chosen", "rejected"):
+            ids, labels = enc.chat(rec["prompt"] + rec[name], f"{loc} ({name})")
+            before = (stats.dropped_overlong, stats.dropped_no_labels)
+            out = enc.finish(ids, labels, stats)
+            if out is None:
+                counts["overlong" if stats.dropped_overlong > before[0] else "no_completion"] += 1
+                break
+            sides.append(Sample(out[0], out[1], task=rec.get("task")))
+        if len(sides) < 2:
+            continue
+        if sides[0].input_ids == sides[1].input_ids:
+            counts["identical"] += 1
+            continue
+        pairs.append(PreferencePair(*sides))
+    # the per-side counters of finish() are reported per pair in ``extra`` instead
+    stats.dropped_overlong = stats.dropped_no_labels = 0
+    stats.extra.update({f"dropped_{k}": v for k, v in counts.items()})
+    if not pairs:
+        causes = [f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v]
+        source = where[0].rsplit(":", 1)[0] if where else "data"
+        raise DataError(
+            f"{source}: no usable preference pairs out of {len(records)} "
+            f"({', '.join(causes) or 'no records'}); raise data.max_length or check the data"
+        )
+    stats.samples = len(pairs)
+    sides_all = [s for p in pairs for s in (p.chosen, p.rejected)]
+    stats.tokens = sum(len(s.input_ids) for s in sides_all)
+    stats.label_tokens = sum(sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in sides_all)
+    return pairs, stats
