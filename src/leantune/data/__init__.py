@@ -16,7 +16,7 @@ from leantune.data.encode import (
     encode_records,
 )
 from leantune.data.formats import FORMATS, KINDS, prepare_records
-from leantune.data.loader import BatchStream, collate, eval_batches
+from leantune.data.loader import BatchStream, collate, collate_pairs, eval_batches
 from leantune.data.mixture import MixtureStream, expand_source
 from leantune.data.packing import PackStats, pack_samples
 from leantune.data.records import DataError, load_records
@@ -38,6 +38,7 @@ __all__ = [
     "build_byte_tokenizer",
     "build_datasets",
     "collate",
+    "collate_pairs",
     "chat_prompt_ids",
     "encode_records",
     "encode_preference",

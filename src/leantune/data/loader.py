@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from leantune.data.encode import IGNORE_INDEX, Sample
+from leantune.data.encode import IGNORE_INDEX, PreferencePair, Sample
 from leantune.data.records import DataError
 
-__all__ = ["BatchStream", "collate", "eval_batches"]
+__all__ = ["BatchStream", "collate", "collate_pairs", "eval_batches"]
 
 
 def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
@@ -43,6 +43,14 @@ def collate(samples: Sequence[Sample], pad_id: int) -> dict[str, torch.Tensor]:
     if positions is not None:
         out["position_ids"] = positions
     return out
+
+
+def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Preference pairs as one batch for one forward: the ``B`` chosen sequences in rows ``0..B-1``,
+    the rejected ones in rows ``B..2B-1`` (:func:`collate`)."""
+    if not pairs:
+        raise ValueError("collate_pairs needs at least one pair")
+    return collate([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id)
 
 
 class BatchStream:
