@@ -738,8 +738,8 @@ def _fused_scratch(base: str, kind: _OptimModel | None, shape: tuple[int, ...], 
 
     From leantune.optim: ``GradientView.chunk`` returns the gradient itself when it is fp32 and
     untransformed, else an fp32 copy of the chunk; ``WriteBack`` updates low-precision weights
-    through an fp32 copy of the chunk; AdaLomo writes ``g^2`` and ``g * b`` into its persistent
-    workspaces (counted as optimizer state), and keeps a single-chunk tensor's gradient copy until
+    through an fp32 copy of the chunk; AdaLomo writes ``g^2`` and then ``g * b`` into its persistent
+    workspace (counted as optimizer state), and keeps a single-chunk tensor's gradient copy until
     the write-back; ``InBackward`` materialises the whole effective gradient in fp32
     (``GradientView.full``), casts it to the weight dtype and steps the inner optimizer on it.
     """
@@ -827,9 +827,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         state = sum(_state_bytes(kind, shp, w) for _, shp in shape.tensors()) * shard
         notes["optimizer_state"] = kind.note
         if base == "adalomo":
-            # Two fp32 workspaces of the largest update chunk, kept by the optimizer between updates.
-            state += 2 * 4 * max(_chunk(shp) for _, shp in shape.tensors() if len(shp) >= 2)
-            notes["optimizer_state"] += " + 2 chunk workspaces"
+            # An fp32 workspace of the largest update chunk, kept by the optimizer between updates.
+            state += 4 * max(_chunk(shp) for _, shp in shape.tensors() if len(shp) >= 2)
+            notes["optimizer_state"] += " + a chunk workspace"
 
     # Gradients (in the parameter dtype). Accumulation: fused optimizers keep an fp32 buffer per
     # parameter, ordinary ones keep .grad between micro-batches. DDP buckets hold a copy of them.

@@ -295,7 +295,7 @@ def _ledger(shape: ModelShape, st: TrainSetup) -> tuple[dict[str, int], dict[str
         b = 4 if name == "adalomo" else w
         state = sum((t[0] + t[1]) * b if len(t) == 2 else t[0] * b for t in every) * part
         if name == "adalomo":
-            state += 2 * 4 * max(chunk(t) for t in every if len(t) == 2)
+            state += 4 * max(chunk(t) for t in every if len(t) == 2)  # one workspace
 
     grads = params * w * part
     acc = 0.0
@@ -456,7 +456,7 @@ def test_notes_say_where_each_term_comes_from():
 
     n = notes(optimizer="adalomo", dtype="bf16", seq_len=2048)
     assert n["weights"] == f"{count_text(shape.parameters)} params x 2 B"
-    assert n["optimizer_state"] == "row + column fp32 statistics + 2 chunk workspaces"
+    assert n["optimizer_state"] == "row + column fp32 statistics + a chunk workspace"
     assert n["gradients"] == "one tensor at a time"
     layer = 2048 * activation_bytes_per_token(shape, "bf16")["layer"]
     assert n["activations"] == f"3 layers x {format_bytes(layer)}"

@@ -41,7 +41,7 @@ def adalomo_update(
     chunk_elements: int,
     shard_sum: Callable[[Tensor], Tensor] = _identity,
     global_shape: torch.Size | None = None,
-    workspace: Callable[[int, torch.device], tuple[Tensor, Tensor]] | None = None,
+    workspace: Callable[[int, torch.device], Tensor] | None = None,
 ) -> None:
     """Apply one AdaLomo step to ``param`` in place and update ``state``.
 
@@ -55,9 +55,10 @@ def adalomo_update(
     Cost: the normalised update ``u`` is never materialised. With ``a_i`` the row factors and
     ``b_j`` the column factors, ``sum(u^2) = sum_i a_i^2 sum_j g_ij^2 b_j^2`` is a matrix-vector
     product on the squared gradient already computed for the statistics, and the update is one
-    ``addcmul`` of ``g * b`` with ``step * a``. ``workspace(n, device)`` may supply two reusable
-    fp32 buffers of at least ``n`` elements for those temporaries (fresh allocations of tens of MB
-    cost page faults on every update); otherwise each chunk allocates its own.
+    ``addcmul`` of ``g * b`` with ``step * a``. ``workspace(n, device)`` may supply a reusable
+    fp32 buffer of at least ``n`` elements for those temporaries, the squares and then the scaled
+    gradient (fresh allocations of tens of MB cost page faults on every update); otherwise each
+    chunk allocates its own.
     """
     shape = global_shape if global_shape is not None else param.shape
     state["step"] = state.get("step", 0) + 1
@@ -119,10 +120,9 @@ def _matrix_update(
     chunks = list(grad.chunks(chunk_elements))
     single = len(chunks) == 1
     largest = max(sl.stop - sl.start for sl in chunks) * rows.shape[1] if chunks else 0
-    if workspace is not None and largest:
-        buf_sq, buf_scaled = workspace(largest, device)
-    else:
-        buf_sq = buf_scaled = None
+    # One workspace serves both: the squares (passes 1-2) are dead before the scaled gradient
+    # (pass 3) is written.
+    buf_sq = buf_scaled = workspace(largest, device) if workspace is not None and largest else None
 
     def square(sl: slice, g: Tensor | None = None) -> Tensor:
         g = grad.chunk(sl) if g is None else g
@@ -278,7 +278,7 @@ class AdaLomo(FusedOptimizer):
             "decay_rate": decay_rate,
             "clip_threshold": clip_threshold,
         }
-        self._buffers: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        self._buffers: dict[torch.device, Tensor] = {}
         super().__init__(
             params,
             defaults,
@@ -311,16 +311,13 @@ class AdaLomo(FusedOptimizer):
             workspace=self._workspace,
         )
 
-    def _workspace(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        # Two fp32 buffers per device, grown to the largest chunk seen and reused by every update.
-        bufs = self._buffers.get(device)
-        if bufs is None or bufs[0].numel() < n:
-            bufs = (
-                torch.empty(n, dtype=torch.float32, device=device),
-                torch.empty(n, dtype=torch.float32, device=device),
-            )
-            self._buffers[device] = bufs
-        return bufs
+    def _workspace(self, n: int, device: torch.device) -> Tensor:
+        # One fp32 buffer per device, grown to the largest chunk seen and reused by every update.
+        buf = self._buffers.get(device)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.float32, device=device)
+            self._buffers[device] = buf
+        return buf
 
     def _init_param_state(self, target: UpdateTarget, state: dict[str, Any]) -> None:
         local = as_rows(target.tensor)
