@@ -8,6 +8,7 @@ directory first on ``sys.path``; the tests add it through pytest's ``pythonpath`
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import difflib
 import hashlib
@@ -240,14 +241,18 @@ def render_table(headers: list[str], rows: list[list[str]], align: str | None = 
 
 
 def add_run_options(
-    ap: Any, names: list[str], *, steps: int, warmup: int, timeout: float, preset: str = "0.37b"
+    ap: argparse.ArgumentParser,
+    names: list[str],
+    *,
+    steps: int,
+    warmup: int,
+    timeout: float,
+    preset: str = "0.37b",
 ) -> None:
     """The options every step benchmark takes: the model shape (``--preset --seq --batch``), the
     steps (``--steps --warmup``), the rounds (``--repeats``), ``--threads``, ``--timeout``,
     ``--only`` (a subset of ``names``) and the hidden ``--worker JSON`` of :func:`run_matrix`'s
     workers. Check them with :func:`check_run_options`."""
-    import argparse
-
     ap.add_argument("--preset", default=preset, help=f"leantune.models preset (default: {preset})")
     ap.add_argument("--seq", type=int, default=512, help="sequence length (default: 512)")
     ap.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")

@@ -407,9 +407,10 @@ def gpu_info() -> dict[str, Any] | None:
 def packages() -> dict[str, str | None]:
     from importlib.metadata import PackageNotFoundError, version
 
-    names = ("torch", "transformers", "peft", "lomo-optim", "pytorch_optimizer", "datasets", "torchao")
+    names = ("torch", "transformers", "peft", "lomo-optim", "pytorch_optimizer", "datasets", "torchao",
+             "galore-torch", "apollo-torch", "adam-mini", "badam", "bitsandbytes")  # fmt: skip
     out: dict[str, str | None] = {}
-    for n in names + ("galore-torch", "apollo-torch", "adam-mini", "badam", "bitsandbytes"):
+    for n in names:
         try:
             out[n] = version(n)
         except PackageNotFoundError:

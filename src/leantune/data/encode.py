@@ -156,6 +156,17 @@ class _Encoder:
         return ids, labels
 
 
+def _source(where: list[str]) -> str:
+    """The file the records came from, for an error about all of them (``where``: ``file:line``)."""
+    return where[0].rsplit(":", 1)[0] if where else "data"
+
+
+def _count_tokens(stats: EncodeStats, samples: list[Sample]) -> None:
+    stats.tokens = sum(len(s.input_ids) for s in samples)
+    # labels are shifted inside the model: position 0 is never a target
+    stats.label_tokens = sum(sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in samples)
+
+
 def encode_records(
     records: list[dict[str, Any]],
     where: list[str],
@@ -231,14 +242,13 @@ def encode_records(
             causes.append(f"{stats.dropped_no_labels} had every label masked (prompt fills max_length?)")
         if stats.dropped_overlong:
             causes.append(f"{stats.dropped_overlong} were longer than data.max_length={max_length}")
-        source = where[0].rsplit(":", 1)[0] if where else "data"
+        source = _source(where)
         raise DataError(
             f"{source}: no usable samples out of {len(records)}: {'; '.join(causes) or 'no records'}. "
             "Raise data.max_length, use data.overlong=truncate, or check the data."
         )
     stats.samples = len(samples)
-    stats.tokens = sum(len(s.input_ids) for s in samples)
-    stats.label_tokens = sum(sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in samples)
+    _count_tokens(stats, samples)
     return samples, stats
 
 
@@ -288,10 +298,10 @@ def encode_preference(
         sides = []
         for name in ("chosen", "rejected"):
             ids, labels = enc.chat(rec["prompt"] + rec[name], f"{loc} ({name})")
-            before = (stats.dropped_overlong, stats.dropped_no_labels)
+            overlong_before = stats.dropped_overlong
             out = enc.finish(ids, labels, stats)
             if out is None:
-                counts["overlong" if stats.dropped_overlong > before[0] else "no_completion"] += 1
+                counts["overlong" if stats.dropped_overlong > overlong_before else "no_completion"] += 1
                 break
             sides.append(Sample(out[0], out[1], task=rec.get("task")))
         if len(sides) < 2:
@@ -305,13 +315,10 @@ def encode_preference(
     stats.extra.update({f"dropped_{k}": v for k, v in counts.items()})
     if not pairs:
         causes = [f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if v]
-        source = where[0].rsplit(":", 1)[0] if where else "data"
         raise DataError(
-            f"{source}: no usable preference pairs out of {len(records)} "
+            f"{_source(where)}: no usable preference pairs out of {len(records)} "
             f"({', '.join(causes) or 'no records'}); raise data.max_length or check the data"
         )
     stats.samples = len(pairs)
-    sides_all = [s for p in pairs for s in (p.chosen, p.rejected)]
-    stats.tokens = sum(len(s.input_ids) for s in sides_all)
-    stats.label_tokens = sum(sum(1 for x in s.labels[1:] if x != IGNORE_INDEX) for s in sides_all)
+    _count_tokens(stats, [s for p in pairs for s in (p.chosen, p.rejected)])
     return pairs, stats

@@ -161,18 +161,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         device_type = hidden.device.type
         autocast = torch.is_autocast_enabled(device_type)
         cdt = torch.get_autocast_dtype(device_type) if autocast else weight.dtype
-        args = (valid, chunk, scale, softcap, weight_of_row, need, cdt)
-        if reduction == "none":
+        ctx.per_row = reduction == "none"
+        if ctx.per_row:
             # Each row's weight in the gradient (grad_output) is known only in backward: the
             # chunks' logits are recomputed there, once.
-            nll = _chunks(hidden, weight, bias, targets, *args[:4], 0.0, (False, False, False), cdt)[0]
-            ctx.grads = None
-            ctx.per_row = True
             ctx.save_for_backward(hidden, weight, bias, targets)
-            ctx.args = args
-            return nll
+            ctx.rows, ctx.need, ctx.cdt = (valid, chunk, scale, softcap), need, cdt
+            return _chunks(hidden, weight, bias, targets, *ctx.rows, 1.0, (False, False, False), cdt)[0]
+        args = (valid, chunk, scale, softcap, weight_of_row, need, cdt)
         nll, *grads = _chunks(hidden, weight, bias, targets, *args)
-        ctx.per_row = False
         loss = nll.sum()
         if reduction == "mean":
             loss = loss / n_valid if n_valid else loss * float("nan")
@@ -187,9 +184,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         if ctx.per_row:  # reduction="none": grad_out holds each row's weight
             hidden, weight, bias, targets = ctx.saved_tensors
-            valid, chunk, scale, softcap, _, need, cdt = ctx.args
-            args = (valid, chunk, scale, softcap, grad_out.to(torch.float32), need, cdt)
-            _, *grads = _chunks(hidden, weight, bias, targets, *args)
+            row_weights = grad_out.to(torch.float32)
+            _, *grads = _chunks(hidden, weight, bias, targets, *ctx.rows, row_weights, ctx.need, ctx.cdt)
             return grads[0], grads[1], grads[2], None, None, None, None, None, None, None
         grads = ctx.grads
         if grads is None:  # gave its tensors away already, and the graph was kept after all
