@@ -91,6 +91,7 @@ def test_orpo_is_the_chosen_nll_plus_the_odds_ratio_term():
     [
         ({"kind": "kto"}, "unknown preference loss 'kto': choose from dpo, ipo, simpo, orpo"),
         ({"beta": 0.0}, r"beta must be a number in \(0.0, inf\)"),
+        ({"beta": "0.1"}, r"beta must be a number in \(0.0, inf\), got '0.1'"),
         ({"label_smoothing": 0.5}, r"label_smoothing must be a number in \[0.0, 0.5\)"),
         ({"ref": False}, "dpo needs the reference's log-probs"),
         ({"kind": "simpo"}, "simpo averages over the completion: give chosen_tokens"),

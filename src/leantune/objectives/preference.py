@@ -67,8 +67,8 @@ class PreferenceOutput:
 
 
 def _check(name: str, value: float, low: float, high: float = math.inf, *, closed_low: bool = False) -> None:
-    ok = (low <= value if closed_low else low < value) and value < high
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not ((low <= value if closed_low else low < value) and value < high):
         bound = f"[{low}, {high})" if closed_low else f"({low}, {high})"
         raise ValueError(f"{name} must be a number in {bound}, got {value!r}")
 
