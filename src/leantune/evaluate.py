@@ -88,12 +88,41 @@ def generate_texts(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    kv: Any = None,
 ) -> list[str]:
-    """Continue each prompt (token ids) and return the decoded continuations, cut at eos."""
+    """Continue each prompt (token ids) and return the decoded continuations, cut at eos.
+
+    ``kv``: a :class:`leantune.kvcache.KVPolicy`; any policy but ``full`` generates the prompts one
+    at a time (no padding), under that KV-cache policy.
+    """
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     outs: list[str] = []
+    if kv is not None and kv.policy != "full":
+        from leantune.kvcache.generation import kv_generate
+
+        kwargs: dict[str, Any] = {"do_sample": do_sample}
+        if do_sample:
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+        try:
+            for p in prompts:
+                gen = kv_generate(
+                    model,
+                    torch.tensor([p], device=device),
+                    kv,
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=pad,
+                    eos_token_id=tokenizer.eos_token_id,
+                    **kwargs,
+                )
+                row = gen[0, len(p) :].tolist()
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id)]
+                outs.append(tokenizer.decode(row, skip_special_tokens=True))
+        finally:
+            model.train(was_training)
+        return outs
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
         width = max(len(p) for p in chunk)

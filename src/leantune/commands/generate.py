@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from leantune.commands.kv_options import add_kv_options, kv_policy_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -25,6 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     p.add_argument("--device", default="auto")
+    add_kv_options(p)
     p.set_defaults(func=run)
 
 
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print("leantune generate: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
     try:
+        kv = kv_policy_from_args(args)  # bad --kv-* options fail before the model loads
         device = resolve_device(args.device)
         loaded = load_for_inference(args.checkpoint, device=device)
     except (FileNotFoundError, OSError, ValueError) as err:
@@ -56,17 +60,22 @@ def run(args: argparse.Namespace) -> int:
             ids = tok(text)["input_ids"]
         prompts.append(list(ids))
     torch.manual_seed(args.seed)
-    outs = generate_texts(
-        loaded.model,
-        tok,
-        prompts,
-        device=device,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-    )
+    try:
+        outs = generate_texts(
+            loaded.model,
+            tok,
+            prompts,
+            device=device,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            kv=kv,
+        )
+    except ValueError as err:  # e.g. a fractional --kv-budget below sink + recent for this prompt
+        print(f"leantune generate: {err}", file=sys.stderr)
+        return 2
     for text, out in zip(args.prompt, outs):
         if len(args.prompt) > 1:
             print(f"### {text!r}")

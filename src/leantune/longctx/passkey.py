@@ -282,9 +282,13 @@ def _check_positive_int(name: str, value: Any) -> int:
 
 @torch.no_grad()
 def _greedy_continue(
-    model: torch.nn.Module, ids: list[int], max_new_tokens: int, eos_id: int | None
+    model: torch.nn.Module, ids: list[int], max_new_tokens: int, eos_id: int | None, kv: Any = None
 ) -> list[int]:
-    """Greedy decoding with a KV cache; stops at eos."""
+    """Greedy decoding with a KV cache (under ``kv``, a KV-cache policy, when given); stops at eos."""
+    if kv is not None and kv.policy != "full":
+        from leantune.kvcache.generation import greedy_continue
+
+        return greedy_continue(model, ids, max_new_tokens, eos_id, kv)
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
     # Long prompts: only the last position's logits are needed, and (L, vocab) floats can be GBs.
@@ -314,6 +318,7 @@ def evaluate_passkey(
     digits: int = 5,
     add_bos: bool = False,
     header: str | None = HEADER,
+    kv: Any = None,
 ) -> PasskeyGrid:
     """Passkey retrieval accuracy of a causal LM for every (length, depth), greedy decoding.
 
@@ -332,6 +337,7 @@ def evaluate_passkey(
         digits: pass key length in digits.
         add_bos: start prompts with the bos token (LLaMA-family models expect it).
         header: task instruction before the filler (see :func:`make_passkey_sample`).
+        kv: a :class:`leantune.kvcache.KVPolicy` to decode under (default: the full cache).
 
     Returns:
         A :class:`PasskeyGrid` with per-sample records.
@@ -359,7 +365,7 @@ def evaluate_passkey(
                     sample = make_passkey_sample(
                         tokenizer, length, depth, rng, digits=digits, add_bos=add_bos, header=header
                     )
-                    new = _greedy_continue(model, sample.prompt_ids, max_new, tokenizer.eos_token_id)
+                    new = _greedy_continue(model, sample.prompt_ids, max_new, tokenizer.eos_token_id, kv)
                     text = tokenizer.decode(new, skip_special_tokens=True)
                     ok = score_answer(text, sample.answer)
                     correct[i][j] += ok
