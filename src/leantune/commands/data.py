@@ -1,4 +1,5 @@
-"""``leantune data inspect``: what a run would make of data files, without training."""
+"""``leantune data inspect``: what a run would make of data files, without training; ``score``,
+``classify`` and ``mix`` (long-text quality) come from :mod:`leantune.commands.data_quality`."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ MARK_OPEN, MARK_CLOSE = "\u27e6", "\u27e7"  # around the tokens the loss is comp
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "data",
-        help="inspect data files: format, counts, lengths, loss mask",
-        description="Inspect data files the way a run would read them.",
+        help="inspect data files (format, counts, lengths, loss mask); score, classify and mix long texts",
+        description="Inspect data files the way a run would read them; score, classify and mix long "
+        "documents by their quality (LongWanjuan: docs/data-quality.md).",
     )
     inner = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     q = inner.add_parser(
@@ -31,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--set", nargs="*", default=[], metavar="key=value", help="config overrides")
     q.add_argument("--examples", type=int, default=3, help="rendered examples per file (default 3)")
     q.set_defaults(func=run)
+    from leantune.commands import data_quality
+
+    data_quality.register(inner)
 
 
 def histogram(lengths: list[int], limit: int, bins: int = 8, width: int = 40) -> list[str]:
