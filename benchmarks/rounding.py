@@ -290,7 +290,7 @@ def _measured_trainer(measure_every: int):
                         "lr": self.optimizer.param_groups[0]["lr"],
                         "changed": changed / total,
                         "below_bf16_half_ulp": dropped / total,
-                        "skipped": bool(out["skipped"]),
+                        "skipped": bool(out.skipped),
                     }
                 )
             return out

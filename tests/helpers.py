@@ -45,3 +45,16 @@ def loss_of(model, b) -> torch.Tensor:
     """The model's loss on batch ``b``, moved to the model's device (batches are made on the CPU)."""
     device = next(model.parameters()).device
     return model(**{k: v.to(device) for k, v in b.items()}).loss
+
+
+def stop_at(step: int):
+    """A trainer hook that asks the run to stop (as SIGTERM would) at the end of ``step``: the
+    trainer saves a checkpoint there and returns an interrupted summary."""
+    from leantune.trainer import TrainerHook
+
+    class StopAt(TrainerHook):
+        def on_step_end(self, trainer, done, result):
+            if done == step:
+                trainer.request_stop()
+
+    return StopAt()

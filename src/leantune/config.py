@@ -206,6 +206,10 @@ class TrainConfig:
     hft_redraw: str = "stage"
     """When HFT draws a new mask: stage (once per run; a run from `model.path` of an HFT run is the
     next stage) or epoch (also at each new epoch). A resumed run keeps its saved mask."""
+    objective: str = "sft"
+    """What is optimised: sft (next-token prediction on the labelled tokens), or a preference loss
+    on prompt/chosen/rejected data (`data.format=preference`): dpo, ipo, simpo or orpo (settings in
+    the `dpo:` section)."""
 
 
 @dataclass
@@ -271,6 +275,23 @@ class PeftConfig:
 
 
 @dataclass
+class DpoConfig:
+    beta: float = 0.1
+    """DPO/IPO: the KL coefficient; SimPO: the reward scale (the papers' defaults: DPO 0.1, SimPO 2.0)."""
+    label_smoothing: float = 0.0
+    """DPO/SimPO: probability that a preference label is flipped (conservative DPO), in [0, 0.5)."""
+    gamma: float = 0.5
+    """SimPO: the target reward margin."""
+    orpo_lambda: float = 0.1
+    """ORPO: weight of the odds-ratio term beside the chosen completion's NLL."""
+    reference: str = "auto"
+    """Where DPO/IPO's reference log-probs come from: precompute (one pass over the data before
+    training, stored in the run directory; no reference weights resident), live (a frozen copy of
+    the model: twice the weights, for comparison), adapter (peft runs: the base model with the
+    adapter disabled, no copy) or auto (adapter for peft runs, else precompute)."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -280,6 +301,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -451,6 +473,7 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._validate_objective()
         if self.optim.loss_scale is not None and self.optim.loss_scale != "dynamic":
             try:
                 if not float(self.optim.loss_scale) > 0:
@@ -480,6 +503,46 @@ class Config:
         self._validate_combinations(is_fused(self.optim.name))
         self._validate_devices()
         return self
+
+    def _validate_objective(self) -> None:
+        """``train.objective`` and the ``dpo:`` settings, against the data and the model setup."""
+        objectives = ("sft", "dpo", "ipo", "simpo", "orpo")
+        name, d = self.train.objective, self.dpo
+        if name not in objectives:
+            raise ConfigError(f"train.objective must be one of {', '.join(objectives)}, got {name!r}"
+                              f"{_suggest(name, list(objectives))}")  # fmt: skip
+        references = ("auto", "precompute", "live", "adapter")
+        if d.reference not in references:
+            raise ConfigError(f"dpo.reference must be one of {', '.join(references)}, got {d.reference!r}"
+                              f"{_suggest(d.reference, list(references))}")  # fmt: skip
+        if name == "sft":
+            if self.data.format == "preference":
+                raise ConfigError(
+                    "data.format=preference holds prompt/chosen/rejected pairs, which train.objective=sft "
+                    "does not read: set train.objective=dpo (or ipo, simpo, orpo)"
+                )
+            return
+        if not d.beta > 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {d.beta}")
+        if not 0 <= d.label_smoothing < 0.5:
+            raise ConfigError(f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
+        if not d.orpo_lambda >= 0:
+            raise ConfigError(f"dpo.orpo_lambda must be >= 0, got {d.orpo_lambda}")
+        if self.data.train == "builtin" or self.data.format not in ("auto", "preference"):
+            raise ConfigError(
+                f"train.objective={name} trains on preference pairs: set data.train to a file of "
+                "prompt/chosen/rejected records (data.format=preference or auto)"
+            )
+        if isinstance(self.data.train, list) or self.data.streaming or self.data.pack or self.data.cache_dir:
+            raise ConfigError(
+                f"train.objective={name} reads one preference file, held in memory, unpacked and "
+                "uncached: data.train a single file, data.streaming, data.pack and data.cache_dir unset"
+            )
+        if d.reference == "adapter" and self.peft.method == "none":
+            raise ConfigError(
+                "dpo.reference=adapter needs a peft run (peft.method=lora, ...): the reference is "
+                "the base model with the adapter disabled; use precompute or live"
+            )
 
     def _validate_devices(self) -> None:
         """The device settings against this machine: refused here, before anything starts (also

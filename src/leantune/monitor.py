@@ -139,6 +139,11 @@ class Monitor:
         else:
             print(text)
 
+    def show(self, renderable: Any) -> None:
+        """Print a rich renderable (e.g. a table) on the run's console."""
+        if self.enabled and self._console is not None:
+            self._console.print(renderable)
+
     def record(self, kind: str, step: int, values: dict[str, Any]) -> None:
         """Append a record to metrics.jsonl and TensorBoard."""
         if not self.enabled:
@@ -172,7 +177,12 @@ class Monitor:
 
     def log_eval(self, step: int, values: dict[str, Any]) -> None:
         self.record("eval", step, values)
-        parts = [f"eval loss {values['eval_loss']:.4f}", f"ppl {values['eval_ppl']:.3f}"]
+        parts = [f"eval loss {values['eval_loss']:.4f}"]
+        if "eval_ppl" in values:
+            parts.append(f"ppl {values['eval_ppl']:.3f}")
+        if "eval_reward_accuracy" in values:
+            parts.append(f"reward accuracy {values['eval_reward_accuracy']:.1%}")
+            parts.append(f"margin {values['eval_rewards/margins']:.3f}")
         parts += [f"{k[4:]} {v:.1%}" for k, v in values.items() if k.startswith("acc/")]
         self.print(f"step {step}: " + " | ".join(parts))
 

@@ -33,17 +33,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.legend()
     ax.grid(alpha=0.3)
     ax = axes[0][1]
-    acc_keys = sorted({k for r in evals for k in r if k.startswith("acc/")})
-    for key in acc_keys:
-        pts = [(r["step"], r[key]) for r in evals if key in r]
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=key[4:])
-    if not acc_keys and evals:
-        ax.plot([r["step"] for r in evals], [r["eval_ppl"] for r in evals], "o-", label="perplexity")
-    ax.set_title("exact-match accuracy (%)" if acc_keys else "eval perplexity")
-    ax.set_xlabel("step")
-    if acc_keys or evals:
-        ax.legend()
-    ax.grid(alpha=0.3)
+    if any("rewards/accuracy" in r for r in train):
+        _plot_preference(ax, train, evals)
+    else:
+        _plot_accuracy(ax, evals)
     ax = axes[1][0]
     if train:
         ax.plot([r["step"] for r in train], [r["lr"] for r in train])
@@ -62,3 +55,43 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def _plot_accuracy(ax, evals: list[dict]) -> None:
+    """Exact-match accuracy per task, or the perplexity where there is none."""
+    acc_keys = sorted({k for r in evals for k in r if k.startswith("acc/")})
+    for key in acc_keys:
+        pts = [(r["step"], r[key]) for r in evals if key in r]
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=key[4:])
+    ppl = [r for r in evals if "eval_ppl" in r]
+    if not acc_keys and ppl:
+        ax.plot([r["step"] for r in ppl], [r["eval_ppl"] for r in ppl], "o-", label="perplexity")
+    ax.set_title("exact-match accuracy (%)" if acc_keys else "eval perplexity")
+    ax.set_xlabel("step")
+    if acc_keys or ppl:
+        ax.legend()
+    ax.grid(alpha=0.3)
+
+
+def _plot_preference(ax, train: list[dict], evals: list[dict]) -> None:
+    """A preference run: the implicit-reward accuracy (left axis) and margin (right axis)."""
+    rows = [r for r in train if "rewards/accuracy" in r]
+    ax.plot(
+        [r["step"] for r in rows], [100 * r["rewards/accuracy"] for r in rows], lw=1, label="train accuracy"
+    )
+    ev = [r for r in evals if "eval_reward_accuracy" in r]
+    if ev:
+        ax.plot(
+            [r["step"] for r in ev],
+            [100 * r["eval_reward_accuracy"] for r in ev],
+            "o-",
+            label="eval accuracy",
+        )
+    ax.set_ylabel("implicit-reward accuracy (%)")
+    ax.set_title("preference: reward accuracy and margin")
+    ax.set_xlabel("step")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot([r["step"] for r in rows], [r["rewards/margins"] for r in rows], color="gray", lw=1, ls="--")
+    twin.set_ylabel("train reward margin (dashed)")

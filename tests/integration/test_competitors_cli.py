@@ -9,7 +9,8 @@ import torch
 from leantune.cli import main
 from leantune.config import ConfigError, load_config
 from leantune.trainer import Trainer
-from tests.integration.test_train_cli import TINY, StopAt, read_log, weights
+from tests.helpers import stop_at
+from tests.integration.test_train_cli import TINY, read_log, weights
 
 COMMON = [
     *TINY,
@@ -27,8 +28,7 @@ COMMON = [
 def test_an_exact_competitor_resumes_bitwise(tmp_path, name):
     common = [*COMMON, f"train.output_dir={tmp_path}", f"optim.name={name}"]
     full = Trainer(load_config(None, [*common, "train.run_name=full"])).run()
-    StopAt.stop_at = 4
-    part = StopAt(load_config(None, [*common, "train.run_name=part"])).run()
+    part = Trainer(load_config(None, [*common, "train.run_name=part"]), hooks=[stop_at(4)]).run()
     assert part.interrupted and part.steps == 4
     summary = Trainer(load_config(None, [*common, "train.run_name=part", "train.resume=auto"])).run()
     assert summary.steps == 8 and summary.metrics["steps_this_run"] == 4
@@ -41,8 +41,7 @@ def test_an_exact_competitor_resumes_bitwise(tmp_path, name):
 
 def test_galore_resumption_is_refused_with_the_way_out(tmp_path):
     common = [*COMMON, f"train.output_dir={tmp_path}", "optim.name=galore", "optim.kwargs={rank: 4}"]
-    StopAt.stop_at = 2
-    assert StopAt(load_config(None, [*common, "train.run_name=r"])).run().interrupted
+    assert Trainer(load_config(None, [*common, "train.run_name=r"]), hooks=[stop_at(2)]).run().interrupted
     with pytest.raises(
         ConfigError, match=r"optim\.name=galore: GaLore keeps its projectors.*Start a new run"
     ):

@@ -7,6 +7,7 @@ import json
 
 from leantune.cli import main
 from tests.families import save_family
+from tests.helpers import stop_at
 
 TINY = [
     "model.preset=test",
@@ -68,20 +69,12 @@ def test_a_family_that_sees_across_packed_samples_trains_unpacked(tmp_path, caps
 
 
 def test_a_weighted_mixture_resumes_mid_run_bitwise_and_reports_what_it_drew(tmp_path, capsys):
-    import signal
 
     import torch
     from safetensors.torch import load_file
 
     from leantune.config import load_config
     from leantune.trainer import Trainer
-
-    class StopAt(Trainer):
-        def train_step(self):
-            out = super().train_step()
-            if self.step + 1 == 4:
-                self._stop_signal = signal.SIGTERM
-            return out
 
     a = write(
         tmp_path / "a.jsonl", [{"prompt": f"reverse {w}\n", "response": w[::-1]} for w in ("abc", "xyz") * 20]
@@ -96,7 +89,7 @@ def test_a_weighted_mixture_resumes_mid_run_bitwise_and_reports_what_it_drew(tmp
     out = capsys.readouterr().out
     assert f"data: mixing {a}: 38 samples, weight 0.25, {b}: 58 samples, weight 0.75" in out
     assert "data mixture over 32 samples: " in out
-    part = StopAt(load_config(None, [*common, "train.run_name=part"])).run()
+    part = Trainer(load_config(None, [*common, "train.run_name=part"]), hooks=[stop_at(4)]).run()
     assert part.interrupted and part.steps == 4
     done = Trainer(load_config(None, [*common, "train.run_name=part", "train.resume=auto"])).run()
     x, y = (
@@ -108,20 +101,12 @@ def test_a_weighted_mixture_resumes_mid_run_bitwise_and_reports_what_it_drew(tmp
 
 
 def test_a_streamed_run_resumes_mid_stream_bitwise(tmp_path, capsys):
-    import signal
 
     import torch
     from safetensors.torch import load_file
 
     from leantune.config import load_config
     from leantune.trainer import Trainer
-
-    class StopAt(Trainer):
-        def train_step(self):
-            out = super().train_step()
-            if self.step + 1 == 5:
-                self._stop_signal = signal.SIGTERM
-            return out
 
     rows = [
         {"prompt": f"reverse {w}{i}\n", "response": f"{i}{w[::-1]}"}
@@ -132,7 +117,7 @@ def test_a_streamed_run_resumes_mid_stream_bitwise(tmp_path, capsys):
               f"train.output_dir={tmp_path}/runs", "train.max_steps=9"]  # fmt: skip
     full = Trainer(load_config(None, [*common, "train.run_name=full"])).run()
     assert f"data (instruction): streaming {path} (~56 records, shuffle buffer 6)" in capsys.readouterr().out
-    part = StopAt(load_config(None, [*common, "train.run_name=part"])).run()
+    part = Trainer(load_config(None, [*common, "train.run_name=part"]), hooks=[stop_at(5)]).run()
     assert part.interrupted and part.steps == 5
     done = Trainer(load_config(None, [*common, "train.run_name=part", "train.resume=auto"])).run()
     x, y = (

@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from leantune import hft
 from leantune.cli import main
 from tests.families import FAMILIES, MOE_FAMILIES, save_family, write_chat_data
+from tests.helpers import stop_at
 
 pytestmark = pytest.mark.slow
 
@@ -231,23 +232,15 @@ def test_dora_on_moe_experts_is_refused_with_the_way_out(family_dirs, tmp_path):
 def test_hft_on_fused_tensors_resumes_exactly(family_dirs, tmp_path):
     """Interrupted after 3 of 6 steps and resumed: the mask, the segments' AdaLomo state (with a
     redraw per epoch) and the weights equal an uninterrupted run bitwise."""
-    import signal
 
     from leantune.config import load_config
     from leantune.trainer import Trainer
-
-    class StopAt(Trainer):
-        def train_step(self):
-            out = super().train_step()
-            if self.step + 1 == 3:
-                self._stop_signal = signal.SIGTERM
-            return out
 
     dirs, data = family_dirs
     args = [*common(dirs["phi3"], data, tmp_path, "r"), "train.hft=true", "train.hft_redraw=epoch",
             "train.max_steps=6", "train.batch_size=8", "eval.accuracy_samples=0", "log.every=1"]  # fmt: skip
     full = Trainer(load_config(None, [*args, "train.run_name=full"])).run()
-    assert StopAt(load_config(None, args)).run().interrupted
+    assert Trainer(load_config(None, args), hooks=[stop_at(3)]).run().interrupted
     resumed = Trainer(load_config(None, [*args, "train.resume=auto"])).run()
     a, b = (load_file(str(s.final_dir / "model.safetensors")) for s in (full, resumed))
     assert all(torch.equal(a[k], b[k]) for k in a)

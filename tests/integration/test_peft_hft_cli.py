@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from leantune.data import load_tokenizer
 from leantune.inference import load_for_inference
 from leantune.models import build_model
 from leantune.trainer import Trainer
+from tests.helpers import stop_at
 
 TINY = [
     "model.preset=test",
@@ -195,16 +195,6 @@ def test_hft_stages_redraw_and_the_same_seed_draws_the_same_mask(hft_runs):
         assert torch.equal(before[name], after[name]), name
 
 
-class StopAt(Trainer):
-    stop_at = 0
-
-    def train_step(self):
-        out = super().train_step()
-        if self.step + 1 == self.stop_at:
-            self._stop_signal = signal.SIGTERM
-        return out
-
-
 @pytest.mark.parametrize(
     "extra",
     [
@@ -225,8 +215,7 @@ def test_resume_restores_the_mask_and_adapter_exactly(tmp_path, extra):
         *extra,
     ]
     full = Trainer(load_config(None, [*common, "train.run_name=full"])).run()
-    StopAt.stop_at = 6
-    part = StopAt(load_config(None, [*common, "train.run_name=part"])).run()
+    part = Trainer(load_config(None, [*common, "train.run_name=part"]), hooks=[stop_at(6)]).run()
     assert part.interrupted
     summary = Trainer(load_config(None, [*common, "train.run_name=part", "train.resume=auto"])).run()
     name = "adapter_model.safetensors" if "peft.method=lora" in extra else "model.safetensors"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from safetensors.torch import load_file
 from leantune.cli import main
 from leantune.config import load_config
 from leantune.trainer import Trainer
+from tests.helpers import stop_at
 
 TINY = [
     "model.preset=test",
@@ -123,18 +123,6 @@ def test_train_cli_reports_config_errors(capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-class StopAt(Trainer):
-    """Delivers a SIGTERM-equivalent after a given step (as a signal handler would)."""
-
-    stop_at = 0
-
-    def train_step(self):
-        out = super().train_step()
-        if self.step + 1 == self.stop_at:
-            self._stop_signal = signal.SIGTERM
-        return out
-
-
 @pytest.mark.parametrize(
     "extra",
     [["optim.name=adalomo", "train.accumulation_steps=2"], ["optim.name=adamw", "optim.lr=3e-3"]],
@@ -153,8 +141,7 @@ def test_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_pa
         *extra,
     ]
     full = Trainer(load_config(None, [*common, "train.run_name=full"])).run()
-    StopAt.stop_at = 6
-    part = StopAt(load_config(None, [*common, "train.run_name=part"])).run()
+    part = Trainer(load_config(None, [*common, "train.run_name=part"]), hooks=[stop_at(6)]).run()
     assert part.interrupted and part.steps == 6
     resumed = Trainer(load_config(None, [*common, "train.run_name=part", "train.resume=auto"]))
     summary = resumed.run()

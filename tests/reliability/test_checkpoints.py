@@ -16,6 +16,7 @@ import pytest
 from leantune import checkpoint as ckpt
 from leantune.config import load_config
 from leantune.trainer import Trainer
+from tests.helpers import stop_at
 from tests.reliability.common import assert_same_weights, losses, run_args
 
 
@@ -151,21 +152,9 @@ def test_pruning_removes_leftovers_of_dead_writers_only(tmp_path):
         live.wait()
 
 
-class StopAt(Trainer):
-    """Receives a SIGTERM (as the handler would record it) during step ``stop_at``."""
-
-    stop_at = 7
-
-    def train_step(self):
-        out = super().train_step()
-        if self.step + 1 == self.stop_at:
-            self._stop_signal = signal.SIGTERM
-        return out
-
-
 def test_resume_skips_a_corrupt_newest_checkpoint_and_still_matches_exactly(tmp_path, reference, capsys):
     args = run_args("adamw", tmp_path, "run")
-    part = StopAt(load_config(None, args)).run()
+    part = Trainer(load_config(None, args), hooks=[stop_at(7)]).run()
     assert part.interrupted and part.steps == 7
     root = tmp_path / "run" / "checkpoints"
     assert [p.name for p in ckpt.find_checkpoints(root)] == ["step-000006", "step-000007"]

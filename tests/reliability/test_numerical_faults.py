@@ -43,7 +43,7 @@ class Faulty(Trainer):
             self._micro += 1
             return loss
 
-        self.loss_fn = faulty_loss
+        self.loss_fn = self.objective.loss_fn = faulty_loss
 
     def train_step(self):
         self._micro = 0

@@ -233,10 +233,24 @@ def _pref(records):
     return recs, [f"p.jsonl:{i + 1}" for i in range(len(records))]
 
 
-def test_a_preference_pair_is_the_prompt_then_each_completion_trained_on_the_completion(llama3):
-    from leantune.data import encode_preference
+def test_a_plain_text_preference_pair_is_encoded_as_instruction_records_are(llama3):
+    from leantune.data import encode_preference, encode_records
 
     recs, where = _pref([{"prompt": "sort 312", "chosen": "123", "rejected": "321"}])
+    (pair,), _ = encode_preference(recs, where, llama3, max_length=256)
+    for side, text in ((pair.chosen, "123"), (pair.rejected, "321")):
+        (want,), _ = encode_records([{"prompt": "sort 312", "response": text}], where, "instruction", llama3,
+                                    max_length=256)  # fmt: skip
+        assert (side.input_ids, side.labels) == (want.input_ids, want.labels)
+        assert llama3.decode([t for t in side.labels if t != IGNORE_INDEX]) == f"{text}{llama3.eos_token}"
+
+
+def test_a_preference_pair_in_messages_is_the_prompt_then_each_completion_trained_on_the_completion(llama3):
+    from leantune.data import encode_preference
+
+    user = [{"role": "user", "content": "sort 312"}]
+    recs, where = _pref([{"prompt": user, "chosen": [{"role": "assistant", "content": "123"}],
+                          "rejected": [{"role": "assistant", "content": "321"}]}])  # fmt: skip
     (pair,), stats = encode_preference(recs, where, llama3, max_length=256)
     for side, text in ((pair.chosen, "123"), (pair.rejected, "321")):
         msgs = [{"role": "user", "content": "sort 312"}, {"role": "assistant", "content": text}]

@@ -121,7 +121,9 @@ def test_preference_records_are_read_but_not_trained_by_supervised_fine_tuning(t
         "prompt": [{"role": "user", "content": "2+2?"}],
         "chosen": [{"role": "assistant", "content": "4"}],
         "rejected": [{"role": "assistant", "content": "5"}],
+        "plain": True,  # three strings: encoded as text, like instruction records
     }
+    assert "plain" not in records[1]
     assert records[1]["prompt"] == [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]
     with pytest.raises(
         DataError, match=r"preference\.jsonl:1: prompt/chosen/rejected records are preference data"

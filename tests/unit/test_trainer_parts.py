@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from leantune.config import load_config
-from leantune.trainer import Trainer, _build_scheduler
+from leantune.trainer import Trainer
+from leantune.training.build import build_scheduler
 
 LR = 0.2
 
@@ -44,7 +45,7 @@ def test_schedule_matches_its_closed_form(schedule, total, warmup, ratio):
          f"optim.lr={LR}"],
     )  # fmt: skip
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
-    sched = _build_scheduler(opt, cfg, total)
+    sched = build_scheduler(opt, cfg, total)
     got = []
     for _ in range(total + 1):  # one past the end: the last step's lr is the floor
         got.append(opt.param_groups[0]["lr"])

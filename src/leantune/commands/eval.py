@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from leantune.commands.kv_options import add_kv_options, kv_policy_from_args
+
 DESCRIPTION = """\
 Evaluate the model in CHECKPOINT (a run directory, a checkpoint directory or a local Hugging Face
 model directory).
@@ -14,6 +16,10 @@ model directory).
                        run's evaluation data, or on --data FILE (.jsonl/.json/.parquet)
   --task passkey       needle-in-a-haystack retrieval accuracy per length x depth, with a heatmap
   --task position-ppl  perplexity by position bucket on held-out text (--data, text format)
+  --task preference    implicit-reward accuracy, margin and win rate of the chosen completion on
+                       prompt/chosen/rejected pairs (--data, or the run's held-out pairs)
+
+--kv-policy (nacl, streaming, random, longcache) applies to --task passkey: see docs/kv-cache.md.
 """
 
 
@@ -45,7 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint")
-    p.add_argument("--task", choices=["default", "passkey", "position-ppl"], default="default")
+    p.add_argument("--task", choices=["default", "passkey", "position-ppl", "preference"], default="default")
     p.add_argument("--data", help="evaluation data file (default: the run's eval set, or built-in tasks)")
     p.add_argument("--max-length", type=int, help="max sequence length (default: the run's)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -62,9 +68,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="passkey prompts without the task instruction (shorter prompts, e.g. byte-level tokenizers)",
     )
     p.add_argument("--bucket", type=int, default=128, help="position-ppl bucket size in tokens")
+    p.add_argument(
+        "--reference",
+        help="preference: the reference model directory of DPO/IPO's implicit reward (default: the run's "
+        "initial model: model.path, the base of an adapter, or the preset's seeded init)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=["dpo", "ipo", "simpo", "orpo"],
+        help="preference: the implicit reward to score (default: the run's train.objective, else dpo)",
+    )
     p.add_argument("--out", help="where to write the heatmap / JSON (default: next to the model)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_kv_options(p)
     p.set_defaults(func=run)
 
 
@@ -73,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
     from leantune.inference import load_for_inference, resolve_device
 
     try:
+        kv = kv_policy_from_args(args)  # bad --kv-* options fail before the model loads
+        if kv.policy != "full" and args.task != "passkey":
+            raise ValueError(f"--kv-policy {kv.policy} applies to --task passkey, not --task {args.task}")
         device = resolve_device(args.device)
         loaded = load_for_inference(args.checkpoint, device=device)
     except (FileNotFoundError, OSError, ValueError) as err:
@@ -80,9 +100,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.task == "passkey":
-            return _passkey(args, loaded)
+            return _passkey(args, loaded, kv)
         if args.task == "position-ppl":
             return _position_ppl(args, loaded, device)
+        if args.task == "preference":
+            return _preference(args, loaded, device)
         return _default(args, loaded, device)
     except (DataError, FileNotFoundError, ValueError) as err:
         print(f"leantune eval: {err}", file=sys.stderr)
@@ -148,7 +170,7 @@ def _default(args: argparse.Namespace, loaded, device) -> int:
     return 0
 
 
-def _passkey(args: argparse.Namespace, loaded) -> int:
+def _passkey(args: argparse.Namespace, loaded, kv) -> int:
     from leantune.longctx import evaluate_passkey, plot_passkey_heatmap
     from leantune.longctx.passkey import HEADER
 
@@ -161,7 +183,10 @@ def _passkey(args: argparse.Namespace, loaded) -> int:
         seed=args.seed,
         add_bos=loaded.tokenizer.bos_token_id is not None,
         header=None if args.no_header else HEADER,
+        kv=kv,
     )
+    if kv.policy != "full":
+        print(f"kv policy: {kv.policy}" + (f", budget {kv.budget}" if kv.budget is not None else ""))
     print(grid.format())
     png = _out_path(args, loaded, "passkey.png")
     if png.suffix != ".png":
@@ -207,4 +232,67 @@ def _position_ppl(args: argparse.Namespace, loaded, device) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
     print(f"written: {out}")
+    return 0
+
+
+def _preference_reference(args: argparse.Namespace, loaded, device):
+    """The reference of DPO/IPO's implicit reward: --reference, the adapter's base (adapter
+    disabled), the run's model.path, or the preset's init rebuilt from the run's seed."""
+    from transformers import AutoModelForCausalLM
+
+    if args.reference:
+        from leantune.models import check_model_dir
+
+        check_model_dir(args.reference, "--reference")
+        ref = AutoModelForCausalLM.from_pretrained(
+            args.reference, local_files_only=True, use_safetensors=True
+        )
+        return ref.to(device).eval(), args.reference
+    if hasattr(loaded.model, "disable_adapter"):
+        return "adapter", "the base model (adapter disabled)"
+    cfg = loaded.run_config
+    if cfg is None:
+        raise ValueError("--task preference on a model outside a run needs --reference DIR (the reference)")
+    if cfg.model.path:
+        explicit = argparse.Namespace(**{**vars(args), "reference": cfg.model.path})
+        return _preference_reference(explicit, loaded, device)
+    from leantune.models import build_model, resolve_dtype
+
+    ref = build_model(preset=cfg.model.preset, dtype=resolve_dtype(cfg.model.dtype),
+                      vocab_size=len(loaded.tokenizer), seed=cfg.train.seed)  # fmt: skip
+    return ref.to(device).eval(), f"the initial {cfg.model.preset} model (seed {cfg.train.seed})"
+
+
+def _preference(args: argparse.Namespace, loaded, device) -> int:
+    import dataclasses
+
+    from leantune.config import DataConfig
+    from leantune.data.pairs import build_pair_datasets
+    from leantune.objectives import NEEDS_REFERENCE
+    from leantune.objectives.dpo import score_pairs
+
+    cfg = loaded.run_config
+    data_cfg = cfg.data if cfg is not None else DataConfig()
+    if args.max_length:
+        data_cfg = dataclasses.replace(data_cfg, max_length=args.max_length)
+    if args.data:  # every pair of the file is scored
+        data_cfg = dataclasses.replace(data_cfg, train=args.data, eval=args.data, format="auto")
+    elif data_cfg.train == "builtin":
+        raise ValueError("--task preference needs --data FILE with prompt/chosen/rejected records")
+    pairs = build_pair_datasets(data_cfg, loaded.tokenizer).eval
+    run_kind = cfg.train.objective if cfg is not None else "sft"
+    kind = args.objective or (run_kind if run_kind != "sft" else "dpo")
+    reference, described = None, "none"
+    if NEEDS_REFERENCE[kind]:
+        reference, described = _preference_reference(args, loaded, device)
+    d = cfg.dpo if cfg is not None else None
+    hyper = {k: getattr(d, k) for k in ("beta", "label_smoothing", "gamma", "orpo_lambda")} if d else {}
+    values = score_pairs(loaded.model, pairs, kind=kind, reference=reference, batch_size=args.batch_size,
+                         pad_id=loaded.tokenizer.pad_token_id, device=device, **hyper)  # fmt: skip
+    source = args.data or f"held-out pairs of {data_cfg.train}"
+    print(f"model: {loaded.model_dir}\ndata: {source} ({values['pairs']} pairs)\nreference: {described}")
+    print(f"implicit-reward accuracy ({kind})  {values['reward_accuracy']:.1%}")
+    print(f"mean reward margin ({kind})        {values['margin']:.4f}")
+    print(f"win rate of the chosen completion   {values['win_rate']:.1%} (summed log-prob), "
+          f"{values['win_rate_per_token']:.1%} (per token)")  # fmt: skip
     return 0

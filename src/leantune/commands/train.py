@@ -79,6 +79,7 @@ def _train(args: argparse.Namespace) -> int:
     from leantune.checkpoint import CheckpointError
     from leantune.rss import fix_mmap_threshold
     from leantune.trainer import Trainer, TrainingError
+    from leantune.training.run_dir import CommandLine, resume_hint
 
     # Before the model exists: what RSS shows is then the live tensors, what `leantune estimate`
     # predicts (glibc's adaptive threshold would keep freed tensors in its heap).
@@ -87,10 +88,9 @@ def _train(args: argparse.Namespace) -> int:
         if cfg.train.fix_mmap_threshold
         else "glibc defaults (train.fix_mmap_threshold=false)"
     )
-    trainer = Trainer(cfg)
+    origin = CommandLine(path, list(overrides))  # repeated in the "resume with" hints
+    trainer = Trainer(cfg, origin=origin)
     trainer.allocator_note = allocator
-    trainer.config_path = path
-    trainer.overrides = overrides  # repeated in the "resume with" hints
     try:
         summary = trainer.run()
     except (ConfigError, DataError, FileNotFoundError, CheckpointError) as err:
@@ -100,11 +100,11 @@ def _train(args: argparse.Namespace) -> int:
         print(f"leantune train: stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: stopped at once, even during a save
-        if getattr(trainer, "run_dir", None) is None:
+        if trainer.run_dir is None:
             raise
         print(
             "leantune train: interrupted (a checkpoint being written is discarded). Resume from the "
-            f"last complete one with:\n  leantune train {trainer._resume_hint()}",
+            f"last complete one with:\n  leantune train {resume_hint(cfg, trainer.run_dir, origin)}",
             file=sys.stderr,
         )
         return 130

@@ -270,8 +270,11 @@ def encode_preference(
     overlong: str = "truncate",
 ) -> tuple[list[PreferencePair], EncodeStats]:
     """Tokenize canonical ``preference`` records (``prompt``, ``chosen``, ``rejected`` as messages:
-    :func:`leantune.data.formats.prepare_records`) through the tokenizer's chat template: each side
-    is the prompt followed by its completion, with the loss on the completion's assistant turns.
+    :func:`leantune.data.formats.prepare_records`): each side is the prompt followed by its
+    completion, with the loss on the completion. Records given as messages go through the
+    tokenizer's chat template (the loss on the assistant turns); records of three plain strings
+    (``plain``) are the prompt's text followed by the completion's and eos, as instruction records
+    are encoded (TRL's "standard" format), so that a DPO stage sees the text its SFT stage saw.
 
     Dropped and counted in the statistics (``extra``): pairs with an empty chosen or rejected
     completion (``empty``), pairs whose chosen and rejected completions are the same tokens
@@ -297,7 +300,10 @@ def encode_preference(
             continue
         sides = []
         for name in ("chosen", "rejected"):
-            ids, labels = enc.chat(rec["prompt"] + rec[name], f"{loc} ({name})")
+            if rec.get("plain"):  # strings: the text as instruction records have it
+                ids, labels, _ = enc.instruction(rec["prompt"][0]["content"], rec[name][0]["content"])
+            else:
+                ids, labels = enc.chat(rec["prompt"] + rec[name], f"{loc} ({name})")
             overlong_before = stats.dropped_overlong
             out = enc.finish(ids, labels, stats)
             if out is None:

@@ -241,6 +241,11 @@ def _as_messages(value: Any, loc: str, field: str, role: str) -> list[dict[str, 
 def _preference(record: Mapping[str, Any], loc: str) -> dict[str, Any]:
     prompt = _as_messages(record["prompt"], loc, "prompt", "user")
     out: dict[str, Any] = {"prompt": prompt}
+    if all(isinstance(record[k], str) for k in ("prompt", "chosen", "rejected")):
+        # TRL's "standard" format: plain text, trained as prompt + completion like an instruction
+        # record (an SFT stage on instruction records and a DPO stage on these see the same text);
+        # messages go through the chat template
+        out["plain"] = True
     for name in ("chosen", "rejected"):
         reply = _as_messages(record[name], loc, name, "assistant")
         if not any(m["role"] == "assistant" for m in reply):
