@@ -17,6 +17,9 @@ Settings come from an optional YAML file, then `section.key=value` overrides, e.
   leantune train dist.nproc=2 dist.strategy=fsdp               # starts torchrun for you
   leantune train optim.name=galore optim.kwargs='{rank: 128}' optim.lr=1e-2   # GaLore, APOLLO,
       # Adam-mini, BAdam, torchao's 8/4-bit AdamW: pip install 'leantune[competitors]'
+  leantune train model.path=runs/sft/final train.objective=dpo data.train=pairs.jsonl optim.lr=1e-3
+      # DPO (or ipo, simpo, orpo) on prompt/chosen/rejected records; the reference's log-probs
+      # are precomputed into the run directory (dpo.reference=live|adapter otherwise)
   leantune train ... train.loss_chunk=1024     # tokens per chunk of the loss (0 = full logits)
   leantune train ... train.fix_mmap_threshold=false   # glibc's allocator as is: faster on CPU,
                                                       # more RSS than `leantune estimate` says
