@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         worker(json.loads(args.worker))
         return 0
     only = benchlib.parse_only(args.only, ["quality", "memory"])
+    import shutil
+
+    shutil.rmtree(args.work / "runs", ignore_errors=True)  # runs of an earlier call would be refused
     files = make_data(args.work)
     report: dict = {"source": benchlib.source(), "machine": benchlib.machine()}
     if "quality" in only:
