@@ -240,24 +240,18 @@ def _preference_reference(args: argparse.Namespace, loaded, device):
     disabled), the run's model.path, or the preset's init rebuilt from the run's seed."""
     from transformers import AutoModelForCausalLM
 
-    if args.reference:
-        from leantune.models import check_model_dir
+    from leantune.models import build_model, check_model_dir, resolve_dtype
 
-        check_model_dir(args.reference, "--reference")
-        ref = AutoModelForCausalLM.from_pretrained(
-            args.reference, local_files_only=True, use_safetensors=True
-        )
-        return ref.to(device).eval(), args.reference
-    if hasattr(loaded.model, "disable_adapter"):
-        return "adapter", "the base model (adapter disabled)"
     cfg = loaded.run_config
-    if cfg is None:
+    if not args.reference and hasattr(loaded.model, "disable_adapter"):
+        return "adapter", "the base model (adapter disabled)"
+    if not args.reference and cfg is None:
         raise ValueError("--task preference on a model outside a run needs --reference DIR (the reference)")
-    if cfg.model.path:
-        explicit = argparse.Namespace(**{**vars(args), "reference": cfg.model.path})
-        return _preference_reference(explicit, loaded, device)
-    from leantune.models import build_model, resolve_dtype
-
+    path = args.reference or cfg.model.path
+    if path:
+        check_model_dir(path, "--reference")
+        ref = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, use_safetensors=True)
+        return ref.to(device).eval(), path
     ref = build_model(preset=cfg.model.preset, dtype=resolve_dtype(cfg.model.dtype),
                       vocab_size=len(loaded.tokenizer), seed=cfg.train.seed)  # fmt: skip
     return ref.to(device).eval(), f"the initial {cfg.model.preset} model (seed {cfg.train.seed})"
@@ -267,7 +261,7 @@ def _preference(args: argparse.Namespace, loaded, device) -> int:
     import dataclasses
 
     from leantune.config import DataConfig
-    from leantune.data.pairs import build_pair_datasets
+    from leantune.data.pairs import build_pair_datasets, read_pairs
     from leantune.objectives import NEEDS_REFERENCE
     from leantune.objectives.dpo import score_pairs
 
@@ -276,10 +270,11 @@ def _preference(args: argparse.Namespace, loaded, device) -> int:
     if args.max_length:
         data_cfg = dataclasses.replace(data_cfg, max_length=args.max_length)
     if args.data:  # every pair of the file is scored
-        data_cfg = dataclasses.replace(data_cfg, train=args.data, eval=args.data, format="auto")
+        pairs, _ = read_pairs(args.data, dataclasses.replace(data_cfg, format="auto"), loaded.tokenizer)
     elif data_cfg.train == "builtin":
         raise ValueError("--task preference needs --data FILE with prompt/chosen/rejected records")
-    pairs = build_pair_datasets(data_cfg, loaded.tokenizer).eval
+    else:  # the run's held-out pairs, split as in training
+        pairs = build_pair_datasets(data_cfg, loaded.tokenizer).eval
     run_kind = cfg.train.objective if cfg is not None else "sft"
     kind = args.objective or (run_kind if run_kind != "sft" else "dpo")
     reference, described = None, "none"

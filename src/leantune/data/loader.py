@@ -106,6 +106,10 @@ class BatchStream:
         order = self._epoch_order()
         idx = order[self.cursor * self.batch_size : (self.cursor + 1) * self.batch_size]
         self.cursor += 1
+        return self._collate(idx)
+
+    def _collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        """The batch of the samples at ``idx`` (a subclass may batch other items)."""
         return collate([self.samples[i] for i in idx], self.pad_id)
 
     @property

@@ -17,7 +17,7 @@ from leantune.data.encode import EncodeStats, PreferencePair, encode_preference
 from leantune.data.loader import BatchStream, collate_pairs
 from leantune.data.records import DataError
 
-__all__ = ["PairStream", "build_pair_datasets", "dropped_pairs", "pair_batches"]
+__all__ = ["PairStream", "build_pair_datasets", "dropped_pairs", "pair_batches", "read_pairs"]
 
 
 def build_pair_datasets(cfg: Any, tokenizer: Any) -> Datasets:
@@ -27,16 +27,10 @@ def build_pair_datasets(cfg: Any, tokenizer: Any) -> Datasets:
     Raises:
         DataError: the file is not preference data, or no usable pair is left.
     """
-    recs, where, fmt = read_records(cfg.train, cfg.format, cfg.columns)
-    if fmt != "preference":
-        raise DataError(
-            f"{cfg.train}: {fmt} records; a preference objective trains on prompt/chosen/rejected records"
-        )
+    recs, where = _read(cfg.train, cfg, "a preference objective trains on prompt/chosen/rejected records")
     opts = {"max_length": cfg.max_length, "overlong": cfg.overlong}
     if cfg.eval is not None:
-        eval_recs, eval_where, eval_fmt = read_records(cfg.eval, cfg.format, cfg.columns)
-        if eval_fmt != "preference":
-            raise DataError(f"{cfg.eval}: {eval_fmt} records; data.eval must be preference data too")
+        eval_recs, eval_where = _read(cfg.eval, cfg, "data.eval must be preference data too")
     else:
         recs, where, eval_recs, eval_where = _split(recs, where, min(cfg.num_eval, len(recs) // 10), cfg.seed)
     train, stats = encode_preference(recs, where, tokenizer, **opts)
@@ -45,6 +39,23 @@ def build_pair_datasets(cfg: Any, tokenizer: Any) -> Datasets:
     if eval_recs:
         evals, eval_stats = encode_preference(eval_recs, eval_where, tokenizer, **opts)
     return Datasets(train=train, eval=evals, format="preference", train_stats=stats, eval_stats=eval_stats)  # type: ignore[arg-type]
+
+
+def read_pairs(path: str, cfg: Any, tokenizer: Any) -> tuple[list[PreferencePair], EncodeStats]:
+    """Every pair of one preference file, encoded with ``cfg``'s data settings (no split).
+
+    Raises:
+        DataError: the file is not preference data, or no usable pair is left.
+    """
+    recs, where = _read(path, cfg, "scoring needs prompt/chosen/rejected records")
+    return encode_preference(recs, where, tokenizer, max_length=cfg.max_length, overlong=cfg.overlong)
+
+
+def _read(path: str, cfg: Any, why: str) -> tuple[list[dict[str, Any]], list[str]]:
+    recs, where, fmt = read_records(path, cfg.format, cfg.columns)
+    if fmt != "preference":
+        raise DataError(f"{path}: {fmt} records; {why}")
+    return recs, where
 
 
 def dropped_pairs(stats: EncodeStats) -> str | None:
@@ -75,14 +86,7 @@ class PairStream(BatchStream):
     """An endless, seeded, resumable stream of batches of preference pairs (this rank's share of
     each epoch's permutation, as :class:`leantune.data.BatchStream` does for samples)."""
 
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self.cursor >= self.batches_per_epoch:
-            self.epoch += 1
-            self.cursor = 0
-            self._order = None
-        order = self._epoch_order()
-        idx = order[self.cursor * self.batch_size : (self.cursor + 1) * self.batch_size]
-        self.cursor += 1
+    def _collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         batch = collate_pairs([self.samples[i] for i in idx], self.pad_id)  # type: ignore[misc]
         batch["pair_index"] = torch.tensor(idx, dtype=torch.long)
         return batch
