@@ -33,6 +33,8 @@ __all__ = [
     "ModelConfig",
     "OptimConfig",
     "PeftConfig",
+    "RlConfig",
+    "ServeConfig",
     "TrainConfig",
     "load_config",
     "field_docs",
@@ -209,7 +211,8 @@ class TrainConfig:
     objective: str = "sft"
     """What is optimised: sft (next-token prediction on the labelled tokens), or a preference loss
     on prompt/chosen/rejected data (`data.format=preference`): dpo, ipo, simpo or orpo (settings in
-    the `dpo:` section)."""
+    the `dpo:` section); or ppo (reinforcement learning from a reward on the model's own
+    completions of prompts, settings in the `rl:` section)."""
 
 
 @dataclass
@@ -292,6 +295,89 @@ class DpoConfig:
 
 
 @dataclass
+class RlConfig:
+    """PPO (`train.objective=ppo`): PPO-max's switches with the paper's defaults, and MA-RLHF's
+    macro actions. `train.max_steps` counts PPO iterations (a rollout of `train.batch_size`
+    prompts, then `ppo_epochs` passes over it in minibatches)."""
+
+    reward: str = "leantune.rl.rewards:builtin_tasks"
+    """The sequence reward: `module:function` (or `path/to/file.py:function`) called as
+    `reward(prompts, completions) -> list[float]` (and `answers=` when it takes that argument and
+    the data has reference answers), or a directory of a sequence-classification reward model."""
+    critic: str = "auto"
+    """The value model: auto (the reward model when there is one, as PPO-max does, else a copy of
+    the policy's initial weights with a value head), shared (a value head on the policy itself: one
+    model, one backward), a model directory, or a `model.preset` name (a fresh small critic)."""
+    critic_lr: float | None = None
+    """The critic's learning rate (null: optim.lr); same optimizer as the policy."""
+    reference: str = "resident"
+    """The frozen reference for the KL penalty: resident (kept on the device) or offload (kept in
+    host memory, moved to the device for its one pass per rollout)."""
+    ppo_epochs: int = 1
+    """Passes over each rollout."""
+    minibatch_size: int | None = None
+    """Rollout rows per optimizer update (null: the whole rollout, one update per epoch)."""
+    max_new_tokens: int = 16
+    """Longest completion sampled per prompt."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts (the log-probs are taken at the same temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts (1 = off)."""
+    kl_coef: float = 0.02
+    """Weight of the token-level KL penalty -kl_coef * (log pi - log pi_ref) in every token's reward."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    reward_norm: str = "norm"
+    """Scores before they enter the rewards: norm ((r - mean) / std over running moments), scale
+    (r / std) or none."""
+    reward_clip: float | None = 10.0
+    """Clip the (normalised) score to +-reward_clip (null: off)."""
+    whiten_advantages: bool = True
+    """Normalise the advantages over each rollout to mean 0, std 1."""
+    advantage_clip: float | None = 0.5
+    """Clip the (whitened) advantages to +-advantage_clip (null: off)."""
+    clip_ratio: float | None = 0.2
+    """PPO's policy ratio clip (null: the unclipped surrogate)."""
+    value_clip: float | None = 0.2
+    """Value clipping around the rollout's values (null: off)."""
+    vf_coef: float = 1.0
+    """Weight of the value loss (with critic=shared it is added to the policy loss)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: loss -= entropy_coef * mean token entropy."""
+    ptx_coef: float = 0.0
+    """PPO-ptx: weight of the supervised loss on data.train's completions added to the policy
+    loss (0 = off)."""
+    macro_action: str = "none"
+    """MA-RLHF termination: none (token-level PPO), ngram (every `ngram` tokens), random (lengths
+    from 1, 2, 3, 5, 10, each `macro_repeat` times, shuffled) or ppl (a new macro action where the
+    reference's per-token perplexity rises). The last token is always a macro action alone."""
+    ngram: int = 3
+    """Tokens per macro action for macro_action=ngram (1 = token-level PPO exactly)."""
+    macro_repeat: int = 3
+    """How often each length is in macro_action=random's list."""
+    macro_value: str = "mean"
+    """How values and rewards are pooled in a macro action: mean, position (weights 1/(i+1)) or
+    last (its last token)."""
+
+
+@dataclass
+class ServeConfig:
+    """Chat with the model while it trains: the server of `leantune serve` (OpenAI API + chat page)
+    next to the training loop, answering with the current weights between optimizer steps (see
+    docs/serve.md). Needs the serve extra: pip install 'leantune[serve]'."""
+
+    port: int | None = None
+    """Port of the live server (null = no server; 0 = any free port, printed at the start)."""
+    host: str = "127.0.0.1"
+    """Address to bind: localhost only unless you say otherwise (then set an API key)."""
+    api_key: str | None = None
+    """Bearer token the /v1 routes require (default: $LEANTUNE_API_KEY, else none). Prefer the
+    environment variable: the key is not written into the run's config.yaml."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -302,6 +388,8 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    rl: RlConfig = field(default_factory=RlConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -502,11 +590,35 @@ class Config:
             )
         self._validate_combinations(is_fused(self.optim.name))
         self._validate_devices()
+        self._validate_serve()
         return self
+
+    def _validate_serve(self) -> None:
+        """``serve.port``: a port, and a run whose model one process can answer with."""
+        port = self.serve.port
+        if port is None:
+            return
+        if not 0 <= port < 65536:
+            raise ConfigError(f"serve.port must be a port in [0, 65535] (0 = any free one) or null, got {port}")
+        if not self.serve.host:
+            raise ConfigError("serve.host is empty: give an address to bind, e.g. 127.0.0.1")
+        if self.train.objective == "ppo":
+            raise ConfigError(
+                "serve.port works with the supervised and preference objectives (train.objective=sft, "
+                "dpo, ipo, simpo, orpo), not with train.objective=ppo: its loop generates rollouts "
+                "itself; serve a checkpoint with `leantune serve RUN` instead"
+            )
+        if self.dist.strategy == "fsdp" and self.dist.nproc > 1:
+            raise ConfigError(
+                "serve.port does not work with dist.strategy=fsdp on more than one rank: every rank "
+                "holds a shard of each weight, so a forward pass (one generated token) needs every rank "
+                "to take part, in step, and the ranks are busy training; use dist.strategy=ddp (rank 0 "
+                "serves) or serve a checkpoint with `leantune serve RUN`"
+            )
 
     def _validate_objective(self) -> None:
         """``train.objective`` and the ``dpo:`` settings, against the data and the model setup."""
-        objectives = ("sft", "dpo", "ipo", "simpo", "orpo")
+        objectives = ("sft", "dpo", "ipo", "simpo", "orpo", "ppo")
         name, d = self.train.objective, self.dpo
         if name not in objectives:
             raise ConfigError(f"train.objective must be one of {', '.join(objectives)}, got {name!r}"
@@ -515,6 +627,9 @@ class Config:
         if d.reference not in references:
             raise ConfigError(f"dpo.reference must be one of {', '.join(references)}, got {d.reference!r}"
                               f"{_suggest(d.reference, list(references))}")  # fmt: skip
+        if name == "ppo":
+            self._validate_rl()
+            return
         if name == "sft":
             if self.data.format == "preference":
                 raise ConfigError(
@@ -543,6 +658,62 @@ class Config:
                 "dpo.reference=adapter needs a peft run (peft.method=lora, ...): the reference is "
                 "the base model with the adapter disabled; use precompute or live"
             )
+
+    def _validate_rl(self) -> None:
+        """The ``rl:`` settings and what PPO runs with."""
+        from leantune.rl.advantages import AGGREGATIONS, MACRO_ACTIONS
+
+        r = self.rl
+        choices = [
+            ("rl.macro_action", r.macro_action, MACRO_ACTIONS),
+            ("rl.macro_value", r.macro_value, AGGREGATIONS),
+            ("rl.reward_norm", r.reward_norm, ("norm", "scale", "none")),
+            ("rl.reference", r.reference, ("resident", "offload")),
+        ]
+        for key, value, allowed in choices:
+            if value not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}"
+                                  f"{_suggest(value, list(allowed))}")  # fmt: skip
+        positive = [("rl.ppo_epochs", r.ppo_epochs), ("rl.max_new_tokens", r.max_new_tokens),
+                    ("rl.ngram", r.ngram), ("rl.macro_repeat", r.macro_repeat)]  # fmt: skip
+        if r.minibatch_size is not None:
+            positive.append(("rl.minibatch_size", r.minibatch_size))
+        checks = [
+            (type(v) is int and v >= 1, f"{k} must be an integer >= 1, got {v!r}")
+            for k, v in positive
+        ]
+        checks += [
+            (r.temperature > 0, f"rl.temperature must be > 0, got {r.temperature}"),
+            (0 < r.top_p <= 1, f"rl.top_p must be in (0, 1], got {r.top_p}"),
+            (r.kl_coef >= 0, f"rl.kl_coef must be >= 0, got {r.kl_coef}"),
+            (0 <= r.gamma <= 1, f"rl.gamma must be in [0, 1], got {r.gamma}"),
+            (0 <= r.lam <= 1, f"rl.lam must be in [0, 1], got {r.lam}"),
+            (r.vf_coef >= 0 and r.entropy_coef >= 0 and r.ptx_coef >= 0,
+             "rl.vf_coef, rl.entropy_coef and rl.ptx_coef must be >= 0"),  # fmt: skip
+            (r.critic_lr is None or r.critic_lr > 0, f"rl.critic_lr must be > 0, got {r.critic_lr}"),
+            (":" in r.reward or Path(r.reward).is_dir(),
+             f"rl.reward {r.reward!r} is neither module:function nor a reward model directory"),  # fmt: skip
+            (r.minibatch_size is None or r.minibatch_size <= self.train.batch_size,
+             f"rl.minibatch_size ({r.minibatch_size}) is larger than the rollout (train.batch_size="
+             f"{self.train.batch_size})"),  # fmt: skip
+            (self.train.accumulation_steps == 1,
+             "train.objective=ppo updates once per minibatch: set rl.minibatch_size instead of "
+             "train.accumulation_steps"),  # fmt: skip
+            (self.dist.strategy == "none" and self.dist.nproc == 1,
+             "train.objective=ppo runs in one process for now (dist.strategy=none, dist.nproc=1)"),
+            (self.peft.method == "none" and not self.train.hft,
+             "train.objective=ppo trains the full policy: peft.method=none and train.hft=false"),
+            (self.data.format != "preference", "train.objective=ppo reads prompts, not preference pairs"),
+            (not self.data.streaming and not isinstance(self.data.train, list),
+             "train.objective=ppo reads its prompts from one source held in memory (data.streaming off)"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        for key in ("reward_clip", "advantage_clip", "clip_ratio", "value_clip"):
+            value = getattr(r, key)
+            if value is not None and not value > 0:
+                raise ConfigError(f"rl.{key} must be > 0 or null (off), got {value}")
 
     def _validate_devices(self) -> None:
         """The device settings against this machine: refused here, before anything starts (also
@@ -855,6 +1026,8 @@ def render_config(cfg: Config | None = None, *, comments: bool = True) -> str:
                 for line in textwrap.wrap(docs[f.name], 96):
                     lines.append(f"  # {line}")
             value = json.loads(json.dumps(getattr(values, f.name)))
+            if section == "serve" and f.name == "api_key" and value is not None:
+                value = "<hidden>"  # a secret: never in the printed config or the run's config.yaml
             dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1 << 20).strip()
             if dumped.startswith("{") and dumped.endswith("}"):
                 dumped = dumped[1:-1]

@@ -165,6 +165,9 @@ class Monitor:
             f"{_fmt_rate(values['tokens_per_s'])} tok/s | "
             f"mem {format_bytes(values['peak_mem_bytes'])}"
         )
+        if "reward" in values:  # PPO
+            info += f" | reward {values['reward']:.3f} | kl {values['kl']:.3f}"
+            info += f" | len {values['response_len']:.1f}"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
         else:
@@ -177,7 +180,9 @@ class Monitor:
 
     def log_eval(self, step: int, values: dict[str, Any]) -> None:
         self.record("eval", step, values)
-        parts = [f"eval loss {values['eval_loss']:.4f}"]
+        parts = [f"eval loss {values['eval_loss']:.4f}"] if "eval_loss" in values else []
+        if "eval_reward" in values:
+            parts.append(f"held-out reward {values['eval_reward']:.3f} (solved {values['eval_solved']:.1%})")
         if "eval_ppl" in values:
             parts.append(f"ppl {values['eval_ppl']:.3f}")
         if "eval_reward_accuracy" in values:

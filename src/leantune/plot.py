@@ -26,14 +26,17 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax = axes[0][0]
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
-    ax.set_title("loss")
+    with_loss = [r for r in evals if "eval_loss" in r]
+    if with_loss:
+        ax.plot([r["step"] for r in with_loss], [r["eval_loss"] for r in with_loss], "o-", label="eval loss")
+    ax.set_title("policy loss" if any("reward" in r for r in train) else "loss")
     ax.set_xlabel("step")
     ax.legend()
     ax.grid(alpha=0.3)
     ax = axes[0][1]
-    if any("rewards/accuracy" in r for r in train):
+    if any("reward" in r for r in train):
+        _plot_ppo(ax, train, evals)
+    elif any("rewards/accuracy" in r for r in train):
         _plot_preference(ax, train, evals)
     else:
         _plot_accuracy(ax, evals)
@@ -95,3 +98,22 @@ def _plot_preference(ax, train: list[dict], evals: list[dict]) -> None:
     twin = ax.twinx()
     twin.plot([r["step"] for r in rows], [r["rewards/margins"] for r in rows], color="gray", lw=1, ls="--")
     twin.set_ylabel("train reward margin (dashed)")
+
+
+def _plot_ppo(ax, train: list[dict], evals: list[dict]) -> None:
+    """A PPO run: the rollouts' and the held-out mean reward (left axis), the KL to the reference
+    (right axis)."""
+    rows = [r for r in train if "reward" in r]
+    ax.plot([r["step"] for r in rows], [r["reward"] for r in rows], lw=1, label="rollout reward")
+    ev = [r for r in evals if "eval_reward" in r]
+    if ev:
+        steps, values = [r["step"] for r in ev], [r["eval_reward"] for r in ev]
+        ax.plot(steps, values, "o-", label="held-out reward (greedy)")
+    ax.set_ylabel("mean reward")
+    ax.set_title("ppo: reward and KL to the reference")
+    ax.set_xlabel("iteration")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot([r["step"] for r in rows], [r["kl"] for r in rows], color="gray", lw=1, ls="--")
+    twin.set_ylabel("KL per sequence (dashed)")

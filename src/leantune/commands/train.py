@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 HELP = """\
 Train a model. With no arguments: the built-in default job (a small LLaMA trained from scratch
@@ -20,7 +21,11 @@ Settings come from an optional YAML file, then `section.key=value` overrides, e.
   leantune train model.path=runs/sft/final train.objective=dpo data.train=pairs.jsonl optim.lr=1e-3
       # DPO (or ipo, simpo, orpo) on prompt/chosen/rejected records; the reference's log-probs
       # are precomputed into the run directory (dpo.reference=live|adapter otherwise)
+  leantune train model.path=runs/sft/final train.objective=ppo rl.reward=my_reward.py:score
+      # PPO with PPO-max's switches (rl.*); rl.macro_action=ngram rl.ngram=3 for MA-RLHF;
+      # train.max_steps counts PPO iterations; rl.reward may also be a reward model directory
   leantune train ... train.loss_chunk=1024     # tokens per chunk of the loss (0 = full logits)
+  leantune train ... serve.port=8000    # chat with the model while it trains: http://127.0.0.1:8000/
   leantune train ... train.fix_mmap_threshold=false   # glibc's allocator as is: faster on CPU,
                                                       # more RSS than `leantune estimate` says
 `leantune config` lists every key with its documentation.
@@ -76,10 +81,20 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     from leantune.distributed.launch import maybe_launch
 
+    if cfg.serve.port is not None and int(os.environ.get("RANK", "0")) == 0:
+        from leantune.serve.live import check_port
+
+        try:  # a port in use is an error now, before any worker starts or the model is built
+            check_port(cfg.serve.host, cfg.serve.port)
+        except ConfigError as err:
+            print(f"leantune train: {err}", file=sys.stderr)
+            return 2
     launched = maybe_launch(cfg, sys.argv)
     if launched is not None:
         return launched
     from leantune.checkpoint import CheckpointError
+    from leantune.rl.loop import PPOTrainer, RLError
+    from leantune.rl.rewards import RewardError
     from leantune.rss import fix_mmap_threshold
     from leantune.trainer import Trainer, TrainingError
     from leantune.training.run_dir import CommandLine, resume_hint
@@ -92,14 +107,26 @@ def _train(args: argparse.Namespace) -> int:
         else "glibc defaults (train.fix_mmap_threshold=false)"
     )
     origin = CommandLine(path, list(overrides))  # repeated in the "resume with" hints
-    trainer = Trainer(cfg, origin=origin)
+    hooks: list[Any] = []
+    if cfg.serve.port is not None:  # chat with the model while it trains (leantune.serve.live)
+        from leantune.serve.live import LiveServer
+
+        try:
+            hooks.append(LiveServer(cfg.serve))
+        except ConfigError as err:
+            print(f"leantune train: {err}", file=sys.stderr)
+            return 2
+    if cfg.train.objective == "ppo":
+        trainer: Any = PPOTrainer(cfg, origin=origin)  # serve.port is refused for ppo (Config.validate)
+    else:
+        trainer = Trainer(cfg, origin=origin, hooks=hooks)
     trainer.allocator_note = allocator
     try:
         summary = trainer.run()
-    except (ConfigError, DataError, FileNotFoundError, CheckpointError) as err:
+    except (ConfigError, DataError, FileNotFoundError, CheckpointError, RewardError) as err:
         print(f"leantune train: {err}", file=sys.stderr)
         return 2
-    except TrainingError as err:
+    except (TrainingError, RLError) as err:
         print(f"leantune train: stopped: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM: stopped at once, even during a save
@@ -111,4 +138,7 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        for hook in hooks:
+            hook.close()  # the socket, also when setup failed before the server started
     return 130 if summary.interrupted else 0
