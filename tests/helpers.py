@@ -13,12 +13,13 @@ def tiny_llama(
     layers: int = 2,
     attn: str = "sdpa",
     device: torch.device | str = "cpu",
+    vocab: int = 48,
 ):
     """A 2-layer LLaMA with hidden size 32 and grouped-query attention (random init)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=48,
+        vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=layers,

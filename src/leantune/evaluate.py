@@ -160,25 +160,30 @@ def exact_match(
     max_new_tokens: int,
     limit: int = 0,
     batch_size: int = 64,
+    texts_fn: Any = None,
 ) -> dict[str, float]:
     """Exact-match accuracy of greedy answers, overall and per task (``acc/<task>``).
 
     Only samples with a checkable answer (instruction data) are scored; the first ``limit`` of them
-    (0 = all), spread evenly over tasks by the data order.
+    (0 = all), spread evenly over tasks by the data order. ``texts_fn(prompts) -> texts`` replaces
+    :func:`generate_texts` (e.g. greedy speculative decoding, :mod:`leantune.speculative.text`).
     """
     scored = [s for s in samples if s.answer is not None and s.prompt_ids is not None]
     if limit:
         scored = scored[:limit]
     if not scored:
         return {}
-    texts = generate_texts(
-        model,
-        tokenizer,
-        [s.prompt_ids for s in scored],
-        device=device,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-    )
+    if texts_fn is not None:
+        texts = texts_fn([s.prompt_ids for s in scored])
+    else:
+        texts = generate_texts(
+            model,
+            tokenizer,
+            [s.prompt_ids for s in scored],
+            device=device,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for s, text in zip(scored, texts):
         ok = int(text.strip() == s.answer.strip())

@@ -7,6 +7,7 @@ import json
 import sys
 
 from leantune.commands.kv_options import add_kv_options, kv_policy_from_args
+from leantune.commands.spec_options import add_speculative_options, load_draft
 
 DESCRIPTION = """\
 Evaluate the model in CHECKPOINT (a run directory, a checkpoint directory or a local Hugging Face
@@ -82,6 +83,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     add_kv_options(p)
+    add_speculative_options(p)  # exact-match generation of --task default
     p.set_defaults(func=run)
 
 
@@ -93,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         kv = kv_policy_from_args(args)  # bad --kv-* options fail before the model loads
         if kv.policy != "full" and args.task != "passkey":
             raise ValueError(f"--kv-policy {kv.policy} applies to --task passkey, not --task {args.task}")
+        if (args.draft or args.decoding) and args.task != "default":
+            raise ValueError(f"--draft / --decoding apply to --task default, not --task {args.task}")
         device = resolve_device(args.device)
         loaded = load_for_inference(args.checkpoint, device=device)
     except (FileNotFoundError, OSError, ValueError) as err:
@@ -149,6 +153,25 @@ def _default(args: argparse.Namespace, loaded, device) -> int:
         )
     pad = loaded.tokenizer.pad_token_id
     values = eval_loss(loaded.model, samples, batch_size=args.batch_size, pad_id=pad, device=device)
+    texts_fn, spec_stats = None, []
+    if args.accuracy_samples and (args.draft or args.decoding):
+        spec = load_draft(args, loaded, "leantune eval")
+        if isinstance(spec, int):
+            return spec
+        from leantune.speculative.text import speculative_texts
+
+        def texts_fn(prompts):  # greedy, as exact match always is
+            return speculative_texts(
+                loaded.model,
+                spec[0],
+                loaded.tokenizer,
+                prompts,
+                method=spec[1],
+                gamma=spec[2],
+                max_new_tokens=args.max_new_tokens,
+                stats=spec_stats,
+            )
+
     if args.accuracy_samples:
         values.update(
             exact_match(
@@ -158,6 +181,7 @@ def _default(args: argparse.Namespace, loaded, device) -> int:
                 device=device,
                 max_new_tokens=args.max_new_tokens,
                 limit=args.accuracy_samples,
+                texts_fn=texts_fn,
             )
         )
     print(f"model: {loaded.model_dir}\ndata: {source} ({len(samples)} sequences)")
@@ -167,6 +191,10 @@ def _default(args: argparse.Namespace, loaded, device) -> int:
             print(f"exact match {key[4:]:<10} {value:.1%}")
     if "acc" in values:
         print(f"exact match {'all':<10} {values['acc']:.1%} of {values['acc_samples']}")
+    if spec_stats and args.spec_stats:
+        from leantune.speculative.text import summarise
+
+        print(summarise(spec_stats))
     return 0
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from leantune.commands.kv_options import add_kv_options, kv_policy_from_args
+from leantune.commands.spec_options import add_speculative_options, load_draft
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message (chat template)")
     p.add_argument("--device", default="auto")
     add_kv_options(p)
+    add_speculative_options(p)
     p.set_defaults(func=run)
 
 
@@ -48,6 +50,12 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"leantune generate: {err}", file=sys.stderr)
         return 2
+    if (args.draft or args.decoding) and kv.policy != "full":
+        print("leantune generate: --draft / --decoding work with --kv-policy full only", file=sys.stderr)
+        return 2
+    spec = load_draft(args, loaded, "leantune generate")
+    if isinstance(spec, int):
+        return spec
     tok = loaded.tokenizer
     builtin = loaded.run_config is not None and loaded.run_config.data.train == "builtin"
     prompts = []
@@ -60,6 +68,29 @@ def run(args: argparse.Namespace) -> int:
             ids = tok(text)["input_ids"]
         prompts.append(list(ids))
     torch.manual_seed(args.seed)
+    if spec[1] != "ar" or args.decoding == "ar":
+        from leantune.speculative.text import speculative_texts, summarise
+
+        stats: list = []
+        outs = speculative_texts(
+            loaded.model,
+            spec[0],
+            tok,
+            prompts,
+            method=spec[1],
+            gamma=spec[2],
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.sample,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stats=stats,
+        )
+        if args.spec_stats:
+            print(summarise(stats), file=sys.stderr)
+        _print(args, outs)
+        return 0
     try:
         outs = generate_texts(
             loaded.model,
@@ -76,8 +107,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # e.g. a fractional --kv-budget below sink + recent for this prompt
         print(f"leantune generate: {err}", file=sys.stderr)
         return 2
+    _print(args, outs)
+    return 0
+
+
+def _print(args: argparse.Namespace, outs: list[str]) -> None:
     for text, out in zip(args.prompt, outs):
         if len(args.prompt) > 1:
             print(f"### {text!r}")
         print(out if out else "(empty: the model ended its answer at once)")
-    return 0
