@@ -167,7 +167,8 @@ class Monitor:
         )
         if "reward" in values:  # PPO
             info += f" | reward {values['reward']:.3f} | kl {values['kl']:.3f}"
-            info += f" | len {values['response_len']:.1f}"
+            info += f" | len {values['response_len']:.1f} | entropy {values['entropy']:.2f}"
+            info += f" | value loss {values['value_loss']:.3f} | clipped {values['clipfrac']:.0%}"
         if self._bar is not None:
             self._bar.update(self._task, completed=step, info=info)
         else:

@@ -26,10 +26,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax = axes[0][0]
     if train:
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if any("value_loss" in r for r in train):  # PPO: the critic's loss beside the policy's
+        ax.plot([r["step"] for r in train], [r["value_loss"] for r in train], label="value loss", lw=1)
     with_loss = [r for r in evals if "eval_loss" in r]
     if with_loss:
         ax.plot([r["step"] for r in with_loss], [r["eval_loss"] for r in with_loss], "o-", label="eval loss")
-    ax.set_title("policy loss" if any("reward" in r for r in train) else "loss")
+    ax.set_title("policy and value loss" if any("reward" in r for r in train) else "loss")
     ax.set_xlabel("step")
     ax.legend()
     ax.grid(alpha=0.3)
