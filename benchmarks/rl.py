@@ -284,22 +284,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-NOTES = """Notes. Neither target is reached by any configuration in 40 iterations (2,560 rollouts):
-the held-out mean reward moves from about 0.70 to 0.73-0.74, for token-level PPO, MA-RLHF at n = 3
-and n = 5 and the lambda = 1 control alike (the mean over the evaluations differs by 0.002, well
-inside the seed-to-seed spread), so MA-RLHF's 1.7-2x speed-up is not reproduced at this scale; nor
-is its opposite. For comparison, the 800 further SFT steps of the same schedule take the held-out
-exact match from 54% to 82%. The settings come from a short sweep from the step-800 checkpoint of an identical SFT run (24
-iterations, one seed, held-out reward first -> last): AdaLomo lr 3e-3 with 2 epochs 0.70 -> 0.70;
-AdamW lr 1e-4 0.66 -> 0.65; AdaLomo lr 1e-3, 4 epochs, no advantage clip 0.71 -> 0.73 (the setting
-used); AdaLomo lr 1e-3, 2 epochs, temperature 0.7 0.72 -> 0.73; and from the step-600 checkpoint (30%
-solved, reward 0.50) AdaLomo lr 5e-3 fell to 0.45 (the KL to the reference grew to 4.7 nats) and
-lr 2e-3 with 4 epochs stayed at 0.51. The mechanics were checked separately: an update raises the
-log-probs of the positive-advantage completions (correlation 0.90 between the change of log-prob
-and the advantage), and on a dense reward (the share of odd code points) the rollout reward rose
-0.55 -> 0.63 in 20 iterations. Memory is the whole-process peak RSS (VmHWM): three models (policy,
-reference, critic) plus the optimizer states; AdamW's are two fp32 moments of policy and critic.
-The runs shared the 2 cores with other work, which changes their times, not their results."""
+NOTES = """Notes. Neither target is reached by any configuration in 40 iterations (2,560 rollouts): the held-
+out mean reward moves from about 0.70 to 0.73-0.74, for token-level PPO, MA-RLHF at n = 3 and n = 5
+and the lambda = 1 control alike (the mean over the evaluations differs by 0.002, well inside the
+seed-to-seed spread), so MA-RLHF's 1.7-2x speed-up is not reproduced at this scale; nor is its
+opposite. For comparison, the 800 further SFT steps of the same schedule take the held-out exact
+match from 54% to 82%. The settings come from a short sweep from the step-800 checkpoint of an
+identical SFT run (24 iterations, one seed, held-out reward first -> last): AdaLomo lr 3e-3 with 2
+epochs 0.70 -> 0.70; AdamW lr 1e-4 0.66 -> 0.65; AdaLomo lr 1e-3, 4 epochs, no advantage clip 0.71
+-> 0.73 (the setting used); AdaLomo lr 1e-3, 2 epochs, temperature 0.7 0.72 -> 0.73; and from the
+step-600 checkpoint (30% solved, reward 0.50) AdaLomo lr 5e-3 fell to 0.45 (the KL to the reference
+grew to 4.7 nats) and lr 2e-3 with 4 epochs stayed at 0.51. The mechanics were checked separately:
+an update raises the log-probs of the positive-advantage completions (correlation 0.90 between the
+change of log-prob and the advantage), and on a dense reward (the share of odd code points) the
+rollout reward rose 0.55 -> 0.63 in 20 iterations. Memory is the whole-process peak RSS (VmHWM):
+three models (policy, reference, critic) plus the optimizer states; AdamW's are two fp32 moments of
+policy and critic. The runs shared the 2 cores with other work, which changes their times, not their
+results."""
 
 if __name__ == "__main__":
     sys.exit(main())

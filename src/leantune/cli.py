@@ -14,14 +14,16 @@ import sys
 __all__ = ["main", "build_parser"]
 
 # Order = order in ``leantune --help``.
-COMMANDS = ("train", "eval", "generate", "plot", "config", "data", "estimate", "rope", "merge")
+COMMANDS = ("train", "eval", "generate", "serve", "plot", "config", "data", "estimate", "rope", "merge")
 
 EPILOG = """\
 examples:
   leantune train                                   # the built-in default job (~2 min on 2 CPU cores)
   leantune train my.yaml optim.name=adamw optim.lr=3e-4
+  leantune train model.path=runs/RUN/final train.objective=ppo   # PPO (rl.*; MA-RLHF: rl.macro_action)
   leantune eval runs/RUN                           # loss, perplexity, task accuracy
   leantune generate runs/RUN "sort 8213"           # -> 1238 after the default job
+  leantune serve runs/RUN                          # OpenAI-compatible API + chat page on 127.0.0.1:8000
   leantune plot runs/RUN                           # PNG of loss / eval / lr / tokens-per-second
   leantune config                                  # every config field, documented
   leantune data inspect chats.jsonl --set data.max_length=512   # format, lengths, loss mask

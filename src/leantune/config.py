@@ -599,7 +599,9 @@ class Config:
         if port is None:
             return
         if not 0 <= port < 65536:
-            raise ConfigError(f"serve.port must be a port in [0, 65535] (0 = any free one) or null, got {port}")
+            raise ConfigError(
+                f"serve.port must be a port in [0, 65535] (0 = any free one) or null, got {port}"
+            )
         if not self.serve.host:
             raise ConfigError("serve.host is empty: give an address to bind, e.g. 127.0.0.1")
         if self.train.objective == "ppo":

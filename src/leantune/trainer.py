@@ -69,6 +69,10 @@ class TrainerHook:
     def on_step_end(self, trainer: Trainer, step: int, result: StepResult) -> None:
         """After step ``step`` (1-based) was applied and logged, before evaluation and saving."""
 
+    def on_train_end(self, trainer: Trainer) -> None:
+        """After :meth:`Trainer.train` returned or raised (after the final save and export): release
+        what :meth:`on_train_start` took. Also called when a step raised or the run was stopped."""
+
 
 class Trainer:
     """Trains a causal LM as described by a :class:`~leantune.config.Config`.
@@ -314,12 +318,19 @@ class Trainer:
         """Step until ``total_steps``, logging every ``log.every`` steps, evaluating every
         ``eval.every`` and saving every ``train.save_every``; a stop request (SIGINT, SIGTERM,
         :meth:`request_stop`) saves a checkpoint and returns. At the end: evaluate, save, export."""
+        for hook in self.hooks:
+            hook.on_train_start(self)
+        try:
+            return self._train_loop()
+        finally:
+            for hook in self.hooks:
+                hook.on_train_end(self)
+
+    def _train_loop(self) -> RunSummary:
         cfg = self.cfg
         clock = Clock()
         window = MetricWindow(clock)
         run_tokens, run_start_step = 0, self.step
-        for hook in self.hooks:
-            hook.on_train_start(self)
         with self.stop:
             while self.step < self.total_steps:
                 self.model_io.on_step_start(

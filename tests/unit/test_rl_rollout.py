@@ -38,7 +38,12 @@ def test_forward_policy_log_probs_match_a_per_row_oracle():
     prompts = [Prompt([1, 5, 6, 7], "a"), Prompt([1, 8], "b")]
     responses = [[9, 10], [11, 12, 13, 2]]
     ro = layout(tok, prompts, responses, [True, False], torch.device("cpu"))
-    batch = {"tokens": ro.tokens, "attention_mask": ro.attention_mask, "index": ro.index, "response": ro.response}
+    batch = {
+        "tokens": ro.tokens,
+        "attention_mask": ro.attention_mask,
+        "index": ro.index,
+        "response": ro.response,
+    }
     with torch.no_grad():
         logp, ent, _ = forward_policy(model, batch, 0.5, entropy=True)
         for b, (p, r) in enumerate(zip(prompts, responses)):

@@ -105,7 +105,8 @@ def check_resume_config(cfg: Config, run_dir: Path) -> None:
     diffs = [
         d
         for d in config_diff(saved, cfg)
-        if d[0] not in RESUMABLE_CHANGES and not d[0].startswith(("eval.", "log."))
+        # serving changes nothing in the training (and its saved api_key is hidden)
+        if d[0] not in RESUMABLE_CHANGES and not d[0].startswith(("eval.", "log.", "serve."))
     ]
     if diffs:
         lines = "\n".join(f"  {k}: run has {a!r}, now {b!r}" for k, a, b in diffs)
