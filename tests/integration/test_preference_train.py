@@ -186,7 +186,7 @@ def test_bad_pairs_are_counted_and_reported(tmp_path, capsys):
     [
         (["data.train=builtin"], r"trains on preference pairs: set data.train"),
         (["dpo.reference=adapter"], r"dpo.reference=adapter needs a peft run"),
-        (["train.objective=dpp"], r"train.objective must be one of .*did you mean 'dpo'"),
+        (["train.objective=dpoo"], r"train.objective must be one of .*did you mean 'dpo'"),
         (["dpo.beta=0"], r"dpo.beta must be > 0"),
         (["dpo.label_smoothing=0.5"], r"dpo.label_smoothing must be in \[0, 0.5\)"),
         (["data.pack=true"], r"unpacked"),

@@ -174,7 +174,9 @@ class RewardModel:
         self.spec = path
         check_model_dir(path, "rl.reward")
         try:
-            self.model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=dtype, use_safetensors=True
+            )
         except Exception as err:
             raise RewardError(f"rl.reward={path!r} is not a sequence-classification model: {err}") from err
         self.model.requires_grad_(False).eval()

@@ -112,7 +112,9 @@ def build_critic(spec: str, policy: nn.Module, tokenizer: Any, *, reward_dir: st
     path = reward_dir if spec == "auto" else (spec if spec not in PRESETS else None)
     if path is not None:
         check_model_dir(path, "rl.critic")
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, use_safetensors=True
+        )
         what = "the reward model" if spec == "auto" else path
         return Critic(model), f"{what} with its score head read per token"
     if spec in PRESETS:
