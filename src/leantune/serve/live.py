@@ -27,7 +27,6 @@ rank is refused: each rank holds a shard of every weight, so one forward pass ne
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import socket
@@ -35,6 +34,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from leantune.commands.serve import _is_loopback
 from leantune.config import ConfigError, ServeConfig
 from leantune.trainer import TrainerHook
 
@@ -122,15 +122,6 @@ def check_port(host: str, port: int) -> None:
     """Raise :class:`ConfigError` now if ``host:port`` cannot be bound (the launcher's check before
     it starts the worker processes, one of which binds it for good)."""
     bind(host, port).close()
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _rank_from_env() -> int:
