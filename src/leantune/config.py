@@ -246,6 +246,10 @@ class DistConfig:
     fsdp (FSDP2 `fully_shard`: weights, gradients and optimizer state sharded)."""
     nproc: int = 1
     """With `leantune train dist.nproc=N`, leantune starts torchrun with N processes for you."""
+    tp: int = 1
+    """Tensor-parallel degree: each decoder layer's attention heads and MLP features are split over
+    this many ranks (the model's own transformers plan, DTensor); the ranks divide into
+    world_size / tp data-parallel groups, to which dist.strategy applies. Fused optimizers only."""
     mixed_precision: str | None = None
     """FSDP2 MixedPrecisionPolicy param dtype (bf16/fp16/fp32), None = weights' dtype."""
     cpu_offload: bool = False
@@ -515,6 +519,11 @@ class Config:
                 f"dist.strategy must be none, ddp or fsdp, got {self.dist.strategy!r}",
             ),
             (self.dist.nproc >= 1, f"dist.nproc must be >= 1, got {self.dist.nproc}"),
+            (self.dist.tp >= 1, f"dist.tp must be >= 1, got {self.dist.tp}"),
+            (
+                self.dist.nproc == 1 or self.dist.nproc % self.dist.tp == 0,
+                f"dist.nproc={self.dist.nproc} must be a multiple of dist.tp={self.dist.tp}",
+            ),
             (
                 self.peft.method in ("none", "lora", "ia3", "prefix", "prompt"),
                 f"peft.method must be none, lora, ia3, prefix or prompt, got {self.peft.method!r}",
@@ -814,6 +823,8 @@ class Config:
                 "the shards), an elementwise optimizer in backward (adamw_in_backward, sgd_in_backward, "
                 "lion_in_backward, adan_in_backward), or dist.strategy=ddp"
             )
+        if self.dist.tp > 1:
+            self._validate_tensor_parallel(fused, in_backward)
         if needs_create_graph(self.optim.name) and self.dist.strategy != "none":
             raise ConfigError(
                 f"optim.name={self.optim.name} estimates the Hessian with torch.autograd.grad on the "
@@ -821,6 +832,34 @@ class Config:
                 "(DistributedDataParallel fails in a backward with create_graph=True; FSDP reduces the "
                 "gradients without their graph): use dist.strategy=none"
             )
+
+
+    def _validate_tensor_parallel(self, fused: bool, in_backward: bool) -> None:
+        """What dist.tp > 1 has been validated with (tests/unit/test_tensor_parallel.py)."""
+        from leantune.optim import is_elementwise
+
+        tp = f"dist.tp={self.dist.tp}"
+        if not fused or (in_backward and not is_elementwise(self.optim.name)):
+            raise ConfigError(
+                f"{tp} needs an optimizer whose update is exact on tensor-parallel shards: adalomo or "
+                "lomo (statistics and norms summed over the right ranks), or an elementwise one in "
+                f"backward (adamw_in_backward, sgd_in_backward, lion_in_backward, adan_in_backward); "
+                f"{self.optim.name} would compute its statistics on one shard"
+            )
+        refusals = [
+            (self.peft.method != "none", f"peft.method={self.peft.method}"),
+            (bool(self.train.hft), "train.hft"),
+            (self.train.objective != "sft", f"train.objective={self.train.objective}"),
+            (self.serve.port is not None, "serve.port"),
+            (self.dist.strategy == "fsdp", "dist.strategy=fsdp"),
+        ]
+        for refused, what in refusals:
+            if refused:
+                raise ConfigError(
+                    f"{tp} with {what} is not supported yet: tensor parallelism is validated for "
+                    "full-parameter SFT with data parallelism (dist.strategy=ddp or none) across the "
+                    "tensor-parallel groups"
+                )
 
 
 def _suggest(value: Any, options: list[str]) -> str:

@@ -39,11 +39,13 @@ def eval_loss(
     rank: int = 0,
     world_size: int = 1,
     loss: ChunkedLMLoss | None = None,
+    replicas: int = 1,
 ) -> dict[str, float]:
     """Mean cross-entropy per target token over ``samples`` and its perplexity (all ranks).
 
     With ``loss`` (a :class:`leantune.loss.ChunkedLMLoss` on ``model``) the logits are computed a
-    chunk of tokens at a time, as in training; the same figures otherwise."""
+    chunk of tokens at a time, as in training; the same figures otherwise. ``replicas``: how many
+    ranks evaluate each data shard alike (the tensor-parallel degree), counted once."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of nll, tokens)
@@ -69,6 +71,8 @@ def eval_loss(
         total[0] += nll.double()
         total[1] += (targets != IGNORE_INDEX).sum()
     _reduce_sum(total)
+    if replicas > 1:
+        total /= replicas
     model.train(was_training)
     nll_sum, count = total.tolist()
     loss = nll_sum / max(count, 1.0)

@@ -26,7 +26,7 @@ from leantune.config import Config, render_config
 from leantune.data import MixtureStream, build_datasets, load_tokenizer
 from leantune.data.packing import packing_is_exact, unpack_rows
 from leantune.distributed.runtime import all_reduce_sum, init_distributed, run_on_main
-from leantune.distributed.strategy import attach_optimizer, wrap_model
+from leantune.distributed.strategy import attach_optimizer, mesh_collectives, wrap_model
 from leantune.loss import training_loss
 from leantune.monitor import Monitor, peak_memory_bytes
 from leantune.optim import is_fused
@@ -96,6 +96,8 @@ class Trainer:
         self.state = TrainState()
         self.stop = StopRequest()
         self.rank, self.world_size = 0, 1
+        self.data_rank, self.data_world = 0, 1
+        self.mesh: Any = None  # the (dp, tp) device mesh under tensor parallelism
         self.is_main = True
         self.hft: Any = None  # leantune.hft.HftTracker when train.hft is on
         self.allocator_note: str | None = None  # what `leantune train` did to glibc's allocator
@@ -135,8 +137,11 @@ class Trainer:
     def setup(self) -> None:
         """Build every component the config describes, resume if asked, and announce the run."""
         cfg = self.cfg
-        self.env = init_distributed(cfg.dist.strategy, cfg.train.device)
+        self.env = init_distributed(cfg.dist.strategy, cfg.train.device, tp=cfg.dist.tp)
         self.rank, self.world_size, self.is_main = self.env.rank, self.env.world_size, self.env.is_main
+        # the ranks of a tensor-parallel group read the same batches: data is split over dp only
+        self.data_rank, self.data_world = self.env.dp_rank, self.env.dp_size
+        self.mesh = self.env.mesh() if cfg.dist.tp > 1 else None
         self.device = self.env.device
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
@@ -179,13 +184,16 @@ class Trainer:
             fused=is_fused(cfg.optim.name),
             device=self.device,
             dist_cfg=cfg.dist,
+            mesh=self.mesh,
         )
         self.stream = self._build_stream()
         self.total_steps = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.stream.batches_per_epoch / cfg.train.accumulation_steps)
         )
-        self.optimizer, self.stepper = build.build_optimizer(cfg, self.model, self.hft)
-        attach_optimizer(self.optimizer, cfg.dist.strategy)
+        self.optimizer, self.stepper = build.build_optimizer(
+            cfg, self.model, self.hft, mesh_collectives(self.mesh) if self.mesh is not None else "auto"
+        )
+        attach_optimizer(self.optimizer, cfg.dist.strategy, self.mesh)
         sync_optimizer_with_mask(self.optimizer, self.model, self.hft, cfg.optim.name)
         self.scheduler = build.build_scheduler(self.optimizer, cfg, self.total_steps)
         # Every rank must use rank 0's run directory (its default name is a timestamp).
@@ -230,7 +238,7 @@ class Trainer:
         make = getattr(self.objective, "build_stream", None)
         if make is not None:
             return make(self)
-        return build.build_stream(self.cfg, self.data, self.tokenizer, self.rank, self.world_size)
+        return build.build_stream(self.cfg, self.data, self.tokenizer, self.data_rank, self.data_world)
 
     def _prepare_objective(self, resume_from: Path | None) -> None:
         """The objective's own preparation once the run directory is known (e.g. DPO's reference
@@ -241,7 +249,7 @@ class Trainer:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.train.batch_size * self.world_size * self.cfg.train.accumulation_steps
+        return self.cfg.train.batch_size * self.data_world * self.cfg.train.accumulation_steps
 
     # ----------------------------------------------------------------- train
     def train_step(self) -> StepResult:
@@ -274,7 +282,7 @@ class Trainer:
             ]
             stats = all_reduce_sum(torch.stack(local)).tolist()
             losses.append(stats[0] / self.world_size)
-            tokens += int(stats[2]) - int(local[2])  # count every rank's tokens
+            tokens += int(stats[2]) // self.env.tp - int(local[2])  # every data-parallel rank's tokens
             for k, v in zip(names, stats[3:]):
                 sums[k] = sums.get(k, 0.0) + v / self.world_size
             if stats[1] > 0:

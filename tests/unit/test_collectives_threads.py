@@ -14,6 +14,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from leantune.distributed.collectives import (
+    MeshCollectives,
     ReplicatedCollectives,
     ShardedCollectives,
     detect_collectives,
@@ -94,11 +95,12 @@ def test_detect_collectives_finds_fully_shard_and_refuses_other_layouts():
             except ValueError as err:
                 out.append(str(err))
         mesh = model.lm_head.weight.device_mesh
+        # other layouts (tensor parallelism's) get the mesh collectives: a replicated DTensor counts
+        # once in the norm and sums nothing over the ranks
         replicated = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 2), mesh, [Replicate()]))
-        try:
-            detect_collectives([replicated])
-        except ValueError as err:
-            out.append(str(err))
+        found = detect_collectives([replicated])
+        summed = found.shard_sum_over(replicated, torch.ones(1), "all")
+        out.append((type(found), found.norm_share(replicated), summed))
         return out
 
     n = len(list(tiny_model().parameters()))
@@ -106,10 +108,7 @@ def test_detect_collectives_finds_fully_shard_and_refuses_other_layouts():
         assert got[:4] == [ShardedCollectives, rank, True, ShardedCollectives]
         assert got[4] == f"1 trainable parameters are plain tensors next to {n} FSDP2 shards"
         assert got[5] is None
-        assert got[6] == (
-            "fused optimizers support DTensor parameters sharded as FSDP2 does (Shard(0) on a 1-D "
-            "mesh); got (Replicate(),) on a 1-D mesh"
-        )
+        assert got[6] == (MeshCollectives, 0.5, torch.ones(1))
 
 
 def _segments() -> dict:

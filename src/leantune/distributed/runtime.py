@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,23 +35,51 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str | None
+    tp: int = 1
+    """Tensor-parallel degree: ranks ``r`` with equal ``r // tp`` hold the shards of one model."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: each reads its own part of every global batch."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's place among them (the tensor-parallel ranks of a group read the same data)."""
+        return self.rank // self.tp
+
+    def mesh(self) -> Any:
+        """The ``(dp, tp)`` device mesh of the job (row-major: rank = dp_rank * tp + tp_rank)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        return init_device_mesh(self.device.type, (self.dp_size, self.tp), mesh_dim_names=("dp", "tp"))
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_distributed(strategy: str, device: str = "auto", timeout_minutes: float = 30.0) -> DistEnv:
+def init_distributed(
+    strategy: str, device: str = "auto", timeout_minutes: float = 30.0, tp: int = 1
+) -> DistEnv:
     """Join the torchrun job (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) or run as one process.
 
     Backend by device: ``nccl`` on CUDA, ``gloo`` on CPU. With ``strategy="none"`` under torchrun
-    this is an error: every rank would train its own copy.
+    this is an error, unless all ranks form one tensor-parallel group (``tp`` = world size): every
+    rank would train its own copy.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % tp:
+        raise ValueError(f"dist.tp={tp} must divide the number of processes ({world})")
+    if tp > 1 and world == 1:
+        raise ValueError(
+            f"dist.tp={tp} needs {tp} processes: set dist.nproc={tp} (or a multiple), or start "
+            "leantune under torchrun"
+        )
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     if want_cuda and not torch.cuda.is_available():
@@ -67,9 +95,11 @@ def init_distributed(strategy: str, device: str = "auto", timeout_minutes: float
     # device mesh (e.g. for its CPU offload on one GPU).
     if world == 1 and not is_distributed() and strategy != "fsdp":
         return DistEnv(0, 1, 0, dev, None)
-    if strategy == "none":
+    if strategy == "none" and world != tp:
         raise ValueError(
-            f"launched with {world} processes but dist.strategy=none: set dist.strategy=ddp or fsdp"
+            f"launched with {world} processes but dist.strategy=none"
+            + (f" (dist.tp={tp})" if tp > 1 else "")
+            + ": set dist.strategy=ddp or fsdp"
         )
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if not is_distributed():
@@ -81,7 +111,7 @@ def init_distributed(strategy: str, device: str = "auto", timeout_minutes: float
             # store, which needs no address or port.
             store = dist.HashStore()
             dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, tp)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,10 @@
 ``fsdp``  FSDP2: ``fully_shard`` on every decoder layer and on the root, with a
           ``MixedPrecisionPolicy`` and optional CPU offload of parameters. Weights, gradients and
           optimizer state are sharded (dim 0) over the ranks.
+
+With ``dist.tp > 1`` the model is first split by tensor parallelism over the ``tp`` dimension of a
+``(dp, tp)`` device mesh (:mod:`leantune.distributed.tensor_parallel`), and the strategy applies
+to the ``dp`` dimension; the fused optimizers get :class:`~leantune.distributed.collectives.MeshCollectives`.
 """
 
 from __future__ import annotations
@@ -17,10 +21,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from leantune.distributed.collectives import ReplicatedCollectives, ShardedCollectives
+from leantune.distributed.collectives import MeshCollectives, ReplicatedCollectives, ShardedCollectives
 from leantune.optim import FusedOptimizer
 
-__all__ = ["apply_fsdp", "broadcast_parameters", "decoder_layers", "wrap_model", "attach_optimizer"]
+__all__ = [
+    "apply_fsdp",
+    "attach_optimizer",
+    "broadcast_parameters",
+    "decoder_layers",
+    "mesh_collectives",
+    "wrap_model",
+]
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -70,11 +81,25 @@ def broadcast_parameters(model: nn.Module) -> None:
 
 
 def wrap_model(
-    model: nn.Module, strategy: str, *, fused: bool, device: torch.device, dist_cfg: Any
+    model: nn.Module, strategy: str, *, fused: bool, device: torch.device, dist_cfg: Any, mesh: Any = None
 ) -> nn.Module:
-    """Apply ``strategy`` in place; returns the module to call for training forward passes."""
+    """Apply ``strategy`` in place; returns the module to call for training forward passes.
+
+    ``mesh``: the job's ``(dp, tp)`` device mesh when ``dist_cfg.tp > 1``; the model is then split
+    over its ``tp`` dimension first (every rank holds the same full weights before).
+    """
     from leantune.models import resolve_dtype
 
+    if getattr(dist_cfg, "tp", 1) > 1:
+        from leantune.distributed.tensor_parallel import apply_tensor_parallel
+
+        if not fused:
+            raise ValueError("dist.tp needs an optimizer fused into backward (adalomo, lomo, *_in_backward)")
+        broadcast_parameters(model)  # rank 0's weights everywhere, then each keeps its shard
+        apply_tensor_parallel(model, mesh["tp"])
+        if strategy == "fsdp":
+            raise ValueError("dist.tp with dist.strategy=fsdp is not supported yet: use ddp")
+        return model
     match strategy:
         case "none":
             return model
@@ -96,9 +121,22 @@ def wrap_model(
             raise ValueError(f"unknown dist.strategy {other!r}: use none, ddp or fsdp")
 
 
-def attach_optimizer(optimizer: torch.optim.Optimizer, strategy: str) -> None:
-    """Give a fused optimizer the collectives of ``strategy`` (before its first step)."""
-    if not isinstance(optimizer, FusedOptimizer) or strategy == "none":
+def mesh_collectives(mesh: Any) -> MeshCollectives:
+    """The fused optimizers' collectives on a ``(dp, tp)`` mesh: gradients averaged over ``dp``."""
+    dp = mesh["dp"]
+    return MeshCollectives(dp_group=dp.get_group() if dp.size() > 1 else None)
+
+
+def attach_optimizer(optimizer: torch.optim.Optimizer, strategy: str, mesh: Any = None) -> None:
+    """Give a fused optimizer the collectives of ``strategy`` (before its first step); with a
+    ``(dp, tp)`` ``mesh`` of tensor parallelism, the mesh collectives with ``dp`` as the
+    data-parallel group."""
+    if not isinstance(optimizer, FusedOptimizer):
+        return
+    if mesh is not None and mesh["tp"].size() > 1:
+        optimizer.collectives = mesh_collectives(mesh)
+        return
+    if strategy == "none":
         return
     if strategy == "ddp":
         optimizer.collectives = ReplicatedCollectives()

@@ -58,11 +58,13 @@ class SFTObjective:
             pad_id=t.tokenizer.pad_token_id,
             device=t.device,
             max_batches=e.max_batches,
-            rank=t.rank,
-            world_size=t.world_size,
+            rank=t.data_rank,
+            world_size=t.data_world,
             loss=self.loss_fn if isinstance(self.loss_fn, ChunkedLMLoss) else None,
+            replicas=t.world_size // t.data_world,
         )
-        if e.accuracy_samples and t.is_main:
+        # under tensor parallelism every forward is collective: the whole group generates in step
+        if e.accuracy_samples and (t.is_main or t.world_size != t.data_world):
             values.update(
                 exact_match(
                     t.model,

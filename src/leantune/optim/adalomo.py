@@ -22,7 +22,7 @@ from leantune.optim.precision import LossScaler, WriteBack
 __all__ = ["AdaLomo", "adalomo_update"]
 
 
-def _identity(t: Tensor) -> Tensor:
+def _identity(t: Tensor, axis: str = "all") -> Tensor:
     return t
 
 
@@ -39,15 +39,17 @@ def adalomo_update(
     writer: WriteBack,
     compensation: Tensor | None = None,
     chunk_elements: int,
-    shard_sum: Callable[[Tensor], Tensor] = _identity,
+    shard_sum: Callable[..., Tensor] = _identity,
     global_shape: torch.Size | None = None,
     workspace: Callable[[int, torch.device], Tensor] | None = None,
 ) -> None:
     """Apply one AdaLomo step to ``param`` in place and update ``state``.
 
-    ``param`` may be the local shard (rows ``[r0, r1)``) of a larger tensor of ``global_shape``;
-    ``shard_sum`` then sums partial statistics over the shards in place, so that row/column
-    statistics and RMS values are those of the full tensor.
+    ``param`` may be the local shard of a larger tensor of ``global_shape`` (some of its rows under
+    FSDP2; rows or columns under tensor parallelism); ``shard_sum(partial, axis)`` then sums a
+    partial statistic in place over the shards that split ``axis`` (``"rows"``: a sum over rows,
+    ``"cols"``: over columns, ``"all"``), so that row/column statistics and RMS values are those of
+    the full tensor.
 
     State: ``step`` (int), and ``row`` (rows,) + ``col`` (cols,) fp32 for tensors with >= 2
     dimensions, or ``v`` (fp32, like the parameter) for vectors.
@@ -84,7 +86,7 @@ def _finish(
     sums: Tensor, numel: int, lr: float, weight_decay: float, eps2: float, clip_threshold: float, shard_sum
 ) -> tuple[Tensor, Tensor]:
     """(step size, decay factor) from the partial ``[sum(u^2), sum(p^2)]`` of this shard."""
-    rms_u, rms_p = shard_sum(sums).div_(numel).sqrt_()
+    rms_u, rms_p = shard_sum(sums, "all").div_(numel).sqrt_()
     eta = torch.clamp(rms_p, min=eps2) * lr
     step_size = eta / torch.clamp(rms_u / clip_threshold, min=1.0)
     return step_size, 1.0 - eta * weight_decay
@@ -142,11 +144,11 @@ def _matrix_update(
         if single:
             kept_g, kept_sq = g, sq
         del g, sq
-    new_row.div_(rows.shape[1]).add_(eps1)
-    col_mean = shard_sum(col_sum).div_(n_rows).add_(eps1)
+    new_row = shard_sum(new_row, "cols").div_(shape[-1]).add_(eps1)
+    col_mean = shard_sum(col_sum, "rows").div_(n_rows).add_(eps1)
     row_stat.mul_(rho).add_(new_row, alpha=1.0 - rho)
     col_stat.mul_(rho).add_(col_mean, alpha=1.0 - rho)
-    row_mean = shard_sum(row_stat.sum()) / n_rows
+    row_mean = shard_sum(row_stat.sum(), "rows") / n_rows
     row_factor = (row_stat / row_mean).rsqrt_()  # a_i
     col_factor = col_stat.rsqrt()  # b_j
     # Pass 2: sum(u^2) = sum_i a_i^2 (g_i^2 . b^2), and sum(p^2) (the RMS is taken before the update).
@@ -306,10 +308,16 @@ class AdaLomo(FusedOptimizer):
             writer=self.writer,
             compensation=self._compensation(target.tensor, state),
             chunk_elements=self.chunk_elements,
-            shard_sum=lambda t: self.collectives.shard_sum(target.tensor, t),
+            shard_sum=lambda t, axis: self.collectives.shard_sum_over(self._sharded(target), t, axis),
             global_shape=target.shape,
             workspace=self._workspace,
         )
+
+    @staticmethod
+    def _sharded(target: UpdateTarget) -> Tensor:
+        # The parameter when it is a DTensor (its placements say which ranks hold which part), else
+        # the tensor being updated (what collectives of one's own are handed).
+        return target.param if hasattr(target.param, "device_mesh") else target.tensor
 
     def _workspace(self, n: int, device: torch.device) -> Tensor:
         # One fp32 buffer per device, grown to the largest chunk seen and reused by every update.

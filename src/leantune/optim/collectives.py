@@ -40,6 +40,23 @@ class Collectives:
         """Sum ``partial`` (a statistic of this rank's shard of ``param``) over all its shards."""
         return partial
 
+    def shard_sum_over(self, param: Tensor, partial: Tensor, axis: str) -> Tensor:
+        """Sum ``partial`` over the shards that split ``param`` along ``axis`` (in place).
+
+        ``axis`` says what ``partial`` was summed over on this rank: ``"rows"`` (e.g. a column
+        statistic, a sum over the rows of the ``(prod(shape[:-1]), shape[-1])`` view), ``"cols"``
+        (a row statistic) or ``"all"`` (a sum over every local element). Row-sharded layouts (FSDP2,
+        and this default) never split columns, so ``"cols"`` is the identity and the others are
+        :meth:`shard_sum`; tensor-parallel layouts also split columns.
+        """
+        return partial if axis == "cols" else self.shard_sum(param, partial)
+
+    def norm_share(self, param: Tensor) -> float:
+        """The weight of this rank's ``sum(g^2)`` of ``param`` in the global gradient norm: 1 when
+        :meth:`sum_square_norms` sums distinct data, ``1/k`` for a tensor that ``k`` ranks of that
+        sum hold identically (a replicated tensor beside tensor-parallel shards)."""
+        return 1.0
+
     def seed_offset(self) -> int:
         """Added to the stochastic-rounding seed (shards differ per rank; replicas must not)."""
         return 0

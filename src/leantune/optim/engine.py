@@ -96,11 +96,14 @@ class UpdateTarget:
         shape: its global shape, across shards: statistics that span the whole tensor are summed
             over the shards of a tensor of this shape.
         key: a stable key for per-target objects (the parameter, or ``(parameter, segment name)``).
+        param: the parameter itself (a DTensor when sharded: its placements tell which statistics
+            the collectives sum over which ranks).
     """
 
     tensor: Tensor
     shape: torch.Size
     key: Any
+    param: Tensor | None = None
 
 
 class _Phase(Enum):
@@ -538,8 +541,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _target(self, p: Tensor, seg: LocalSegment | None) -> UpdateTarget:
         local = self._local(p)
         if seg is None:
-            return UpdateTarget(local, p.shape, p)
-        return UpdateTarget(seg.read(local), seg.global_shape, (p, seg.segment.name))
+            return UpdateTarget(local, p.shape, p, p)
+        return UpdateTarget(seg.read(local), seg.global_shape, (p, seg.segment.name), p)
 
     def _generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
@@ -593,7 +596,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         view = self._view(grad, acc, clip_coef=1.0 if measuring else self._clip_coef)
         del grad, acc
         if measuring:
-            self._add_square_sum(view.square_sum(self.chunk_elements))
+            self._add_square_sum(view.square_sum(self.chunk_elements), p)
             return
         self._apply(p, seg, view, state)
 
@@ -644,7 +647,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad, acc, inv_scale=inv_scale, clip_value=self.clip_grad_value, clip_coef=clip_coef
         )
 
-    def _add_square_sum(self, sq: Tensor) -> None:
+    def _add_square_sum(self, sq: Tensor, p: Tensor) -> None:
+        share = self.collectives.norm_share(p)
+        if share != 1.0:
+            sq = sq * share
         current = self._square_sums.get(sq.device)
         self._square_sums[sq.device] = sq if current is None else current + sq
 
@@ -711,9 +717,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._square_sums.clear()
             with self._in_phase(_Phase.MEASURE):
                 scaled.backward(retain_graph=True)
-            for _, _, state in self._unseen_accumulated():
+            for p, _, state in self._unseen_accumulated():
                 view = self._view(None, state["grad_acc"], clip_coef=1.0)
-                self._add_square_sum(view.square_sum(self.chunk_elements))
+                self._add_square_sum(view.square_sum(self.chunk_elements), p)
             grad_norm = math.sqrt(self._global_square_sum().item())  # the one host sync per step
             self._square_sums.clear()
             if not math.isfinite(grad_norm):
@@ -747,6 +753,94 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow=False)
         self.step()  # a no-op that tells LR schedulers and step hooks that an update happened
+        return BackwardResult(updated=True, grad_norm=grad_norm, loss_scale=scale_reported, zeroed=zeroed)
+
+    def begin_micro_batches(self, n: int) -> float:
+        """Let another driver run the backward passes of ``n`` micro-batches, for one update.
+
+        For schedules that call backward themselves, e.g. a ``torch.distributed.pipelining``
+        schedule on a pipeline stage: between this call and :meth:`end_micro_batches`, each
+        gradient that arrives is added to the parameter's fp32 accumulation buffer, divided by
+        ``n`` and by the loss scale, so the buffers end up holding the mean gradient (4 bytes per
+        trainable parameter while they exist, as with ``accumulation_steps``).
+
+        Returns:
+            The factor every micro-batch loss must be multiplied by before its backward: the
+            current loss scale (1.0 without loss scaling).
+
+        Raises:
+            RuntimeError: inside another backward, or with ``opt.backward`` micro-batches pending.
+            ValueError: ``n`` is not an int >= 1.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"Invalid number of micro-batches: {n!r} (must be an int >= 1)")
+        if self._phase is not _Phase.IDLE:
+            raise RuntimeError(
+                "begin_micro_batches() inside a backward or an unfinished begin_micro_batches()"
+            )
+        if self._micro_step:
+            raise RuntimeError(
+                f"{self._micro_step} opt.backward() micro-batches of accumulation_steps="
+                f"{self.accumulation_steps} are pending; finish that step first"
+            )
+        if not self._context_checked:
+            self._check_context()
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        self._inv_scale = 1.0 / (scale * n)
+        self._seen.clear()
+        self._phase = _Phase.ACCUMULATE
+        return scale
+
+    def end_micro_batches(self) -> BackwardResult:
+        """Apply the update of the micro-batches since :meth:`begin_micro_batches`.
+
+        With clipping or dynamic loss scaling, the norm of the accumulated mean gradient is
+        measured first and summed over the ranks by the collectives (over the shards, and over the
+        pipeline stages when the collectives span them), so every stage clips by the same
+        coefficient and skips the same overflowing step. Every rank of the job must call it.
+        """
+        if self._phase is not _Phase.ACCUMULATE or self._micro_step:
+            raise RuntimeError("end_micro_batches() without begin_micro_batches()")
+        self._phase = _Phase.IDLE
+        scale_reported = self.loss_scaler.scale if self.loss_scaler is not None else None
+        self._seen.clear()
+        pending = self._unseen_accumulated()
+        grad_norm, self._clip_coef = None, 1.0
+        measure = self.clip_grad_norm is not None or (
+            self.loss_scaler is not None and self.loss_scaler.dynamic
+        )
+        if measure:
+            self._square_sums.clear()
+            for p, _, state in pending:
+                view = self._view(None, state["grad_acc"], clip_coef=1.0)
+                self._add_square_sum(view.square_sum(self.chunk_elements), p)
+            grad_norm = math.sqrt(self._global_square_sum().item())
+            self._square_sums.clear()
+            if not math.isfinite(grad_norm):
+                self._drop_accumulation()
+                if self.loss_scaler is not None:
+                    self.loss_scaler.update(overflow=True)
+                return BackwardResult(
+                    updated=False, skipped=True, grad_norm=grad_norm, loss_scale=scale_reported
+                )
+            if self.clip_grad_norm is not None:
+                self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
+        self._guard, self._zeroed = not measure, {}
+        try:
+            for p, seg, state in pending:
+                view = self._view(None, state.pop("grad_acc"), clip_coef=self._clip_coef)
+                self._apply(p, seg, view, state)
+        finally:
+            self._guard = False
+        zeroed = not measure and self._any_zeroed()
+        if not pending and self._hooks:
+            raise RuntimeError(
+                f"{type(self).__name__}: none of its {len(self._hooks)} trainable parameters received a "
+                "gradient between begin_micro_batches() and end_micro_batches()"
+            )
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow=False)
+        self.step()
         return BackwardResult(updated=True, grad_norm=grad_norm, loss_scale=scale_reported, zeroed=zeroed)
 
     def _drop_accumulation(self) -> None:

@@ -91,11 +91,12 @@ def _adapt_model(cfg: Config, model: torch.nn.Module) -> tuple[torch.nn.Module, 
 
 
 def build_optimizer(
-    cfg: Config, model: torch.nn.Module, hft: Any = None
+    cfg: Config, model: torch.nn.Module, hft: Any = None, collectives: Any = "auto"
 ) -> tuple[torch.optim.Optimizer, Any]:
     """The optimizer and what the loop calls ``backward(loss)`` on: the optimizer itself when it is
     fused into backward, else a :class:`leantune.optim.Stepper` around it. Both do accumulation,
-    clipping and loss scaling the same way."""
+    clipping and loss scaling the same way. ``collectives``: a fused optimizer's (see
+    :class:`leantune.optim.FusedOptimizer`)."""
     o = cfg.optim
     engine: dict[str, Any] = {
         "clip_grad_norm": o.clip_grad_norm,
@@ -109,8 +110,9 @@ def build_optimizer(
             low = cfg.model.dtype in ("bf16", "fp16")
             rounding = ("stochastic" if low else "nearest") if o.rounding == "auto" else o.rounding
             opt = build_named_optimizer(
-                o.name, model, **kwargs, **engine, rounding=rounding, seed=cfg.train.seed
-            )
+                o.name, model, **kwargs, **engine, rounding=rounding, seed=cfg.train.seed,
+                collectives=collectives,
+            )  # fmt: skip
             return opt, opt
         # An HFT mask re-drawn per epoch unfreezes tensors later: give the optimizer all of
         # them now (frozen ones get no gradient, hence no state and no update).

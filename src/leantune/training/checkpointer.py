@@ -83,7 +83,7 @@ class Checkpointer:
 
     @property
     def global_batch(self) -> int:
-        return self.cfg.train.batch_size * self.env.world_size * self.cfg.train.accumulation_steps
+        return self.cfg.train.batch_size * self.env.dp_size * self.cfg.train.accumulation_steps
 
     def due(self, step: int, total_steps: int) -> bool:
         """Whether ``train.save_every`` asks for a checkpoint after ``step`` (the last step's is
@@ -115,7 +115,7 @@ class Checkpointer:
                     "step": state.step,
                     "tokens_seen": state.tokens_seen,
                     **self.guard.state_dict(),
-                    "world_size": self.env.world_size,
+                    "world_size": self.env.dp_size,  # the data-parallel ranks the cursor counts for
                     "batch_size": self.cfg.train.batch_size,
                     "global_batch": self.global_batch,
                 },
@@ -222,7 +222,7 @@ class Checkpointer:
                 stream["cursor"]
                 * saved["world_size"]
                 * saved["batch_size"]
-                // (world_size * cfg.train.batch_size)
+                // (self.env.dp_size * cfg.train.batch_size)
             )
         self.stream.load_state_dict(stream)
         ckpt.restore_rng(mine["rng"])

@@ -59,8 +59,9 @@ def announce(trainer: Trainer, resume_from: Path | None, warning: str | None = N
     m.print(f"run directory: {t.run_dir}")
     if t.world_size > 1:
         m.print(
-            f"distributed: {t.world_size} ranks ({t.env.backend}), strategy "
-            f"{cfg.dist.strategy}, global batch {t.checkpointer.global_batch} sequences"
+            f"distributed: {t.world_size} ranks ({t.env.backend}), "
+            + (f"tensor parallel {t.env.tp} x data parallel {t.env.dp_size}, " if t.env.tp > 1 else "")
+            + f"strategy {cfg.dist.strategy}, global batch {t.checkpointer.global_batch} sequences"
         )
     if resume_from is not None:
         m.print(f"resumed from {resume_from} at step {t.step}/{t.total_steps}")

@@ -34,6 +34,7 @@ RESUMABLE_CHANGES = (
     "train.batch_size",  # allowed when the global batch stays the same (checked on load)
     "dist.nproc",
     "dist.strategy",
+    "dist.tp",  # the same model split otherwise: weights and optimizer state reshard on load
     "dist.cpu_offload",
 )
 
