@@ -17,7 +17,6 @@ Results: ``benchmarks/results/allocator.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -34,21 +33,15 @@ CONFIG = ev.Config(preset="1b-l3", optim="adalomo", dtype="bf16", seq=2048, ckpt
 
 
 def measure(threshold: str, steps: int, threads: int) -> dict:
-    env = dict(os.environ)
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if threshold != "default":
-        env["MALLOC_MMAP_THRESHOLD_"] = threshold
-    env["OMP_NUM_THREADS"] = str(threads)
-    payload = json.dumps({**asdict(CONFIG), "threads": threads, "steps": steps})
-    cmd = [sys.executable, ev.__file__, "--worker", payload]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise benchlib.WorkerError(threshold, f"failed (exit code {proc.returncode})", proc.stderr)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    payload = {**asdict(CONFIG), "threads": threads, "steps": steps}
+    mmap = None if threshold == "default" else threshold
+    return ev.measure_in_subprocess(payload, threshold, threads=threads, mmap_threshold=mmap)
 
 
 def default_job(threshold: str, steps: int, out: Path) -> dict:
     """tokens/s and peak RSS of the default job under ``threshold`` (its metrics.jsonl)."""
+    from leantune.monitor import read_metrics
+
     env = dict(os.environ)
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     fix = "false"
@@ -62,9 +55,8 @@ def default_job(threshold: str, steps: int, out: Path) -> dict:
            f"train.run_name={name}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise benchlib.WorkerError(name, f"failed (exit code {proc.returncode})", proc.stderr)
-    recs = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in recs if r["kind"] == "train"]
+        raise benchlib.WorkerError(name, benchlib.exit_reason(proc.returncode), proc.stderr, proc.returncode)
+    train = [r for r in read_metrics(out / name) if r["kind"] == "train"]
     tokens = sum(r["tokens"] for r in train) if "tokens" in train[0] else None
     return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in train[1:] or train),
             "peak_rss": max(r["peak_mem_bytes"] for r in train), "tokens": tokens}  # fmt: skip

@@ -1,6 +1,8 @@
-"""What the benchmark scripts share: where and with which code a result was measured, and the worker
-subprocess protocol (a worker prints one ``RESULT {json}`` line; the parent reads the last one), a
-matrix of named configurations run over it (:func:`run_matrix`) and Markdown tables (:func:`render_table`).
+"""What the benchmark scripts share: where and with which code a result was measured, the worker
+subprocess protocol (a worker prints one ``RESULT {json}`` line; the parent reads the last one) with
+one run (:func:`run_one`: timeout, thread count, OOM score) or a matrix of named configurations
+(:func:`run_matrix`) over it, and the report: ratios, Markdown tables (:func:`render_table`), and
+the JSON + Markdown files written atomically (:func:`write_report`).
 
 The scripts import it as a sibling module: ``python benchmarks/X.py`` (and torchrun) put this
 directory first on ``sys.path``; the tests add it through pytest's ``pythonpath`` setting.
@@ -15,8 +17,10 @@ import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +78,17 @@ def format_load(load: list[float] | None) -> str:
     return "?" if not load else " / ".join(f"{x:.2f}" for x in load)
 
 
+def load_average() -> str:
+    """The load averages now, as :func:`format_load` writes them."""
+    return format_load(loadavg())
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """``a / b``, or None when either is missing (or ``b`` is 0): a ratio to a reference run that
+    failed or was not run."""
+    return a / b if a is not None and b else None
+
+
 def source() -> dict[str, Any]:
     """Which leantune code ran: the package directory, a digest of its sources, and the git commit
     with the uncommitted files under the package when it is a checkout (so a result can be traced
@@ -114,11 +129,31 @@ def source_note(src: dict[str, Any] | None) -> str:
     return f"- Code: leantune from {where}; source digest `{src['digest']}`."
 
 
-def write_report(out: Path, report: dict[str, Any], markdown: str, *, ensure_ascii: bool = True) -> None:
-    """``<out>.json`` (the report, indented) and ``<out>.md`` (``markdown`` as given)."""
+def work_dir(path: Path | None, name: str) -> tuple[Path, bool]:
+    """Where a benchmark's runs go, and whether to keep it: ``path`` (created, kept), or a new
+    temporary directory ``leantune-<name>-*`` (the script removes it when done)."""
+    if path is None:
+        return Path(tempfile.mkdtemp(prefix=f"leantune-{name}-")), False
+    path.mkdir(parents=True, exist_ok=True)
+    return path, True
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one step: a run killed while writing leaves the old file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(
+    out: Path, report: dict[str, Any], markdown: str, *, ensure_ascii: bool = True, indent: int = 2
+) -> None:
+    """``<out>.json`` (the report, indented) and ``<out>.md`` (``markdown`` as given), each written
+    atomically (scripts that rewrite their report after every run keep a readable one if killed)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2, ensure_ascii=ensure_ascii) + "\n")
-    out.with_suffix(".md").write_text(markdown)
+    text = json.dumps(report, indent=indent, ensure_ascii=ensure_ascii) + "\n"
+    write_atomic(out.with_suffix(".json"), text)
+    write_atomic(out.with_suffix(".md"), markdown)
 
 
 def emit_result(result: Any) -> None:
@@ -126,19 +161,36 @@ def emit_result(result: Any) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
-class WorkerError(RuntimeError):
-    """A worker subprocess exited non-zero, timed out or printed no result."""
+def thread_env(threads: int) -> dict[str, str]:
+    """Environment variables for a worker with ``threads`` CPU threads (OpenMP, MKL) and quiet
+    libraries (no tokenizers fork warning, transformers errors only)."""
+    n = str(threads)
+    return {
+        "OMP_NUM_THREADS": n,
+        "MKL_NUM_THREADS": n,
+        "TOKENIZERS_PARALLELISM": "false",
+        "TRANSFORMERS_VERBOSITY": "error",
+    }
 
-    def __init__(self, label: str, reason: str, stderr: str = "") -> None:
+
+class WorkerError(RuntimeError):
+    """A worker subprocess exited non-zero, was killed, timed out or printed no result."""
+
+    def __init__(self, label: str, reason: str, stderr: str = "", returncode: int | None = None) -> None:
         super().__init__(f"worker {label} {reason}" + (f":\n{stderr[-4000:]}" if stderr else ""))
         self.label = label
         self.reason = reason
         self.stderr = stderr
+        self.returncode = returncode
 
     @property
     def last_line(self) -> str:
-        """One line for a progress log: the worker's last stderr line, or the reason."""
-        return (self.stderr.strip().splitlines() or [self.reason])[-1]
+        """One line for a progress log: the worker's last stderr line, or the reason (both for a
+        worker killed by a signal: its last words rarely say so)."""
+        lines = self.stderr.strip().splitlines()
+        if self.returncode is not None and self.returncode < 0:
+            return self.reason + (f": {lines[-1]}" if lines else "")
+        return (lines or [self.reason])[-1]
 
     @property
     def detail(self) -> str:
@@ -146,25 +198,92 @@ class WorkerError(RuntimeError):
         return self.stderr[-3000:] if self.stderr else self.reason
 
 
+def _oom_score(adj: int) -> Callable[[], None]:
+    def preexec() -> None:
+        # Raising one's own oom_score_adj needs no privilege: if memory runs out, the kernel's OOM
+        # killer takes the benchmark worker rather than some other process on a shared machine.
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(adj))
+
+    return preexec
+
+
+def exit_reason(returncode: int) -> str:
+    """Why a process with this non-zero return code ended, in a few words."""
+    if returncode >= 0:
+        return f"failed (exit code {returncode})"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+
+
 def run_worker(
-    cmd: list[str], env: dict[str, str], label: str, timeout: float | None = None
+    cmd: list[str],
+    env: dict[str, str],
+    label: str,
+    timeout: float | None = None,
+    *,
+    oom_score_adj: int | None = None,
 ) -> dict[str, Any]:
     """Run ``cmd`` (stdout and stderr captured) and return its last ``RESULT`` line's JSON, with the
-    process's wall time added as ``process_wall_seconds``. Raises :class:`WorkerError`."""
+    process's wall time added as ``process_wall_seconds``. Raises :class:`WorkerError`.
+
+    ``oom_score_adj`` is written to the worker's ``/proc/self/oom_score_adj`` (1000: the OOM
+    killer's first choice), so that running out of memory kills the benchmark, not a neighbour."""
+    preexec = _oom_score(oom_score_adj) if oom_score_adj is not None else None
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=timeout, preexec_fn=preexec
+        )
     except subprocess.TimeoutExpired as err:
         raise WorkerError(label, f"timed out after {timeout:.0f} s") from err
     wall = time.perf_counter() - t0
     lines = [x for x in proc.stdout.splitlines() if x.startswith(RESULT_PREFIX)]
     if proc.returncode != 0:
-        raise WorkerError(label, f"failed (exit code {proc.returncode})", proc.stderr)
+        raise WorkerError(label, exit_reason(proc.returncode), proc.stderr, proc.returncode)
     if not lines:
         raise WorkerError(label, "printed no RESULT line", proc.stderr)
     result = json.loads(lines[-1][len(RESULT_PREFIX) :])
     result["process_wall_seconds"] = wall
     return result
+
+
+def run_one(
+    worker_script: Path | str,
+    params: dict[str, Any],
+    *,
+    label: str | None = None,
+    timeout: float | None = None,
+    env: dict[str, str] | None = None,
+    oom_score_adj: int | None = None,
+) -> dict[str, Any]:
+    """One run of ``python WORKER_SCRIPT --worker JSON`` (``JSON``: ``params``) in a fresh process.
+
+    Args:
+        worker_script: a script whose ``--worker JSON`` mode prints one ``RESULT`` line
+            (:func:`emit_result`).
+        params: the worker's parameters (must be JSON-serialisable).
+        label: the run's name in messages (default: ``params["config"]`` or the script's name).
+        timeout: seconds before the worker is killed.
+        env: variables set in the worker's environment on top of this process's.
+        oom_score_adj: see :func:`run_worker`.
+
+    Returns:
+        The worker's result (see :func:`run_worker`), or for a run that failed ``{"error": <its
+        last stderr line or the exception>, "detail": <more of it>}``: a failure is never raised.
+    """
+    script = Path(worker_script).resolve()
+    label = label or str(params.get("config") or script.stem)
+    cmd = [sys.executable, str(script), "--worker", json.dumps(params)]
+    try:
+        return run_worker(cmd, {**os.environ, **(env or {})}, label, timeout, oom_score_adj=oom_score_adj)
+    except WorkerError as err:
+        return {"error": err.last_line, "detail": err.detail}
+    except Exception as err:  # e.g. a malformed RESULT line: recorded like a failed worker
+        return {"error": f"{type(err).__name__}: {err}", "detail": repr(err)}
 
 
 def run_matrix(
@@ -196,26 +315,17 @@ def run_matrix(
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
-    worker_env = {**os.environ, **(env or {})}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
     total, k = len(configs) * repeats, 0
     for r in range(repeats):
         for name, params in configs.items():
             k += 1
             label = name if repeats == 1 else f"{name} (repeat {r + 1}/{repeats})"
-            cmd = [sys.executable, str(Path(worker_script).resolve()), "--worker", json.dumps(params)]
             t0 = time.perf_counter()
-            try:
-                result = run_worker(cmd, worker_env, label, timeout)
-                status = "ok"
-            except WorkerError as err:
-                result = {"error": err.last_line, "detail": err.detail}
-                status = f"FAILED: {err.last_line}"
-            except Exception as err:  # e.g. a malformed RESULT line: recorded like a failed worker
-                result = {"error": f"{type(err).__name__}: {err}", "detail": repr(err)}
-                status = f"FAILED: {result['error']}"
+            result = run_one(worker_script, params, label=label, timeout=timeout, env=env)
             runs[name].append(result)
             if progress is not None:
+                status = f"FAILED: {result['error']}" if "error" in result else "ok"
                 progress(f"[{k}/{total}] {label}: {status} ({time.perf_counter() - t0:.1f} s)")
     return runs
 

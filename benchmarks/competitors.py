@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from benchlib import fmt
+from benchlib import fmt, ratio
 
 GIB = 1024**3
 DTYPES = ("fp32", "bf16")
@@ -158,16 +158,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _ratio(a: dict[str, Any], b: dict[str, Any] | None, key: str) -> float | None:
-    return a[key] / b[key] if b is not None and "error" not in a and "error" not in b else None
-
-
 def add_ratios(results: dict[str, dict[str, Any]]) -> None:
-    floor, adamw = results.get("floor"), results.get("adamw")
-    for r in results.values():
-        r["memory_vs_floor"] = _ratio(r, floor, "peak_rss_gib")
-        r["time_vs_floor"] = _ratio(r, floor, "s_per_step")
-        r["memory_vs_adamw"] = _ratio(r, adamw, "peak_rss_gib")
+    floor, adamw = results.get("floor") or {}, results.get("adamw") or {}
+    for r in results.values():  # a failed run has no measurements: its ratios, and those to it, are None
+        r["memory_vs_floor"] = ratio(r.get("peak_rss_gib"), floor.get("peak_rss_gib"))
+        r["time_vs_floor"] = ratio(r.get("s_per_step"), floor.get("s_per_step"))
+        r["memory_vs_adamw"] = ratio(r.get("peak_rss_gib"), adamw.get("peak_rss_gib"))
 
 
 HEADERS = ["optimizer", "package/version", "peak RSS GiB", "s/step", "mem × floor", "time × floor",

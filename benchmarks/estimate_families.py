@@ -20,7 +20,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,17 +109,7 @@ def measure(
         "steps": steps,
         "hf_config": FAMILIES[family],
     }
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": ev.FIXED_MMAP_THRESHOLD, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.run(
-        [sys.executable, ev.__file__, "--worker", json.dumps(payload)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker for {family} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return ev.measure_in_subprocess(payload, family, threads=threads)
 
 
 def predict(family: str, optim: str, dtype: str, ckpt: bool, seq: int, batch: int) -> dict:
@@ -133,6 +122,7 @@ def predict(family: str, optim: str, dtype: str, ckpt: bool, seq: int, batch: in
 
 def format_markdown(report: dict[str, Any]) -> str:
     rows, s = report["rows"], report["summary"]
+    commit, dirty = ev.commit_of(report)
     return "\n".join(
         [
             "# `leantune estimate` on other model families, against measured peak memory",
@@ -140,9 +130,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             f"Command: `{report['command']}`  ",
             f"Date: {report['date']}; {report['machine']}; torch threads: {report['threads']}; steps per "
             f"config: {report['steps']}; glibc `MALLOC_MMAP_THRESHOLD_={ev.FIXED_MMAP_THRESHOLD}`; commit "
-            f"{report['git']['commit'][:10]}"
-            + (" (uncommitted changes in src/)" if report["git"]["dirty_sources"] else "")
-            + ".",
+            f"{commit}" + (" (uncommitted changes in src/)" if dirty else "") + ".",
             "",
             "Protocol and error as in [estimate_validation.md](estimate_validation.md); the models are",
             "random inits of the configs in `benchmarks/estimate_families.py` (6 layers, hidden 768,",
@@ -193,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps,
         "rows": rows,
         "summary": ev._summary(rows),
-        "git": ev._git_state(),
+        "source": benchlib.source(),
     }
     benchlib.write_report(args.out, report, format_markdown(report) + "\n")
     s = report["summary"]

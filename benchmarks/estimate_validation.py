@@ -243,21 +243,37 @@ def run_worker(cfg: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def measure_in_subprocess(
+    payload: dict[str, Any],
+    label: str,
+    *,
+    threads: int,
+    mmap_threshold: str | None = FIXED_MMAP_THRESHOLD,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Run :func:`run_worker` on ``payload`` in a fresh process (``env``, default this process's,
+    with ``threads`` and glibc's ``MALLOC_MMAP_THRESHOLD_``: None keeps glibc's default) and return
+    its result. Raises :class:`benchlib.WorkerError`.
+
+    The worker prints its result as one JSON object on the last line of stdout (not benchlib's
+    ``RESULT`` line: ``tests/unit/test_estimate.py`` reads it too)."""
+    env = {k: v for k, v in (env or os.environ).items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env |= benchlib.thread_env(threads)
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = mmap_threshold
+    cmd = [sys.executable, __file__, "--worker", json.dumps(payload)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise benchlib.WorkerError(label, benchlib.exit_reason(proc.returncode), proc.stderr, proc.returncode)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _run_subprocess(
     cfg: Config, *, threads: int, steps: int, default_malloc: bool, mallopt: bool = False
 ) -> dict[str, Any]:
-    payload = json.dumps({**asdict(cfg), "threads": threads, "steps": steps, "mallopt": mallopt})
-    env = dict(os.environ)
-    env.pop("MALLOC_MMAP_THRESHOLD_", None)
-    if not (default_malloc or mallopt):
-        env["MALLOC_MMAP_THRESHOLD_"] = FIXED_MMAP_THRESHOLD
-    env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run(
-        [sys.executable, __file__, "--worker", payload], capture_output=True, text=True, env=env, cwd=ROOT
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"worker for {cfg.name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    payload = {**asdict(cfg), "threads": threads, "steps": steps, "mallopt": mallopt}
+    threshold = None if default_malloc or mallopt else FIXED_MMAP_THRESHOLD
+    return measure_in_subprocess(payload, cfg.name, threads=threads, mmap_threshold=threshold)
 
 
 # ------------------------------------------------------------------------------------------ parent
@@ -331,17 +347,24 @@ def _breakdown_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def commit_of(report: dict[str, Any]) -> tuple[str, bool]:
+    """The commit a report was measured at (10 digits; "?": unknown) and whether leantune's sources
+    had uncommitted changes: from ``benchlib.source()``, or the ``git`` entry of older reports."""
+    src, old = report.get("source") or {}, report.get("git") or {}
+    commit = src.get("git_commit") or old.get("commit") or "?"
+    return commit[:10], bool(src.get("uncommitted") or old.get("dirty_sources"))
+
+
 def format_markdown(report: dict[str, Any]) -> str:
     rows, s = report["rows"], report["summary"]
+    commit, dirty = commit_of(report)
     out = [
         "# `leantune estimate` against measured peak memory",
         "",
         f"Command: `{report['command']}`  ",
         f"Date: {report['date']}; {report['machine']}; torch threads: {report['threads']}; "
         f"steps per config: {report['steps']}; glibc `MALLOC_MMAP_THRESHOLD_={FIXED_MMAP_THRESHOLD}`; "
-        f"commit {report.get('git', {}).get('commit', '?')[:10]}"
-        + (" (with uncommitted changes in src/)" if report.get("git", {}).get("dirty_sources") else "")
-        + ".",
+        f"commit {commit}" + (" (with uncommitted changes in src/)" if dirty else "") + ".",
         "",
         "Measured: peak RSS (`VmHWM`) of a fresh process over the training steps (the high-water mark is",
         "reset after the model and optimizer are built). Predicted: `leantune.estimate.estimate_memory`",
@@ -421,16 +444,6 @@ def _plot(rows: list[dict[str, Any]], path: Path, default_malloc: list[dict[str,
     return True
 
 
-def _git_state() -> dict[str, Any]:
-    """The commit measured, and whether leantune's sources differed from it."""
-
-    def git(*cmd: str) -> str:
-        proc = subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=ROOT)
-        return proc.stdout.strip() if proc.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty_sources": git("status", "--short", "src").splitlines()}
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", help="comma-separated configuration names (default: all)")
@@ -496,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         report["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
     except ImportError:
         pass
-    report["git"] = _git_state()
+    report["source"] = benchlib.source()
     benchlib.write_report(args.out, report, format_markdown(report) + "\n")
     _plot(rows, args.out.with_suffix(".png"), default_rows)
     s = report["summary"]

@@ -126,8 +126,9 @@ def _train_args(model: Path, data: Path, out: Path, name: str) -> list[str]:
 
 
 def _losses(run: Path) -> list[float]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r.get("kind") == "train"]
+    from leantune.monitor import read_metrics
+
+    return [r["loss"] for r in read_metrics(run) if r.get("kind") == "train"]
 
 
 def _fail(log: str) -> dict[str, Any]:
@@ -236,12 +237,10 @@ def _estimate(family: str, root: Path) -> dict[str, Any]:
         "steps": 2,
         "hf_config": config,
     }
-    env = {**ENV, "MALLOC_MMAP_THRESHOLD_": ev.FIXED_MMAP_THRESHOLD}
-    cmd = [sys.executable, ev.__file__, "--worker", json.dumps(payload)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode:
-        return _fail(proc.stderr)
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
+    try:
+        measured = ev.measure_in_subprocess(payload, "estimate", threads=1, env=ENV)["peak_rss"]
+    except benchlib.WorkerError as err:
+        return _fail(err.stderr)
     return {
         "ok": True,
         "parameters": predicted["parameters"],

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import shutil
 import sys
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+from benchlib import fmt, ratio
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "forgetting"
@@ -205,8 +205,9 @@ def _learning_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _last_train_loss(run_dir: Path) -> float | None:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in rows if r.get("kind") == "train"]
+    from leantune.monitor import read_metrics
+
+    losses = [r["loss"] for r in read_metrics(run_dir) if r.get("kind") == "train"]
     return losses[-1] if losses else None
 
 
@@ -288,14 +289,14 @@ def _run_child(args: argparse.Namespace, worker: str) -> dict[str, Any]:
         "memory_steps",
     ):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TRANSFORMERS_VERBOSITY": "error"}
+    env = {**os.environ, **benchlib.thread_env(args.threads)}
     result = benchlib.run_worker(cmd, env, worker)
     print(f"  {worker}: done in {result['process_wall_seconds']:.0f} s", flush=True)
     return result
 
 
-def _ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}×" if a is not None and b else "–"
+def _vs(a: float | None, b: float | None) -> str:
+    return fmt(ratio(a, b), ".2f", "×")
 
 
 def _label(config: str) -> str:
@@ -334,7 +335,7 @@ def _markdown(res: dict[str, Any]) -> str:
         out.append(
             f"| {_label(r['config'])} | {r['lr']:g} | {frac:.1%} | {before:.1%} | {r['acc_a']:.1%} | "
             f"{100 * (before - r['acc_a']):.1f} | {r['acc_b']:.1%} | {r['train_seconds']:.0f} | "
-            f"{_ratio(r['train_seconds'], ref and ref['train_seconds'])} | {r['peak_rss_mib']:.0f} | "
+            f"{_vs(r['train_seconds'], ref and ref['train_seconds'])} | {r['peak_rss_mib']:.0f} | "
             f"{r['train_rss_increase_mib']:.1f} | {r['optimizer_state_mib']:.2f} |"
         )
     sweep = res.get("sweep", [])
@@ -373,8 +374,8 @@ def _markdown(res: dict[str, Any]) -> str:
             frac = m["trainable_parameters"] / m["total_parameters"]
             out.append(
                 f"| {SETUPS[name].label} | {frac:.1%} | {m['peak_rss_mib'] / 1024:.2f} | "
-                f"{_ratio(m['peak_rss_mib'], mref and mref['peak_rss_mib'])} | {m['s_per_step']:.2f} | "
-                f"{_ratio(m['s_per_step'], mref and mref['s_per_step'])} | {m['optimizer_state_mib']:.1f} |"
+                f"{_vs(m['peak_rss_mib'], mref and mref['peak_rss_mib'])} | {m['s_per_step']:.2f} | "
+                f"{_vs(m['s_per_step'], mref and mref['s_per_step'])} | {m['optimizer_state_mib']:.1f} |"
             )
     out += [
         "",
@@ -455,10 +456,6 @@ def _plot(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _load_average() -> str:
-    return benchlib.format_load(benchlib.loadavg())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny")
@@ -496,13 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SETUPS]
     if unknown:
         p.error(f"unknown configuration(s) {unknown}: choose from {', '.join(SETUPS)}")
-    keep_work = args.work is not None
-    if args.work is None:
-        import tempfile
-
-        args.work = Path(tempfile.mkdtemp(prefix="leantune-forgetting-"))
-    args.work.mkdir(parents=True, exist_ok=True)
-    load_before = _load_average()
+    args.work, keep_work = benchlib.work_dir(args.work, "forgetting")
+    load_before = benchlib.load_average()
     t0 = time.perf_counter()
     print(f"stage 1: {args.steps_a} steps on {args.task_a} ({args.preset})", flush=True)
     stage1 = _run_child(args, "stage1")
@@ -532,17 +524,14 @@ def main(argv: list[str] | None = None) -> int:
         "sweep": sweep,
         "memory": memory,
         "total_seconds": time.perf_counter() - t0,
-        "machine": {**benchlib.machine(), "load_before": load_before, "load_after": _load_average()},
+        "machine": {**benchlib.machine(), "load_before": load_before, "load_after": benchlib.load_average()},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = (args.out.with_suffix(s) for s in (".json", ".md", ".png"))
-    json_path.write_text(json.dumps(res, indent=1))
     md = _markdown(res)
-    md_path.write_text(md)
-    _plot(res, png_path)
+    benchlib.write_report(args.out, res, md, indent=1)
+    _plot(res, args.out.with_suffix(".png"))
     print()
     print(md)
-    print(f"written: {json_path}, {md_path}, {png_path} ({res['total_seconds'] / 60:.1f} min)")
+    print(f"written: {args.out}.json/.md/.png ({res['total_seconds'] / 60:.1f} min)")
     if not keep_work:
         shutil.rmtree(args.work, ignore_errors=True)
     return 0

@@ -247,6 +247,7 @@ def _extrapolation_worker(args: argparse.Namespace) -> dict[str, Any]:
 
     from leantune.config import load_config
     from leantune.longctx import evaluate_passkey, perplexity_by_position
+    from leantune.monitor import read_metrics
     from leantune.trainer import Trainer
 
     work, T = Path(args.work), args.train_len  # noqa: N806 (T as in the paper)
@@ -271,8 +272,7 @@ def _extrapolation_worker(args: argparse.Namespace) -> dict[str, Any]:
     summary = trainer.run()
     model, tok = trainer.model, trainer.tokenizer
     model.eval()
-    rows = [json.loads(x) for x in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["step"], r["loss"]) for r in rows if r.get("kind") == "train"]
+    curve = [(r["step"], r["loss"]) for r in read_metrics(summary.run_dir) if r.get("kind") == "train"]
 
     # Loss by position on held-out story documents, each [bos] + its first 8T - 1 tokens.
     lengths = [f * T for f in args.factors]
@@ -449,20 +449,12 @@ def _run_child(args: argparse.Namespace, extra: list[str], label: str) -> dict[s
     for key in ("train_len", "steps", "batch", "lr", "seed", "bucket", "samples_per_cell", "memory_steps"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cmd += ["--factors", ",".join(map(str, args.factors)), "--depths", ",".join(map(str, args.depths))]
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "TRANSFORMERS_VERBOSITY": "error",
-    }
+    env = {**os.environ, **benchlib.thread_env(args.threads)}
     if "memory" in extra:  # RSS tracks live memory (see leantune.estimate); costs time, so not for training
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     result = benchlib.run_worker(cmd, env, label)
     print(f"  {label}: done in {result['process_wall_seconds']:.0f} s", flush=True)
     return result
-
-
-def _load_average() -> str:
-    return benchlib.format_load(benchlib.loadavg())
 
 
 def _ppl(nll: float) -> str:
@@ -787,10 +779,8 @@ def _observations(res: dict[str, Any]) -> list[str]:
 def render(res: dict[str, Any], out: Path) -> list[Path]:
     """Write ``out``.json/.md and the PNGs for a result dict (observations recomputed)."""
     res["observations"] = _observations(res)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     md = _markdown(res)
-    out.with_suffix(".md").write_text(md)
+    benchlib.write_report(out, res, md, indent=1)
     print(md)
     return [out.with_suffix(".json"), out.with_suffix(".md"), *_plot(res, out)]
 
@@ -850,13 +840,8 @@ def main(argv: list[str] | None = None) -> int:
 
     bases = [float(x) for x in args.bases.split(",") if x.strip()]
     lengths = [f * args.train_len for f in args.factors]
-    keep_work = args.work is not None
-    if args.work is None:
-        import tempfile
-
-        args.work = Path(tempfile.mkdtemp(prefix="leantune-longctx-"))
-    args.work.mkdir(parents=True, exist_ok=True)
-    load_before = _load_average()
+    args.work, keep_work = benchlib.work_dir(args.work, "longctx")
+    load_before = benchlib.load_average()
     t0 = time.perf_counter()
 
     preds = predictions(bases, args.train_len, lengths)
@@ -894,7 +879,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads per worker {args.threads}, "
         f"{args.jobs} workers at a time",
         "load_before": load_before,
-        "load_after": _load_average(),
+        "load_after": benchlib.load_average(),
         "settings": {
             "train_len": args.train_len,
             "bases": bases,

@@ -50,7 +50,6 @@ import datetime as _dt
 import difflib
 import json
 import math
-import os
 import shlex
 import sys
 import time
@@ -60,10 +59,11 @@ from typing import Any
 
 import benchlib
 import optim_step
-from benchlib import fmt
+from benchlib import fmt, ratio
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = optim_step.CONFIGS
+WORKER = Path(optim_step.__file__)
 
 GIB = 1024**3
 DEFAULT_OUT = HERE / "results" / "memory_by_size"
@@ -106,7 +106,7 @@ class Setting:
 
     @property
     def label(self) -> str:
-        dtype = optim_step._dtype_text(self.dtype)
+        dtype = optim_step.dtype_text(self.dtype)
         ckpt = "activation checkpointing" if self.grad_checkpointing else "no activation checkpointing"
         return f"{dtype}, {ckpt}"
 
@@ -183,9 +183,11 @@ def predict(
 
 
 # ------------------------------------------------------------------------------------------ runs
-def _run(params: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    """One configuration in a fresh ``optim_step.py`` worker process."""
-    return optim_step.run_in_subprocess(params, timeout, extra_env=WORKER_ENV, oom_score_adj=OOM_SCORE_ADJ)
+def _run(params: dict[str, Any], timeout: float | None, *, script: Path = WORKER) -> dict[str, Any]:
+    """One configuration in a fresh ``optim_step.py`` worker process (a failure is returned)."""
+    env = {**benchlib.thread_env(params["threads"]), **WORKER_ENV}
+    res = benchlib.run_one(script, params, timeout=timeout, env=env, oom_score_adj=OOM_SCORE_ADJ)
+    return optim_step.as_row(params["config"], res)
 
 
 def _record(res: dict[str, Any], preset: str, setting: Setting, prediction: dict[str, Any]) -> dict[str, Any]:
@@ -201,9 +203,7 @@ def _record(res: dict[str, Any], preset: str, setting: Setting, prediction: dict
         "predicted_peak_gib": prediction["estimate_gib"],
     }
     if status == "ok":
-        rec["prediction_error"] = optim_step._ratio(
-            prediction["estimate_gib"] - rec["peak_rss_gib"], rec["peak_rss_gib"]
-        )
+        rec["prediction_error"] = ratio(prediction["estimate_gib"] - rec["peak_rss_gib"], rec["peak_rss_gib"])
     return rec
 
 
@@ -214,12 +214,8 @@ def add_ratios(results: dict[str, dict[str, dict[str, Any]]]) -> None:
             floor = runs.get("floor") if runs.get("floor", {}).get("ok") else None
             for r in runs.values():
                 if r.get("ok"):
-                    r["memory_vs_floor"] = optim_step._ratio(
-                        r["peak_rss_gib"], floor and floor["peak_rss_gib"]
-                    )
-                    r["time_vs_floor"] = optim_step._ratio(
-                        r["s_per_step_median"], floor and floor["s_per_step_median"]
-                    )
+                    r["memory_vs_floor"] = ratio(r["peak_rss_gib"], floor and floor["peak_rss_gib"])
+                    r["time_vs_floor"] = ratio(r["s_per_step_median"], floor and floor["s_per_step_median"])
 
 
 def _progress(r: dict[str, Any]) -> str:
@@ -405,19 +401,12 @@ def plot(report: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict[str, Any], out: Path, *, png: bool = False) -> None:
     """Write ``<out>.json`` and ``<out>.md`` (and, with ``png``, ``<out>.png``)."""
     report["files"] = {"json": str(out.with_suffix(".json")), "markdown": str(out.with_suffix(".md"))}
     if png and plot(report, out.with_suffix(".png")):
         report["files"]["png"] = str(out.with_suffix(".png"))
-    _write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    _write_atomic(out.with_suffix(".md"), format_markdown(report))
+    benchlib.write_report(out, report, format_markdown(report))
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -509,7 +498,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except ValueError as err:
         ap.error(str(err))
     try:
-        configs = optim_step._parse_only(args.only)
+        configs = benchlib.parse_only(args.only, list(CONFIGS))
     except SystemExit as err:  # its message names the unknown configuration and the closest one
         ap.error(str(err.code))
     if not (presets and settings and configs):
@@ -554,7 +543,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "worker_env": WORKER_ENV,
             "oom_score_adj": OOM_SCORE_ADJ,
         },
-        "machine": optim_step._machine_info(threads),
+        "machine": optim_step.machine_info(threads),
         "presets": {
             p: {"parameters": predictions[(settings[0].name, p, configs[0])]["parameters"]} for p in presets
         },

@@ -66,10 +66,8 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -78,7 +76,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from benchlib import fmt
+from benchlib import fmt, ratio
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 GIB = 1024**3
@@ -320,108 +318,13 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _worker_main(payload: str) -> int:
-    params = json.loads(payload)
-    try:
-        result = run_worker(params)
-    except Exception as err:  # reported to the parent, which records it
-        import traceback
-
-        result = {
-            "config": params["config"],
-            "label": CONFIGS[params["config"]].label,
-            "ok": False,
-            "error": f"{type(err).__name__}: {err}",
-            "traceback": traceback.format_exc()[-4000:],
-        }
-    # The parent reads the last line of stdout: keep it a single JSON object.
-    sys.stdout.flush()
-    print(json.dumps(result), flush=True)
-    return 0 if result["ok"] else 1
-
-
 # --------------------------------------------------------------------------------------- parent
-def _parse_only(value: str | None) -> list[str]:
-    return benchlib.parse_only(value, list(CONFIGS))
-
-
-def _raise_oom_score(adj: int) -> Callable[[], None]:
-    def preexec() -> None:
-        # Raising one's own oom_score_adj needs no privilege: if memory runs out, the kernel's OOM
-        # killer takes the benchmark worker rather than some other process on a shared machine.
-        try:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(adj))
-        except OSError:
-            pass
-
-    return preexec
-
-
-def run_in_subprocess(
-    params: dict[str, Any],
-    timeout: float | None = None,
-    *,
-    extra_env: dict[str, str] | None = None,
-    oom_score_adj: int | None = None,
-    script: str | Path | None = None,
-) -> dict[str, Any]:
-    """Run one configuration in a fresh ``python SCRIPT --worker JSON`` process; return its result.
-
-    Args:
-        params: the worker's parameters (see :func:`run_worker`); ``threads`` sets
-            ``OMP_NUM_THREADS``/``MKL_NUM_THREADS`` too.
-        timeout: seconds before the worker is killed (the result then says so).
-        extra_env: environment variables for the worker (e.g. ``MALLOC_MMAP_THRESHOLD_``).
-        oom_score_adj: written to the worker's ``/proc/self/oom_score_adj`` (1000: the OOM killer's
-            first choice), so that running out of memory kills the benchmark, not a neighbour.
-        script: another benchmark script with the same ``--worker JSON`` protocol (default: this
-            one). Its worker prints its result as one JSON object on the last line of stdout.
-
-    Returns:
-        The worker's result, or ``{"ok": False, "error": ...}`` when it timed out or died without
-        a result (return code -9: killed, typically by the OOM killer).
-    """
-    script = Path(script) if script is not None else Path(__file__)
-    cmd = [sys.executable, str(script.resolve()), "--worker", json.dumps(params)]
-    threads = str(params["threads"])
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
-    env.update(extra_env or {})
-    known = CONFIGS.get(params.get("config", ""))
-    label = known.label if known is not None else params.get("label", params.get("config", "?"))
-    preexec = _raise_oom_score(oom_score_adj) if oom_score_adj is not None else None
-    try:
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, env=env, timeout=timeout, preexec_fn=preexec
-        )
-    except subprocess.TimeoutExpired:
-        return {
-            "config": params.get("config"),
-            "label": label,
-            "ok": False,
-            "error": f"timed out after {timeout} s",
-        }
-    lines = [ln for ln in proc.stdout.splitlines() if ln.strip()]
-    if lines:
-        try:
-            return json.loads(lines[-1])
-        except json.JSONDecodeError:
-            pass
-    # No JSON: the process died (e.g. killed by the OOM killer: return code -9).
-    tail = proc.stderr.strip().splitlines()[-5:]
-    why = " (SIGKILL: out of memory?)" if proc.returncode == -9 else ""
-    return {
-        "config": params.get("config"),
-        "label": label,
-        "ok": False,
-        "error": f"worker exited with code {proc.returncode}{why}" + (f": {tail[-1]}" if tail else ""),
-        "returncode": proc.returncode,
-        "traceback": "\n".join(tail),
-    }
-
-
-def _run_subprocess(params: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    return run_in_subprocess(params, timeout)
+def as_row(config: str, run: dict[str, Any]) -> dict[str, Any]:
+    """A run from :func:`benchlib.run_one` as a result row: a failure (``{"error", "detail"}``)
+    gets the configuration's name and label and ``ok: False``."""
+    if "error" not in run:
+        return run
+    return {"config": config, "label": CONFIGS[config].label, "ok": False, **run}
 
 
 def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -443,10 +346,6 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
 def _add_ratios(results: dict[str, dict[str, Any]]) -> None:
     floor = results.get("floor") if results.get("floor", {}).get("ok") else None
     adamw = results.get("adamw") if results.get("adamw", {}).get("ok") else None
@@ -454,9 +353,9 @@ def _add_ratios(results: dict[str, dict[str, Any]]) -> None:
         if not r["ok"]:
             continue
         for ref_name, ref in (("floor", floor), ("adamw", adamw)):
-            r[f"memory_vs_{ref_name}"] = _ratio(r["peak_rss_gib"], ref and ref["peak_rss_gib"])
-            r[f"time_vs_{ref_name}"] = _ratio(r["s_per_step_median"], ref and ref["s_per_step_median"])
-            r[f"cpu_time_vs_{ref_name}"] = _ratio(
+            r[f"memory_vs_{ref_name}"] = ratio(r["peak_rss_gib"], ref and ref["peak_rss_gib"])
+            r[f"time_vs_{ref_name}"] = ratio(r["s_per_step_median"], ref and ref["s_per_step_median"])
+            r[f"cpu_time_vs_{ref_name}"] = ratio(
                 r["cpu_s_per_step_median"], ref and ref["cpu_s_per_step_median"]
             )
 
@@ -484,7 +383,7 @@ def _targets(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "adalomo_time_met": check(ada.get("time_vs_floor"), TARGETS["time_vs_floor"]),
         "adalomo_faster_than_adamw": faster(adamw),
         "adalomo_faster_than_lomo_optim_adalomo": faster(peer),
-        "adalomo_time_vs_lomo_optim_adalomo": _ratio(
+        "adalomo_time_vs_lomo_optim_adalomo": ratio(
             ada.get("s_per_step_median"), peer.get("s_per_step_median") if peer.get("ok") else None
         ),
     }
@@ -548,7 +447,7 @@ def _yes_no(flag: bool | None) -> str:
     return {True: "**yes**", False: "**no**", None: "not measured"}[flag]
 
 
-def _dtype_text(dtype: str) -> str:
+def dtype_text(dtype: str) -> str:
     return "bf16 mixed precision (fp32 master weights, bf16 autocast)" if dtype == "mixed" else dtype
 
 
@@ -566,7 +465,7 @@ def format_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Optimizer step: peak memory and time per step",
         "",
-        f"LLaMA shape `{setup['preset']}` ({params}random init), {_dtype_text(setup['dtype'])}, "
+        f"LLaMA shape `{setup['preset']}` ({params}random init), {dtype_text(setup['dtype'])}, "
         f"seq {setup['seq']}, "
         f"batch {setup['batch']}, gradient checkpointing {'on' if setup['grad_checkpointing'] else 'off'}; "
         f"{setup['steps']} timed steps after {setup['warmup']} warmup, {setup['repeats']} repeat(s); "
@@ -658,7 +557,7 @@ def _plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
-def _machine_info(threads: int) -> dict[str, Any]:
+def machine_info(threads: int) -> dict[str, Any]:
     try:
         import lomo_optim
 
@@ -707,10 +606,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.worker is not None:
-        raise SystemExit(_worker_main(args.worker))
+        benchlib.emit_result(run_worker(json.loads(args.worker)))  # an exception: traceback, exit 1
+        raise SystemExit(0)
     benchlib.check_run_options(args)
-    names = _parse_only(args.only)
-    machine = _machine_info(args.threads)
+    names = benchlib.parse_only(args.only, list(CONFIGS))
+    machine = machine_info(args.threads)
     base = {
         "preset": args.preset,
         "seq": args.seq,
@@ -721,28 +621,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "grad_checkpointing": args.grad_checkpointing,
         "threads": args.threads,
     }
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    total = len(names) * args.repeats
-    k = 0
-    # Round-robin over configurations so that slow drifts in machine load hit all of them alike.
-    for _ in range(args.repeats):
-        for name in names:
-            k += 1
-            print(f"[{k}/{total}] {name} ...", end=" ", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            res = _run_subprocess({**base, "config": name}, args.timeout)
-            runs[name].append(res)
-            done = (
-                f"{res['peak_rss_gib']:.2f} GiB, {res['s_per_step_median']:.2f} s/step"
-                if res["ok"]
-                else f"FAILED: {res['error']}"
-            )
-            print(f"{done} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    results = {n: _aggregate(rs) for n, rs in runs.items()}
+    runs = benchlib.run_matrix(
+        Path(__file__),
+        {n: {**base, "config": n} for n in names},
+        repeats=args.repeats,
+        timeout=args.timeout,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+        env=benchlib.thread_env(args.threads),
+    )
+    results = {n: _aggregate([as_row(n, r) for r in rs]) for n, rs in runs.items()}
     _add_ratios(results)
     machine["loadavg_after"] = benchlib.loadavg()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "optim_step",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -757,10 +647,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{args.preset} {args.dtype} seq {args.seq} batch {args.batch}"
         f"{' ckpt' if args.grad_checkpointing else ''}, {args.threads} threads — {machine['cpu_model']}"
     )
+    out.parent.mkdir(parents=True, exist_ok=True)
     if _plot(results, out.with_suffix(".png"), title):
         report["files"]["png"] = str(out.with_suffix(".png"))
-    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    out.with_suffix(".md").write_text(format_markdown(report))
+    benchlib.write_report(out, report, format_markdown(report))
     print(format_text_table(results))
     print(f"\nwrote {', '.join(report['files'].values())}")
     return report

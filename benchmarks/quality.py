@@ -56,7 +56,6 @@ import datetime as _dt
 import difflib
 import json
 import math
-import os
 import shlex
 import shutil
 import statistics
@@ -142,6 +141,7 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
 
     from leantune.config import load_config
     from leantune.evaluate import eval_loss
+    from leantune.monitor import read_metrics
     from leantune.trainer import Trainer
 
     s = params["settings"]
@@ -179,7 +179,7 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
     trainer.step_s, trainer.step_cpu_s = [], []
     summary = trainer.run()
     m = summary.metrics
-    rows = [json.loads(x) for x in (summary.run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    rows = read_metrics(summary.run_dir)
     curve = [
         [r["step"], r["eval_loss"]] for r in rows if r.get("kind") == "eval" and r["step"] < summary.steps
     ]
@@ -211,15 +211,13 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- parent
 def _run_child(settings: dict[str, Any], opt: str, lr: float, seed: int, timeout: float) -> dict[str, Any]:
-    payload = json.dumps({"settings": settings, "optimizer": opt, "lr": lr, "seed": seed})
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", payload]
-    env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]), "TRANSFORMERS_VERBOSITY": "error"}
+    payload = {"settings": settings, "optimizer": opt, "lr": lr, "seed": seed}
     name = _run_name(opt, lr, seed)
-    try:
-        res = benchlib.run_worker(cmd, env, name, timeout)
-    except benchlib.WorkerError as err:
-        print(f"  {name}: FAILED ({err.last_line})", flush=True)
-        return {"optimizer": opt, "lr": lr, "seed": seed, "ok": False, "error": err.detail}
+    env = benchlib.thread_env(settings["threads"])
+    res = benchlib.run_one(__file__, payload, label=name, timeout=timeout, env=env)
+    if "error" in res:
+        print(f"  {name}: FAILED ({res['error']})", flush=True)
+        return {"optimizer": opt, "lr": lr, "seed": seed, "ok": False, **res}
     res["ok"] = True
     print(
         f"  {name}: eval loss {res['eval_loss']:.4f}, exact match {res['acc']:.1%} "
@@ -558,12 +556,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
             setattr(args, key, value)
         grids = {n: [g[len(g) // 2]] for n, g in grids.items()}
         confirm_seeds = []
-    keep_work = args.work is not None
-    if args.work is None:
-        import tempfile
-
-        args.work = Path(tempfile.mkdtemp(prefix="leantune-quality-"))
-    args.work.mkdir(parents=True, exist_ok=True)
+    args.work, keep_work = benchlib.work_dir(args.work, "quality")
     settings = {
         k: getattr(args, k)
         for k in (
@@ -627,16 +620,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
             "source": benchlib.source(),
         }
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = (args.out.with_suffix(x) for x in (".json", ".md", ".png"))
-    json_path.write_text(json.dumps(report, indent=1))
     md = format_markdown(report)
-    md_path.write_text(md)
+    benchlib.write_report(args.out, report, md, indent=1)
     if report["best"]:
-        _plot(report, png_path)
+        _plot(report, args.out.with_suffix(".png"))
     print()
     print(md)
-    print(f"written: {json_path}, {md_path}, {png_path} ({report['total_seconds'] / 60:.1f} min)")
+    print(f"written: {args.out}.json/.md/.png ({report['total_seconds'] / 60:.1f} min)")
     if not keep_work:
         shutil.rmtree(args.work, ignore_errors=True)
     return report

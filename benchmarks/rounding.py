@@ -63,7 +63,6 @@ import contextlib
 import datetime as _dt
 import difflib
 import json
-import os
 import shlex
 import shutil
 import statistics
@@ -74,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
-from benchlib import fmt
+from benchlib import fmt, ratio
 from leantune.rss import proc_status_kib, release_free_memory, reset_peak_rss
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "rounding"
@@ -306,7 +305,9 @@ def _measured_trainer(measure_every: int):
 
 
 def _eval_curve(run_dir: Path, start: float, final: float | None, steps: int) -> list[list[float]]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    from leantune.monitor import read_metrics
+
+    rows = read_metrics(run_dir)
     curve = [[0, start]]
     curve += [[r["step"], r["eval_loss"]] for r in rows if r.get("kind") == "eval" and r["step"] < steps]
     if final is not None:
@@ -315,8 +316,9 @@ def _eval_curve(run_dir: Path, start: float, final: float | None, steps: int) ->
 
 
 def _train_curve(run_dir: Path) -> list[list[float]]:
-    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return [[r["step"], r["loss"]] for r in rows if r.get("kind") == "train"]
+    from leantune.monitor import read_metrics
+
+    return [[r["step"], r["loss"]] for r in read_metrics(run_dir) if r.get("kind") == "train"]
 
 
 def _pretrain_worker(s: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -497,26 +499,15 @@ def run_worker(params: dict[str, Any]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- parent
 def _run_child(settings: dict[str, Any], job: str, timeout: float) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        json.dumps({"job": job, "settings": settings}),
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(settings["threads"]), "TRANSFORMERS_VERBOSITY": "error"}
-    try:
-        result = benchlib.run_worker(cmd, env, job, timeout)
-    except benchlib.WorkerError as err:
-        print(f"  {job}: FAILED ({err.last_line})", flush=True)
-        return {"config": job, "ok": False, "error": err.detail}
+    payload = {"job": job, "settings": settings}
+    env = benchlib.thread_env(settings["threads"])
+    result = benchlib.run_one(__file__, payload, label=job, timeout=timeout, env=env)
+    if "error" in result:
+        print(f"  {job}: FAILED ({result['error']})", flush=True)
+        return {"config": job, "ok": False, **result}
     result["ok"] = True
-    wall = result["process_wall_seconds"]
-    print(f"  {job}: done in {wall:.0f} s", flush=True)
+    print(f"  {job}: done in {result['process_wall_seconds']:.0f} s", flush=True)
     return result
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
 
 
 def _reference(rows: dict[str, dict[str, Any]], optimizer: str, dtype: str, rounding: str):
@@ -533,10 +524,10 @@ def summarize(pretrain: dict[str, Any], finetune: list[dict[str, Any]], memory: 
             continue
         fp32 = _reference(rows, r["optimizer"], "fp32", "nearest")
         near = _reference(rows, r["optimizer"], "bf16", REFERENCE_ROUNDING)
-        r["eval_loss_vs_fp32"] = _ratio(r["eval_loss"], fp32 and fp32["eval_loss"])
+        r["eval_loss_vs_fp32"] = ratio(r["eval_loss"], fp32 and fp32["eval_loss"])
         for key in (*TIMING_KEYS, "peak_rss_mib"):
-            r[f"{key}_vs_nearest"] = _ratio(r[key], near and near[key])
-        r["bytes_vs_nearest"] = _ratio(r["bytes"]["total"], near and near["bytes"]["total"])
+            r[f"{key}_vs_nearest"] = ratio(r[key], near and near[key])
+        r["bytes_vs_nearest"] = ratio(r["bytes"]["total"], near and near["bytes"]["total"])
     for m in memory:
         if not m.get("ok"):
             continue
@@ -544,7 +535,7 @@ def summarize(pretrain: dict[str, Any], finetune: list[dict[str, Any]], memory: 
         near = mem.get(Setup(setup.optimizer, "bf16", REFERENCE_ROUNDING).name)
         near = near if near and near.get("ok") else None
         for key in (*TIMING_KEYS, "peak_rss_mib"):
-            m[f"{key}_vs_nearest"] = _ratio(m[key], near and near[key])
+            m[f"{key}_vs_nearest"] = ratio(m[key], near and near[key])
     goals = {}
     for opt in ("adalomo", "lomo"):
         sto = _reference(rows, opt, "bf16", "stochastic")
@@ -931,18 +922,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
             close = difflib.get_close_matches(n, list(SETUPS), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             parser.error(f"unknown configuration {n!r}.{hint} Known: {', '.join(SETUPS)}")
-    keep_work = args.work is not None
-    if args.work is None:
-        import tempfile
-
-        args.work = Path(tempfile.mkdtemp(prefix="leantune-rounding-"))
-    args.work.mkdir(parents=True, exist_ok=True)
+    args.work, keep_work = benchlib.work_dir(args.work, "rounding")
     settings = _settings(args)
     load_before = benchlib.loadavg()
     t0 = time.perf_counter()
     pretrain = _pretrain(settings, args.timeout)
     if not pretrain.get("ok"):
-        print(pretrain["error"], file=sys.stderr)
+        print(pretrain["detail"], file=sys.stderr)
         return 1
     print(f"  pre-trained: eval loss {pretrain['eval_loss']:.4f}, exact match {pretrain['acc']:.1%}")
     print(f"phase 2: fine-tune {settings['steps']} steps on {', '.join(settings['tasks'])}", flush=True)
@@ -972,17 +958,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | int:
             "source": benchlib.source(),
         }
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    json_path, md_path, png_path = (args.out.with_suffix(x) for x in (".json", ".md", ".png"))
-    json_path.write_text(json.dumps(report, indent=1))
-    md_path.write_text(format_markdown(report))
+    md = format_markdown(report)
+    benchlib.write_report(args.out, report, md, indent=1)
     if any(r.get("ok") for r in finetune):
-        _plot(report, png_path)
+        _plot(report, args.out.with_suffix(".png"))
     print()
     print(format_text_table(report))
     print()
-    print(md_path.read_text())
-    print(f"written: {json_path}, {md_path}, {png_path} ({report['total_seconds'] / 60:.1f} min)")
+    print(md)
+    print(f"written: {args.out}.json/.md/.png ({report['total_seconds'] / 60:.1f} min)")
     if not keep_work:
         shutil.rmtree(args.work, ignore_errors=True)
     return report

@@ -80,18 +80,16 @@ def _worker(payload: str) -> int:
         # until the kernel's OOM killer acts. Raises if the limit cannot be set: no unlimited run.
         n = int(limit * GIB)
         resource.setrlimit(resource.RLIMIT_AS, (n, n))
-    return optim_step._worker_main(json.dumps(params))
+    benchlib.emit_result(optim_step.run_worker(params))  # an exception: traceback, exit 1
+    return 0
 
 
 def _run(params: dict[str, Any], timeout: float | None) -> dict[str, Any]:
-    """One run in a fresh ``python scale_demo.py --worker JSON`` process."""
-    return optim_step.run_in_subprocess(
-        params,
-        timeout,
-        extra_env=memory_by_size.WORKER_ENV,
-        oom_score_adj=memory_by_size.OOM_SCORE_ADJ,
-        script=Path(__file__),
-    )
+    """One run in a fresh ``python scale_demo.py --worker JSON`` process (a failure is returned)."""
+    env = {**benchlib.thread_env(params["threads"]), **memory_by_size.WORKER_ENV}
+    oom = memory_by_size.OOM_SCORE_ADJ
+    res = benchlib.run_one(Path(__file__), params, timeout=timeout, env=env, oom_score_adj=oom)
+    return optim_step.as_row(params["config"], res)
 
 
 def _measure(
@@ -296,7 +294,7 @@ def _adamw_md(report: dict[str, Any]) -> list[str]:
                 status = "fits (a larger one fits)" if e["fits"] else "does not fit"
             ok = rec is not None and rec.get("ok")
             lines.append(
-                f"| {optim_step._dtype_text(dtype)} | `{e['preset']}` | {human_count(e['parameters'])} | "
+                f"| {optim_step.dtype_text(dtype)} | `{e['preset']}` | {human_count(e['parameters'])} | "
                 f"{pred:.2f} | {status} | {fmt(rec['peak_rss_gib'] if ok else None, '.2f')} | "
                 f"{fmt(rec['process_peak_rss_gib'] if ok else None, '.2f')} | "
                 f"{fmt(rec['s_per_step_median'] if ok else None, '.1f')} |"
@@ -344,7 +342,7 @@ def format_markdown(report: dict[str, Any]) -> str:
             if s.get("adalomo_size_ratio")
             else ""
         )
-        lines.append(f"- AdamW, {optim_step._dtype_text(dtype)}: {largest}{nxt}.{ratio}")
+        lines.append(f"- AdamW, {optim_step.dtype_text(dtype)}: {largest}{nxt}.{ratio}")
     lines += ["", f"## (a) AdaLomo: one full-parameter step of `{setup['preset']}`", "", *_adalomo_md(report)]
     lines += [
         "",
@@ -437,8 +435,7 @@ def write_report(report: dict[str, Any], out: Path, *, png: bool = False) -> Non
     report["files"] = {"json": str(out.with_suffix(".json")), "markdown": str(out.with_suffix(".md"))}
     if png and plot(report, out.with_suffix(".png")):
         report["files"]["png"] = str(out.with_suffix(".png"))
-    memory_by_size._write_atomic(out.with_suffix(".json"), json.dumps(report, indent=2) + "\n")
-    memory_by_size._write_atomic(out.with_suffix(".md"), format_markdown(report))
+    benchlib.write_report(out, report, format_markdown(report))
 
 
 # -------------------------------------------------------------------------------------------- main
@@ -547,7 +544,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "worker_env": memory_by_size.WORKER_ENV,
             "oom_score_adj": memory_by_size.OOM_SCORE_ADJ,
         },
-        "machine": optim_step._machine_info(args.threads),
+        "machine": optim_step.machine_info(args.threads),
         "adalomo": None,
         "adamw": {},
         "complete": False,

@@ -343,17 +343,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_seconds(run: Path) -> float | None:
-    import json
+    from leantune.monitor import read_metrics
 
-    if not (run / "metrics.jsonl").is_file():
+    try:
+        records = read_metrics(run)
+    except FileNotFoundError:
         return None
     times, total = [], None
-    with open(run / "metrics.jsonl") as fh:
-        for line in fh:
-            rec = json.loads(line)
-            total = rec.get("train_seconds", total)
-            if "time" in rec:
-                times.append(float(rec["time"]))
+    for rec in records:
+        total = rec.get("train_seconds", total)
+        if "time" in rec:
+            times.append(float(rec["time"]))
     # no train_seconds record: the span of the logged steps (from the first log, so a lower bound)
     return float(total) if total is not None else (max(times) - min(times) if times else None)
 

@@ -50,6 +50,8 @@ def write_records(path: Path, size: int) -> int:
 
 
 def train(path: Path, steps: int, out: Path) -> dict:
+    from leantune.monitor import read_metrics
+
     cmd = [sys.executable, "-m", "leantune", "train", f"data.train={path}", "data.streaming=true",
            f"train.max_steps={steps}", "eval.every=0", "data.num_eval=0", "log.progress=false",
            "log.plot=false", "log.tensorboard=false", "train.save_every=0", f"train.output_dir={out}",
@@ -58,8 +60,7 @@ def train(path: Path, steps: int, out: Path) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"training on {path} failed:\n{proc.stderr[-3000:]}")
-    rows = [json.loads(x) for x in (out / "r" / "metrics.jsonl").read_text().splitlines()]
-    summary = next(r for r in rows if r["kind"] == "summary")
+    summary = next(r for r in read_metrics(out / "r") if r["kind"] == "summary")
     return {"peak_rss_mib": summary["peak_mem_bytes"] / 2**20, "wall_s": time.perf_counter() - t0}
 
 

@@ -18,7 +18,6 @@ Results: ``benchmarks/results/trainer_overhead.{md,json,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,6 +26,8 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+import benchlib
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,20 +61,14 @@ def plain_loop(steps: int) -> dict:
 
 def worker(kind: str, steps: int) -> None:
     if kind == "plain":
-        print(json.dumps(plain_loop(steps)))
+        benchlib.emit_result(plain_loop(steps))
 
 
 def run(kind: str, steps: int) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     if kind == "plain":
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", kind, "--steps", str(steps)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=env,
-        )
-        res = json.loads(out.stdout.strip().splitlines()[-1])
+        cmd = [sys.executable, __file__, "--worker", kind, "--steps", str(steps)]
+        res = benchlib.run_worker(cmd, env, kind)
         return res["tokens"] / res["seconds"]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
@@ -91,7 +86,9 @@ def run(kind: str, steps: int) -> float:
             "train.run_name=r",
         ]
         subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        records = [json.loads(x) for x in (Path(tmp) / "r" / "metrics.jsonl").read_text().splitlines()]
+        from leantune.monitor import read_metrics
+
+        records = read_metrics(Path(tmp) / "r")
     return next(r for r in records if r["kind"] == "summary")["tokens_per_s"]
 
 
@@ -129,11 +126,8 @@ def main() -> None:
     )
     print(text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(text)
-    out.with_suffix(".json").write_text(
-        json.dumps({"command": command, "steps": args.steps, "rates": rates, "ratio": lt / plain}, indent=1)
-    )
+    report = {"command": command, "steps": args.steps, "rates": rates, "ratio": lt / plain}
+    benchlib.write_report(out, report, text, indent=1)
     plot(rates, out.with_suffix(".png"))
 
 

@@ -90,16 +90,16 @@ def test_parent_writes_report(bench, tmp_path, capsys):
     assert "AdaLomo (leantune)" in capsys.readouterr().out
 
 
-def test_failures_are_reported_not_raised(bench, tmp_path, monkeypatch, capsys):
-    # The worker turns an exception into a result line; the parent records it and carries on.
-    assert bench._worker_main(json.dumps({**_worker_params("floor"), "preset": "nope"})) == 1
-    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert not res["ok"] and "Unknown model preset 'nope'" in res["error"]
-
-    monkeypatch.setattr(bench, "_run_subprocess", lambda params, timeout: dict(res))
+def test_failures_are_reported_not_raised(bench, tmp_path, monkeypatch):
+    # The worker raises (its traceback goes to stderr); the parent records the failure and carries on.
+    with pytest.raises(ValueError, match="Unknown model preset 'nope'"):
+        bench.run_worker({**_worker_params("floor"), "preset": "nope"})
+    failed = {"error": "ValueError: Unknown model preset 'nope'", "detail": "Traceback ..."}
+    monkeypatch.setattr(bench.benchlib, "run_matrix", lambda script, configs, **kw: {"floor": [failed]})
     out = tmp_path / "bad"
     report = bench.main(["--preset", "nope", "--only", "floor", "--out", str(out)])
-    assert not report["results"]["floor"]["ok"]
+    floor = report["results"]["floor"]
+    assert not floor["ok"] and floor["label"] == "floor: fwd+bwd, grads dropped"
     assert "failed: `ValueError: Unknown model preset 'nope'" in out.with_suffix(".md").read_text()
 
 

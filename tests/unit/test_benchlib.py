@@ -104,3 +104,72 @@ def test_run_options_are_shared_and_checked_naming_the_option():
                          ("--warmup=-1", "--warmup must be >= 0")):  # fmt: skip
         with pytest.raises(SystemExit, match=message):
             benchlib.check_run_options(ap.parse_args([bad]))
+
+
+WORKER = """
+import json, os, sys
+import benchlib
+params = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+if params.get("die"):
+    sys.stderr.write("allocating\\n")
+    sys.stderr.flush()
+    os.kill(os.getpid(), 9)  # as the OOM killer would
+with open("/proc/self/oom_score_adj") as f:
+    oom = int(f.read())
+benchlib.emit_result({"x": params["x"], "oom": oom, "threads": os.environ.get("OMP_NUM_THREADS")})
+"""
+
+
+def test_run_one_returns_the_result_or_the_failure_and_sets_oom_score(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {"PYTHONPATH": os.path.dirname(benchlib.__file__), **benchlib.thread_env(3)}
+    res = benchlib.run_one(script, {"x": 5}, env=env, oom_score_adj=1000)
+    assert (res["x"], res["oom"], res["threads"]) == (5, 1000, "3") and res["process_wall_seconds"] > 0
+    # killed by a signal: the reason first, then the worker's last words
+    died = benchlib.run_one(script, {"die": True}, env=env)
+    assert died == {"error": "killed by SIGKILL (out of memory?): allocating", "detail": "allocating\n"}
+
+
+@pytest.mark.parametrize(
+    ("returncode", "reason"),
+    [
+        (3, "failed (exit code 3)"),
+        (-9, "killed by SIGKILL (out of memory?)"),
+        (-6, "killed by SIGABRT"),
+        (-200, "killed by signal 200"),
+    ],
+)
+def test_exit_reason(returncode, reason):
+    assert benchlib.exit_reason(returncode) == reason
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [(3.0, 2.0, 1.5), (None, 2.0, None), (3.0, None, None),
+                                                  (3.0, 0.0, None), (0.0, 2.0, 0.0)])  # fmt: skip
+def test_ratio_is_none_without_both_numbers(a, b, expected):
+    assert benchlib.ratio(a, b) == expected
+
+
+def test_write_report_is_atomic_and_keeps_the_indent(tmp_path):
+    out = tmp_path / "sub" / "report"
+    benchlib.write_report(out, {"a": [1], "é": 1}, "# md\n", indent=1)
+    assert out.with_suffix(".json").read_text() == '{\n "a": [\n  1\n ],\n "\\u00e9": 1\n}\n'
+    assert out.with_suffix(".md").read_text() == "# md\n"
+    benchlib.write_report(out, {"é": 1}, "# again\n", ensure_ascii=False)
+    assert out.with_suffix(".json").read_text() == '{\n  "é": 1\n}\n'
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report.json", "report.md"]  # no .tmp left
+
+
+def test_load_average_is_formatted(monkeypatch):
+    monkeypatch.setattr(benchlib, "loadavg", lambda: [0.5, 1.25, 2.0])
+    assert benchlib.load_average() == "0.50 / 1.25 / 2.00"
+
+
+def test_work_dir_is_kept_when_given_else_temporary(tmp_path):
+    given, keep = benchlib.work_dir(tmp_path / "a" / "b", "x")
+    assert (given, keep) == (tmp_path / "a" / "b", True) and given.is_dir()
+    temp, keep = benchlib.work_dir(None, "unit")
+    try:
+        assert not keep and temp.is_dir() and temp.name.startswith("leantune-unit-")
+    finally:
+        temp.rmdir()
