@@ -4,6 +4,7 @@ hand-made rows, and the score files' bad inputs and resume."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from types import SimpleNamespace
@@ -280,9 +281,11 @@ def test_score_file_counts_bad_lines_and_short_documents(tmp_path):
     assert counts.skipped == {"empty text": 1, "not valid UTF-8": 1, "malformed JSON": 1,
                               "no 'text' field": 1, "not a JSON object": 1}  # fmt: skip
     meta, rows = read_scores(scores_path(src))
-    assert meta == {"model": "copy", "windows": [96, 32, 8], "field": "text"}
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    assert meta == {"model": "copy", "windows": [96, 32, 8], "field": "text",
+                    "input": {"size": src.stat().st_size, "sha256": digest}}  # fmt: skip
     by_line = {r["line"]: r for r in rows}
-    assert sorted(by_line) == [1, 2, 3, 4, 5, 6, 7, 9]  # the blank line 8 is no document
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6, 7, 9]  # input order; blank line 8 is no document
     assert (
         by_line[1]["status"] == "ok" and by_line[1]["chunks"] == 2 and math.isfinite(by_line[1]["acc_delta"])
     )
@@ -315,7 +318,7 @@ def test_unreadable_inputs_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="a directory"):
         check_readable(tmp_path)
     (tmp_path / "a.json").write_text('[{"text": "x"}]')
-    with pytest.raises(DataError, match="only JSON-lines files"):
+    with pytest.raises(DataError, match="a JSON array; only JSON-lines"):
         check_readable(tmp_path / "a.json")
 
 
@@ -325,3 +328,27 @@ def test_a_tokenizer_beyond_the_models_vocabulary_is_an_error(tmp_path):
     src = write_lines(tmp_path / "d.jsonl", [json.dumps({"text": "hello world"}).encode()])
     with pytest.raises(DataError, match="beyond the model's vocabulary of 48"):
         score_file(src, tiny_llama(), build_byte_tokenizer(), Windows(8, 4, 2), model_name="m")
+
+
+def test_parquet_documents_and_records_across_batches(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from leantune.data import quality_inputs
+
+    monkeypatch.setattr(quality_inputs, "_BATCH_ROWS", 2)  # rows 1-2, 3-4, 5
+    path = tmp_path / "d.parquet"
+    pq.write_table(pa.table({"text": ["a b", None, " ", "c", "d"], "n": [1, 2, 3, 4, 5]}), path)
+    assert list(quality_inputs.iter_documents(path)) == [
+        (1, "a b", None), (2, None, "'text' is null"), (3, None, "empty text"),
+        (4, "c", None), (5, "d", None),
+    ]  # fmt: skip
+    assert quality_inputs.count_documents(path) == 5
+    got = quality_inputs.read_records(path, {1, 4, 5})
+    assert got == {1: {"text": "a b", "n": 1}, 4: {"text": "c", "n": 4}, 5: {"text": "d", "n": 5}}
+    pq.write_table(pa.table({"text": [1, 2]}), path)
+    with pytest.raises(DataError, match="column 'text' holds int64, not text"):
+        check_readable(path, "text")
+    (tmp_path / "bad.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        check_readable(tmp_path / "bad.parquet", "text")

@@ -1,9 +1,10 @@
-"""Scoring files of long documents: documents streamed from JSON lines, their quality metrics
-(:mod:`leantune.data.quality`) written to a scores file beside the input, resumably.
+"""Scoring files of long documents: documents streamed from JSON lines or Parquet
+(:mod:`leantune.data.quality_inputs`), their quality metrics (:mod:`leantune.data.quality`) written
+to a scores file beside the input, resumably, by one process or by every rank of a torchrun job.
 
-``docs.jsonl`` gets ``docs.scores.jsonl``: a first line ``{"_meta": {...}}`` (model, windows,
-text field), then one row per input line that is not blank, ``{"line": N, "status": ...}`` (keyed
-by the line number, not in input order), with
+``docs.jsonl`` (or ``docs.parquet``) gets ``docs.scores.jsonl``: a first line ``{"_meta": {...}}``
+(model, windows, text field, and the input's size and SHA-256), then one row per document line (a
+JSON line that is not blank, or a Parquet row), ``{"line": N, "status": ...}``, in input order, with
 
 * ``ok``: every metric;
 * ``short``: shorter than one window: the statistical metrics, coherence ``null`` (NaN; JSON has
@@ -13,6 +14,11 @@ by the line number, not in input order), with
 
 An interrupted run is resumed by running the same command again: the rows already written are
 kept (a torn last line is cut off) and their lines are not scored again.
+
+Under torchrun (a process group initialised) the documents still to score are dealt out to the
+ranks in blocks of ``group`` per rank; every rank scores its share, the rows are gathered, and rank
+0 alone writes them, in input order. The model's forward sees the same windows whatever the number
+of ranks, so with ``batch_size=1`` a file scored by N ranks equals the one scored by one.
 """
 
 from __future__ import annotations
@@ -20,12 +26,13 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from leantune.data.quality import COHERENCE_KEYS, Windows, coherence_scores, text_metrics, token_metrics
+from leantune.data.quality_inputs import check_readable, input_fingerprint, iter_documents
 from leantune.data.records import DataError
 
 __all__ = [
@@ -43,58 +50,6 @@ def scores_path(path: str | Path) -> Path:
     """Where the scores of ``path`` go: ``docs.jsonl`` -> ``docs.scores.jsonl``."""
     p = Path(path)
     return p.with_name(f"{p.stem}.scores.jsonl")
-
-
-def check_readable(path: str | Path) -> Path:
-    """``path`` as a readable JSON-lines file.
-
-    Raises:
-        FileNotFoundError: it does not exist or is a directory.
-        DataError: it cannot be opened, or is a JSON array / Parquet file rather than JSON lines.
-    """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file")
-    if p.is_dir():
-        raise FileNotFoundError(f"{p}: a directory, not a JSON-lines file")
-    try:
-        with p.open("rb") as fh:
-            head = fh.read(4096).lstrip()
-    except OSError as err:
-        raise DataError(f"{p}: cannot be read ({err.strerror or err})") from None
-    if p.suffix.lower() == ".parquet" or head.startswith((b"[", b"PAR1")):
-        raise DataError(f'{p}: only JSON-lines files (one {{"text": ...}} object per line) can be scored')
-    return p
-
-
-def iter_documents(
-    path: str | Path, text_field: str = "text"
-) -> Iterator[tuple[int, str | None, str | None]]:
-    """``(line number, text, None)`` per document of a JSON-lines file, or ``(line number, None,
-    reason)`` for a line that holds none (blank lines are not documents and are not yielded)."""
-    with Path(path).open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = raw.strip()
-            if not line:
-                continue
-            try:
-                value = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as err:
-                yield lineno, None, f"not valid UTF-8 ({err.reason} at byte {err.start})"
-                continue
-            except json.JSONDecodeError as err:
-                yield lineno, None, f"malformed JSON ({err.msg} at column {err.colno})"
-                continue
-            if not isinstance(value, dict):
-                yield lineno, None, f"not a JSON object ({type(value).__name__})"
-            elif text_field not in value:
-                yield lineno, None, f"no {text_field!r} field"
-            elif not isinstance(value[text_field], str):
-                yield lineno, None, f"{text_field!r} is not a string ({type(value[text_field]).__name__})"
-            elif not value[text_field].strip():
-                yield lineno, None, "empty text"
-            else:
-                yield lineno, value[text_field], None
 
 
 def _clean(row: dict[str, Any]) -> dict[str, Any]:
@@ -160,10 +115,58 @@ def _resume(out: Path, meta: dict[str, Any]) -> set[int]:
                     f"{out} was scored with {key} {old_meta.get(key)!r}, this run has {meta[key]!r}: "
                     "delete it to score again, or run with the same settings to resume"
                 )
+        if old_meta.get("input", meta["input"]) != meta["input"]:  # older files have no fingerprint
+            raise DataError(f"the data file changed since {out} was started: delete it to score again")
     data = out.read_bytes()
     if data and not data.endswith(b"\n"):
         out.write_bytes(data[: data.rfind(b"\n") + 1])  # drop the torn row; it is scored again
     return {int(r["line"]) for r in rows}
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _on_every_rank(value: Any, world: int) -> list[Any]:
+    """``value`` from every rank, in rank order (one rank: ``[value]``)."""
+    if world == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _score_rows(
+    docs: list[tuple[int, str]],
+    model: Any,
+    tokenizer: Any,
+    windows: Windows,
+    vocab: int | None,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """The rows of ``docs`` (``(line, text)``): text, token and coherence metrics."""
+    if not docs:
+        return []
+    ids = tokenizer([t for _, t in docs], add_special_tokens=False)["input_ids"]
+    if vocab is not None:
+        top = max((max(x) for x in ids if x), default=-1)
+        if top >= vocab:
+            raise DataError(f"the tokenizer gives token id {top}, beyond the model's vocabulary of {vocab}")
+    rows = []
+    coherence = coherence_scores(model, ids, windows, batch_size=batch_size)
+    for (lineno, text), tok, c in zip(docs, ids, coherence):
+        row: dict[str, Any] = {"line": lineno, "status": "ok" if c["chunks"] else "short"}
+        row.update(text_metrics(text))
+        row.update(token_metrics(tok, len(text)))
+        row.update(c)
+        rows.append(_clean(row))
+    return rows
 
 
 def score_file(
@@ -180,72 +183,87 @@ def score_file(
 ) -> ScoreCounts:
     """Score every document of ``path`` into :func:`scores_path` (see the module docstring).
 
-    Documents are tokenised ``group`` at a time in one batched call of a fast tokenizer (which
-    spreads a batch over threads), and their windows scored together, ``batch_size`` per forward.
+    Documents are tokenised ``group`` at a time (per rank) in one batched call of a fast tokenizer
+    (which spreads a batch over threads), and their windows scored together, ``batch_size`` per
+    forward. Under torchrun every rank must call this with the same arguments; the returned counts
+    are the whole file's on every rank.
 
     Args:
-        on_line: called with the number of input lines handled (progress).
+        on_line: called with the number of input lines handled (progress), on rank 0 only.
 
     Raises:
-        FileNotFoundError, DataError: an unreadable input, or a scores file from other settings.
+        FileNotFoundError, DataError: an unreadable input, or a scores file from other settings or
+            another version of the input (on every rank).
+        RuntimeError: scoring failed on another rank.
     """
-    src = check_readable(path)
+    from leantune.distributed.runtime import run_on_main
+
+    src = check_readable(path, text_field)
     out = scores_path(src)
+    rank, world = _rank_world()
     meta = {"model": model_name, "windows": [windows.long, windows.short, windows.eval], "field": text_field}
-    done = _resume(out, meta)
+
+    def prepare() -> tuple[dict[str, Any], set[int]]:  # rank 0: it owns the scores file
+        meta["input"] = input_fingerprint(src)
+        return meta["input"], _resume(out, meta)
+
+    meta["input"], done = run_on_main(prepare)
     counts = ScoreCounts(resumed=len(done))
     vocab = None
     if hasattr(model, "get_input_embeddings") and model.get_input_embeddings() is not None:
         vocab = model.get_input_embeddings().num_embeddings
-    pending: list[tuple[int, str]] = []
+    block: list[tuple[int, str | None, str | None]] = []  # (line, text, reason) in input order
+    n_docs = 0
 
     def flush(fh: Any) -> None:
-        if not pending:
-            return
-        texts = [t for _, t in pending]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        if vocab is not None:
-            top = max((max(x) for x in ids if x), default=-1)
-            if top >= vocab:
-                raise DataError(
-                    f"the tokenizer gives token id {top}, beyond the model's vocabulary of {vocab}"
-                )
-        coh = coherence_scores(model, ids, windows, batch_size=batch_size)
-        for (lineno, text), tok, c in zip(pending, ids, coh):
-            row: dict[str, Any] = {"line": lineno, "status": "ok" if c["chunks"] else "short"}
-            row.update(text_metrics(text))
-            row.update(token_metrics(tok, len(text)))
-            row.update(c)
-            counts.scored += row["status"] == "ok"
-            counts.short += row["status"] == "short"
-            fh.write(json.dumps(_clean(row)) + "\n")
-        fh.flush()
-        if on_line:
-            on_line(len(pending))
-        pending.clear()
-
-    with out.open("a", encoding="utf-8") as fh:
-        if not done and out.stat().st_size == 0:
-            fh.write(json.dumps({"_meta": meta}) + "\n")
-        for lineno, text, reason in iter_documents(src, text_field):
-            if lineno in done:
-                if on_line:
-                    on_line(1)
-                continue
-            if reason is not None:
+        docs = [(n, t) for n, t, reason in block if reason is None]
+        try:  # an error is sent to every rank, which all raise it: none waits for the others
+            mine: Any = _score_rows(docs[rank::world], model, tokenizer, windows, vocab, batch_size)
+        except DataError as err:
+            mine = ("DataError", str(err))
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            mine = ("RuntimeError", f"rank {rank}: {type(err).__name__}: {err}")
+        parts = _on_every_rank(mine, world)
+        for part in parts:
+            if isinstance(part, tuple):
+                raise (DataError if part[0] == "DataError" else RuntimeError)(part[1])
+        scored = {r["line"]: r for part in parts for r in part}
+        for lineno, _, reason in block:
+            if reason is None:
+                row = scored[lineno]
+                counts.scored += row["status"] == "ok"
+                counts.short += row["status"] == "short"
+            else:
+                row = {"line": lineno, "status": "skipped", "reason": reason}
                 counts.skipped[reason.split(" (")[0]] += 1
                 if len(counts.first_skips) < 5:
                     counts.first_skips.append(f"line {lineno}: {reason}")
-                # Skipped rows are written before the pending group's scores: rows are keyed by
-                # line, not by position, so readers never depend on the order.
-                fh.write(json.dumps({"line": lineno, "status": "skipped", "reason": reason}) + "\n")
-                if on_line:
+            if fh is not None:
+                fh.write(json.dumps(row) + "\n")
+        if fh is not None:
+            fh.flush()
+        if on_line and rank == 0 and block:
+            on_line(len(block))
+        block.clear()
+
+    fh = out.open("a", encoding="utf-8") if rank == 0 else None
+    try:
+        if fh is not None and out.stat().st_size == 0:
+            fh.write(json.dumps({"_meta": meta}) + "\n")
+        for lineno, text, reason in iter_documents(src, text_field):
+            if lineno in done:
+                if on_line and rank == 0:
                     on_line(1)
                 continue
-            pending.append((lineno, text))
-            if len(pending) >= group:
+            block.append((lineno, text, reason))
+            n_docs += reason is None
+            if n_docs >= group * world:
                 flush(fh)
+                n_docs = 0
         flush(fh)
+    finally:
+        if fh is not None:
+            fh.close()
     return counts
 
 

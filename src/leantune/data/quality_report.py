@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from leantune.data.longtext_classes import CLASSES, Rules, mixture
+from leantune.data.quality_inputs import read_records
+from leantune.data.records import DataError
 
 __all__ = ["class_table", "write_mixture", "write_report"]
 
@@ -28,15 +30,6 @@ def class_table(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
     n, t = sum(docs.values()) or 1, sum(tokens.values()) or 1.0
     return {c: {"docs": docs[c], "tokens": tokens[c], "doc_share": docs[c] / n, "token_share": tokens[c] / t}
             for c in CLASSES}  # fmt: skip
-
-
-def _lines(path: str, wanted: set[int]) -> dict[int, bytes]:
-    got = {}
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            if lineno in wanted:
-                got[lineno] = raw if raw.endswith(b"\n") else raw + b"\n"
-    return got
 
 
 def _histogram(path: Path, metric: str, rows: Sequence[dict[str, Any]]) -> bool:
@@ -70,7 +63,9 @@ def _histogram(path: Path, metric: str, rows: Sequence[dict[str, Any]]) -> bool:
     return True
 
 
-def write_report(out: Path, rows: Sequence[dict[str, Any]], rules: Rules, *, examples: int = 2) -> str:
+def write_report(
+    out: Path, rows: Sequence[dict[str, Any]], rules: Rules, *, examples: int = 2, text_field: str = "text"
+) -> str:
     """``report.md``, ``report.json`` and ``hist_<metric>.png`` in ``out``; returns the class table
     as text."""
     out.mkdir(parents=True, exist_ok=True)
@@ -100,12 +95,13 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], rules: Rules, *, exa
     texts = {}
     for f, wanted in by_file.items():
         try:
-            found = _lines(f, wanted)
-        except OSError:
+            found = read_records(f, wanted)
+        except (OSError, DataError):
             continue  # the data file moved: the report keeps the scores
-        for n, raw in found.items():
+        for n, rec in found.items():
             try:
-                texts[(f, n)] = json.loads(raw.decode("utf-8")).get("text", "")
+                rec = json.loads(rec.decode("utf-8")) if isinstance(rec, bytes) else rec
+                texts[(f, n)] = rec.get(text_field, "")
             except (ValueError, AttributeError):
                 texts[(f, n)] = ""
     for c, rs in picked.items():
@@ -129,28 +125,70 @@ def write_report(out: Path, rows: Sequence[dict[str, Any]], rules: Rules, *, exa
     return summary
 
 
-def write_mixture(out: Path, rows: Sequence[dict[str, Any]], rules: Rules) -> str:
-    """``out/<class>.jsonl`` (each document's line copied as is) and ``out/mixture.yaml`` with
-    ``data.train`` / ``data.weights``; returns the YAML text."""
-    import yaml
+def _as_record(rec: dict[str, Any] | bytes, where: str) -> dict[str, Any]:
+    if isinstance(rec, dict):
+        return rec
+    try:
+        value = json.loads(rec.decode("utf-8"))
+    except ValueError:
+        raise DataError(f"{where}: not a JSON object; it was scored, has the file changed?") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: not a JSON object; it was scored, has the file changed?")
+    return value
 
-    out.mkdir(parents=True, exist_ok=True)
+
+def _write_class_files(out: Path, rows: Sequence[dict[str, Any]], fmt: str) -> list[str]:
+    """Each class's documents to ``out/<class>.<fmt>``; returns the classes written."""
     by_file: dict[str, dict[int, str]] = {}
     for r in rows:
         by_file.setdefault(r["data"], {})[int(r["line"])] = r["class"]
+    if fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        # Parquet: each class's rows are gathered in memory and written once, so that inputs whose
+        # columns differ a little (a missing column, int vs float) merge into one schema.
+        tables: dict[str, list[Any]] = {}
+        for f, classes in by_file.items():
+            records: dict[str, list[dict[str, Any]]] = {}
+            for n, rec in sorted(read_records(f, set(classes)).items()):
+                records.setdefault(classes[n], []).append(_as_record(rec, f"{f}:{n}"))
+            for c, recs in records.items():
+                tables.setdefault(c, []).append(pa.Table.from_pylist(recs))
+        for c, ts in tables.items():
+            try:
+                table = pa.concat_tables(ts, promote_options="permissive")
+            except pa.ArrowException as err:
+                raise DataError(f"the {c} documents' columns do not merge into one table ({err})") from None
+            pq.write_table(table, out / f"{c}.parquet")
+        return list(tables)
     handles: dict[str, Any] = {}
     try:
         for f, classes in by_file.items():
-            for n, raw in sorted(_lines(f, set(classes)).items()):
+            for n, rec in sorted(read_records(f, set(classes)).items()):
                 c = classes[n]
                 if c not in handles:
                     handles[c] = (out / f"{c}.jsonl").open("wb")
-                handles[c].write(raw)
+                if not isinstance(rec, bytes):  # a Parquet row becomes a JSON line
+                    rec = (json.dumps(rec, default=str) + "\n").encode()
+                handles[c].write(rec)  # a JSON line is copied as it is
     finally:
         for h in handles.values():
             h.close()
+    return list(handles)
+
+
+def write_mixture(out: Path, rows: Sequence[dict[str, Any]], rules: Rules, *, fmt: str = "jsonl") -> str:
+    """``out/<class>.jsonl`` or ``.parquet`` (a JSON line copied as is, a Parquet row as a record)
+    and ``out/mixture.yaml`` with ``data.train`` / ``data.weights``; returns the YAML text."""
+    import yaml
+
+    if fmt not in ("jsonl", "parquet"):
+        raise ValueError(f"format must be jsonl or parquet, got {fmt!r}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = _write_class_files(out, rows, fmt)
     table = class_table(rows)
-    files = {c: str((out / f"{c}.jsonl").resolve()) for c in handles}
+    files = {c: str((out / f"{c}.{fmt}").resolve()) for c in CLASSES if c in written}
     mix = mixture(files, {c: table[c]["tokens"] for c in files}, rules.upsample)
     head = ["# leantune data mix: LongWanjuan's mixture (chaotic dropped, aggregated up-weighted)"]
     for c in CLASSES:
