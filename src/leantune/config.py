@@ -851,13 +851,12 @@ class Config:
             (bool(self.train.hft), "train.hft"),
             (self.train.objective != "sft", f"train.objective={self.train.objective}"),
             (self.serve.port is not None, "serve.port"),
-            (self.dist.strategy == "fsdp", "dist.strategy=fsdp"),
         ]
         for refused, what in refusals:
             if refused:
                 raise ConfigError(
                     f"{tp} with {what} is not supported yet: tensor parallelism is validated for "
-                    "full-parameter SFT with data parallelism (dist.strategy=ddp or none) across the "
+                    "full-parameter SFT, with dist.strategy=ddp, fsdp or none across the "
                     "tensor-parallel groups"
                 )
 

@@ -190,9 +190,8 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.stream.batches_per_epoch / cfg.train.accumulation_steps)
         )
-        self.optimizer, self.stepper = build.build_optimizer(
-            cfg, self.model, self.hft, mesh_collectives(self.mesh) if self.mesh is not None else "auto"
-        )
+        collectives = mesh_collectives(self.mesh, cfg.dist.strategy) if self.mesh is not None else "auto"
+        self.optimizer, self.stepper = build.build_optimizer(cfg, self.model, self.hft, collectives)
         attach_optimizer(self.optimizer, cfg.dist.strategy, self.mesh)
         sync_optimizer_with_mask(self.optimizer, self.model, self.hft, cfg.optim.name)
         self.scheduler = build.build_scheduler(self.optimizer, cfg, self.total_steps)

@@ -42,11 +42,13 @@ def tp_reference(text_file, tmp_path_factory):  # noqa: F811
     return runs
 
 
-def test_tp2_by_dp2_with_clipping_equals_one_rank(text_file, tp_reference, tmp_path):  # noqa: F811
-    """Four ranks: two tensor-parallel groups, each reading half of every global batch."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_tp2_by_dp2_with_clipping_equals_one_rank(text_file, tp_reference, tmp_path, strategy):  # noqa: F811
+    """Four ranks: two tensor-parallel groups, each reading half of every global batch; across the
+    groups the gradients are averaged in the hooks (ddp) or reduce-scattered by FSDP2 (2-D shards)."""
     launch(
         [*common(text_file, tmp_path), *OPTIMIZERS["lomo-clip"], "train.batch_size=4", "dist.tp=2",
-         "dist.strategy=ddp", "train.run_name=r", "train.max_steps=4"],
+         f"dist.strategy={strategy}", "train.run_name=r", "train.max_steps=4"],
         4,
     )  # fmt: skip
     reference = losses(tp_reference["lomo-clip"])[:4]

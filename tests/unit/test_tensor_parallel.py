@@ -121,6 +121,45 @@ def test_tp2_by_two_data_parallel_equals_one_process(reference):
             torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6)
 
 
+def test_tp2_by_fsdp2_equals_one_process(reference):
+    """FSDP2 over the dp dimension of the same mesh: colwise weights become
+    (_StridedShard(0), Shard(0)), rowwise ones (Shard(0), Shard(1)), the rest Shard(0) over dp."""
+    models = _models(4)
+
+    def rank_fn(rank):
+        from leantune.distributed.strategy import apply_fsdp
+
+        model = models[rank]
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        apply_tensor_parallel(model, mesh["tp"])
+        apply_fsdp(model, mesh=mesh["dp"])
+        opt = OPTIMIZERS["adalomo-accumulate"](model)
+        assert isinstance(opt.collectives, MeshCollectives) and not opt.collectives.replicated
+        dp_rank = mesh.get_local_rank("dp")
+        norms = []
+        for step in range(STEPS):
+            ids, labels = global_batch(step)
+            for part in range(2):  # this rank's half of the batch, in two micro-batches
+                rows = slice(dp_rank * 2 + part, dp_rank * 2 + part + 1)
+                result = opt.backward(model(input_ids=ids[rows], labels=labels[rows]).loss)
+            norms.append(result.grad_norm)
+        q = model.model.layers[0].self_attn.q_proj.weight
+        state = opt.state_dict()["state"]
+        rows = next(st["row"] for st in state.values() if "row" in st and st["row"].shape == (q.shape[0],))
+        return (
+            tuple(type(pl).__name__ for pl in q.placements),
+            tuple(type(pl).__name__ for pl in rows.placements),
+            {k: _full(v).detach().clone() for k, v in model.named_parameters()}, norms,
+        )  # fmt: skip
+
+    weights, norms = reference["adalomo-accumulate"]
+    for q_layout, row_layout, got, got_norms in run_ranks(4, rank_fn):
+        assert q_layout == ("_StridedShard", "Shard") and row_layout == q_layout  # rows keep the stride
+        assert got_norms == pytest.approx(norms, rel=1e-5)
+        for key, want in weights.items():
+            torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
 def test_statistics_are_summed_over_the_dimensions_that_split_their_axis():
     """Row statistics over column shards, column statistics over row shards, RMS over both,
     nothing over a replicating dimension; the norm weight of a replicated tensor is 1/copies."""
@@ -235,3 +274,24 @@ def test_a_partial_mesh_without_a_data_parallel_group_is_refused():
         return dist.get_rank()
 
     assert run_ranks(4, rank_fn) == [0, 1, 2, 3]
+
+
+def test_bf16_stochastic_rounding_keeps_replicated_tensors_identical_across_the_group():
+    """The noise streams stay in step: embeddings, norms and the head (replicated) round alike on
+    both ranks, so they stay bitwise equal; the run tracks the one-process bf16 run."""
+    models = [tiny_model().to(torch.bfloat16) for _ in range(3)]
+
+    def rank_fn(rank):
+        model = models[rank]
+        apply_tensor_parallel(model, init_device_mesh("cpu", (2,), mesh_dim_names=("tp",)))
+        _train(model, AdaLomo(model, lr=0.05, rounding="stochastic", seed=3))
+        return {k: _full(v).detach().clone() for k, v in model.named_parameters()}
+
+    ranks = run_ranks(2, rank_fn)
+    reference = models[2]
+    _train(reference, AdaLomo(reference, lr=0.05, rounding="stochastic", seed=3))
+    start = dict(tiny_model().to(torch.bfloat16).named_parameters())
+    for key, want in reference.named_parameters():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key  # no replica drifts
+        moved = (want.float() - start[key].float()).abs().mean()
+        assert (ranks[0][key].float() - want.float()).abs().mean() < 0.25 * moved, key

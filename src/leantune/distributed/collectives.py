@@ -90,8 +90,11 @@ def _tensor_parallel_collectives(shards: list[Tensor]) -> Collectives:
 def _shard_axis(placement: Any, ndim: int) -> str | None:
     """Which axis of the ``(rows, cols)`` view a placement splits: ``"rows"``, ``"cols"`` or None."""
     from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
-    if not isinstance(placement, Shard):  # Replicate (Partial never describes a parameter)
+    # FSDP2 over tensor parallelism strides dim 0 (_StridedShard, no Shard subclass in torch 2.13);
+    # Replicate holds the whole tensor (Partial never describes a parameter)
+    if not isinstance(placement, (Shard, _StridedShard)):
         return None
     return "cols" if ndim >= 2 and placement.dim in (ndim - 1, -1) else "rows"
 

@@ -73,6 +73,12 @@ def apply_fsdp(
     return model
 
 
+def _fsdp_dtype(dist_cfg: Any) -> torch.dtype | None:
+    from leantune.models import resolve_dtype
+
+    return resolve_dtype(dist_cfg.mixed_precision) if dist_cfg.mixed_precision else None
+
+
 def broadcast_parameters(model: nn.Module) -> None:
     """Make every rank's replica equal to rank 0's (parameters and buffers)."""
     with torch.no_grad():
@@ -88,7 +94,6 @@ def wrap_model(
     ``mesh``: the job's ``(dp, tp)`` device mesh when ``dist_cfg.tp > 1``; the model is then split
     over its ``tp`` dimension first (every rank holds the same full weights before).
     """
-    from leantune.models import resolve_dtype
 
     if getattr(dist_cfg, "tp", 1) > 1:
         from leantune.distributed.tensor_parallel import apply_tensor_parallel
@@ -97,8 +102,10 @@ def wrap_model(
             raise ValueError("dist.tp needs an optimizer fused into backward (adalomo, lomo, *_in_backward)")
         broadcast_parameters(model)  # rank 0's weights everywhere, then each keeps its shard
         apply_tensor_parallel(model, mesh["tp"])
-        if strategy == "fsdp":
-            raise ValueError("dist.tp with dist.strategy=fsdp is not supported yet: use ddp")
+        if strategy == "fsdp":  # FSDP2 over the dp dimension of the same mesh: 2-D shards
+            apply_fsdp(
+                model, param_dtype=_fsdp_dtype(dist_cfg), cpu_offload=dist_cfg.cpu_offload, mesh=mesh["dp"]
+            )
         return model
     match strategy:
         case "none":
@@ -114,17 +121,18 @@ def wrap_model(
                 raise ValueError(
                     "dist.cpu_offload needs CUDA: on CPU the parameters are already in host memory"
                 )
-            param_dtype = resolve_dtype(dist_cfg.mixed_precision) if dist_cfg.mixed_precision else None
-            apply_fsdp(model, param_dtype=param_dtype, cpu_offload=dist_cfg.cpu_offload)
+            apply_fsdp(model, param_dtype=_fsdp_dtype(dist_cfg), cpu_offload=dist_cfg.cpu_offload)
             return model
         case other:
             raise ValueError(f"unknown dist.strategy {other!r}: use none, ddp or fsdp")
 
 
-def mesh_collectives(mesh: Any) -> MeshCollectives:
-    """The fused optimizers' collectives on a ``(dp, tp)`` mesh: gradients averaged over ``dp``."""
+def mesh_collectives(mesh: Any, strategy: str) -> MeshCollectives:
+    """The fused optimizers' collectives on a ``(dp, tp)`` mesh: under ``ddp`` gradients averaged
+    over ``dp`` in the hooks; under ``fsdp`` FSDP2 has reduce-scattered them already (the
+    parameters' placements show the ``dp`` shards)."""
     dp = mesh["dp"]
-    return MeshCollectives(dp_group=dp.get_group() if dp.size() > 1 else None)
+    return MeshCollectives(dp_group=dp.get_group() if dp.size() > 1 and strategy == "ddp" else None)
 
 
 def attach_optimizer(optimizer: torch.optim.Optimizer, strategy: str, mesh: Any = None) -> None:
@@ -134,7 +142,7 @@ def attach_optimizer(optimizer: torch.optim.Optimizer, strategy: str, mesh: Any 
     if not isinstance(optimizer, FusedOptimizer):
         return
     if mesh is not None and mesh["tp"].size() > 1:
-        optimizer.collectives = mesh_collectives(mesh)
+        optimizer.collectives = mesh_collectives(mesh, strategy)
         return
     if strategy == "none":
         return
