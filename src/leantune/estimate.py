@@ -37,6 +37,12 @@ Validation: ``benchmarks/estimate_validation.py`` compares the CPU estimate with
 block (up to 32 MiB) and then keeps freed tensors of up to that size in its heap, so RSS runs
 ~10% above live memory. CUDA constants, ``foreach`` scratch on CUDA and the DDP/FSDP terms are
 read from the libraries' code, not validated on hardware.
+
+Tensor and pipeline parallelism (``TrainSetup.tp``, ``pp``): each device holds a part of the model
+(:class:`_Part`: its stage's layers, ``1/tp`` of their attention and MLP matrices) and the estimate
+is the heaviest stage's; :func:`communication_per_step` says what one device sends per step. The
+parts' parameters equal a real DTensor split and the pipeline's stage modules
+(``tests/unit/test_estimate_parallel.py``); the rest is read from torch's code, not measured.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import functools
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +68,7 @@ __all__ = [
     "TrainSetup",
     "activation_bytes_per_token",
     "canonical_optimizer",
+    "communication_per_step",
     "estimate_memory",
     "estimator_optimizers",
     "format_bytes",
@@ -93,6 +100,7 @@ CHUNK_ELEMENTS = 1 << 22
 
 DTYPE_MODES = ("fp32", "bf16", "fp16", "mixed")
 STRATEGIES = ("none", "ddp", "fsdp")
+SCHEDULES = ("1f1b", "gpipe")
 DEVICES = ("cpu", "cuda")
 _WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 4}  # also gradients and state
 _COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "mixed": 2}  # activations
@@ -567,6 +575,15 @@ class TrainSetup:
         loss_chunk: tokens per chunk of leantune's chunked linear cross-entropy (``train.loss_chunk``,
             default 256): one chunk's logits at a time and the head's gradient; 0 = the family's
             standard loss on the full fp32 logits.
+        tp: tensor-parallel degree (``dist.tp``): the attention and MLP matrices split over ``tp``
+            devices, embeddings and head whole, the residual stream replicated.
+        pp: pipeline stages (:mod:`leantune.distributed.pipeline`): contiguous decoder layers per
+            stage, the embedding on the first, final norm, head and loss on the last; the pipeline's
+            micro-batches are the ``accumulation_steps`` (of ``batch_size`` sequences each).
+        schedule: the pipeline schedule, ``"1f1b"`` (stage ``i`` holds the activations of at most
+            ``pp - i`` micro-batches) or ``"gpipe"`` (every stage holds all of them).
+
+    ``world_size`` is ``tp x pp x`` the data-parallel degree, over which ``strategy`` applies.
     """
 
     optimizer: str = "adalomo"
@@ -580,18 +597,36 @@ class TrainSetup:
     device: str = "cpu"
     padded: bool = False
     loss_chunk: int = 256  # = leantune.loss.DEFAULT_CHUNK (not imported: this module loads no torch)
+    tp: int = 1
+    pp: int = 1
+    schedule: str = "1f1b"
 
     def __post_init__(self) -> None:
         _resolve_optimizer(self.optimizer)
         if isinstance(self.loss_chunk, bool) or not isinstance(self.loss_chunk, int) or self.loss_chunk < 0:
             raise ValueError(f"loss_chunk must be an integer >= 0 (0 = standard), got {self.loss_chunk!r}")
-        for key in ("seq_len", "batch_size", "accumulation_steps", "world_size"):
+        for key in ("seq_len", "batch_size", "accumulation_steps", "world_size", "tp", "pp"):
             _check_int(key, getattr(self, key))
-        for key, allowed in (("dtype", DTYPE_MODES), ("strategy", STRATEGIES), ("device", DEVICES)):
+        checks = (("dtype", DTYPE_MODES), ("strategy", STRATEGIES), ("device", DEVICES))
+        for key, allowed in (*checks, ("schedule", SCHEDULES)):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"Invalid {key}: {getattr(self, key)!r} (choose from {', '.join(allowed)})")
-        if self.strategy == "none" and self.world_size != 1:
-            raise ValueError(f"world_size {self.world_size} needs strategy 'ddp' or 'fsdp'")
+        if self.world_size % (self.tp * self.pp):
+            raise ValueError(
+                f"world_size {self.world_size} is not divisible by tp x pp = {self.tp} x {self.pp}: "
+                "the devices are tp x pp x data-parallel replicas"
+            )
+        if self.strategy == "none" and self.data_parallel != 1:
+            layout = f" with tp x pp = {self.tp * self.pp}" if self.tp * self.pp > 1 else ""
+            raise ValueError(
+                f"world_size {self.world_size}{layout} needs strategy 'ddp' or 'fsdp'"
+                + (f" for its {self.data_parallel} data-parallel replicas" if layout else "")
+            )
+
+    @property
+    def data_parallel(self) -> int:
+        """Data-parallel degree: ``world_size / (tp x pp)``."""
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def tokens(self) -> int:
@@ -601,7 +636,7 @@ class TrainSetup:
 
 # ------------------------------------------------------------------------------------ activations
 def activation_bytes_per_token(
-    shape: ModelShape, dtype: str, *, padded_len: int | None = None
+    shape: ModelShape, dtype: str, *, padded_len: int | None = None, tp: int = 1
 ) -> dict[str, int]:
     """Bytes autograd saves for backward per token: one decoder layer, the tail, a layer input.
 
@@ -620,10 +655,15 @@ def activation_bytes_per_token(
     (SDPA's native grouped-query path needs no mask) and SDPA saves, per layer, the mask converted
     to the compute dtype: ``seq_len`` more bytes per token and element size.
 
+    Under tensor parallelism (``tp > 1``) each device saves ``1/tp`` of the attention (its local
+    heads) and of the MLP (its local features); the norms, autocast's casts of their outputs, the
+    residual stream and a padding mask are whole on every device (no sequence parallelism).
+
     Args:
         shape: the model.
         dtype: one of :data:`DTYPE_MODES`.
         padded_len: the sequence length, when batches are padded.
+        tp: tensor-parallel degree (must divide the head counts and the MLP width).
 
     Returns:
         ``layer``: one decoder layer; ``tail``: the final norm, the ``lm_head`` input cast (mixed),
@@ -634,8 +674,11 @@ def activation_bytes_per_token(
     s = _COMPUTE_BYTES[dtype]
     attention = s * (2 * q + 2 * kv) + 4 * shape.num_heads
     if padded_len is not None:
-        attention += 2 * s * (q - kv) + s * padded_len
-    mlp = 4 * s * i
+        attention += 2 * s * (q - kv)
+    attention //= tp  # exact: tp divides the head counts
+    if padded_len is not None:
+        attention += s * padded_len
+    mlp = 4 * s * i // tp
     if dtype == "mixed":
         norm = 8 * h + 4  # x and x * rsqrt(var), fp32 because the residual stream is fp32
         casts, head_cast, residual = 5 * 2 * h, 2 * h, 4 * h
@@ -661,6 +704,9 @@ class MemoryBreakdown:
 
     Sizes are bytes; ``total`` is their sum. ``moment`` names the moment of the step where memory
     peaks, ``moments`` the total at every moment evaluated, ``notes`` a short note per component.
+    Under pipeline parallelism the breakdown is the heaviest stage's (``stage``; ``stage_totals``
+    has every stage's peak). ``communication`` is what one device sends per optimizer step, by
+    kind (:func:`communication_per_step`; empty on one device).
     """
 
     weights: int
@@ -675,6 +721,9 @@ class MemoryBreakdown:
     setup: TrainSetup
     moments: dict[str, int] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    communication: dict[str, int] = field(default_factory=dict)
+    stage: int = 0
+    stage_totals: list[int] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -689,6 +738,10 @@ class MemoryBreakdown:
         out: dict[str, Any] = {k: getattr(self, k) for k in _TERMS}
         out |= {"total": self.total, "moment": self.moment, "moments": dict(self.moments)}
         out |= {"parameters": self.shape.parameters, "notes": dict(self.notes)}
+        if self.communication:
+            out["communication"] = dict(self.communication)
+        if self.setup.pp > 1:
+            out |= {"stage": self.stage, "stage_totals": list(self.stage_totals)}
         model = {f.name: getattr(self.shape, f.name) for f in fields(self.shape) if f.name != "config"}
         out |= {"model": model, "setup": asdict(self.setup)}
         return out
@@ -699,9 +752,14 @@ class MemoryBreakdown:
         extras = [st.device]
         if st.grad_checkpointing:
             extras.append("activation checkpointing")
-        if st.accumulation_steps > 1:
+        if st.accumulation_steps > 1 and st.pp == 1:
             extras.append(f"{st.accumulation_steps} accumulation steps")
-        if st.strategy != "none":
+        if st.tp * st.pp > 1:
+            dp = f"dp {st.data_parallel} ({st.strategy})" if st.data_parallel > 1 else "dp 1"
+            extras.append(f"tp {st.tp} x pp {st.pp} x {dp} = {st.world_size} devices")
+            if st.pp > 1:
+                extras.append(f"{st.schedule} over {st.accumulation_steps} micro-batches")
+        elif st.strategy != "none":
             extras.append(f"{st.strategy} over {st.world_size} devices")
         lines = [
             f"Peak memory per device of one training step (estimate): {sh.name}, "
@@ -713,11 +771,25 @@ class MemoryBreakdown:
         for key in _TERMS:
             note = self.notes.get(key, "")
             lines.append(f"  {_LABELS[key]:<20}{getattr(self, key) / GiB:>9.3f}  {note}".rstrip())
-        lines += [f"  {'-' * 29}", f"  {'total (peak)':<20}{self.total / GiB:>9.3f}  at: {self.moment}"]
+        at = f"at: {self.moment}" + (f" on stage {self.stage} of {st.pp}" if st.pp > 1 else "")
+        lines += [f"  {'-' * 29}", f"  {'total (peak)':<20}{self.total / GiB:>9.3f}  {at}"]
+        if st.pp > 1:
+            per_stage = ", ".join(f"{t / GiB:.2f}" for t in self.stage_totals)
+            lines.append(f"  {'stages (GiB)':<20}{'':>9}  {per_stage}")
+        if self.communication:
+            where = self.notes.get("communication", "one device")
+            lines += ["", f"  communication per optimizer step, bytes sent by {where}:"]
+            for key, value in self.communication.items():
+                if value:
+                    lines.append(f"  {key:<20}{value / GiB:>9.3f}  {_COMM_NOTES[key]}")
+            lines.append(f"  {'total sent':<20}{sum(self.communication.values()) / GiB:>9.3f}")
+        if "layout" in self.notes:
+            lines += ["", f"  layout: {self.notes['layout']}"]
         loss = (
             f"chunked loss ({st.loss_chunk} tokens per chunk)"
-            if st.loss_chunk
+            if st.loss_chunk and st.pp == 1
             else "standard loss (full fp32 logits)"
+            + (" on the last stage, as leantune.distributed.pipeline computes it" if st.pp > 1 else "")
         )
         assumes = f"assumes: {loss}"
         if st.device == "cpu":
@@ -749,7 +821,7 @@ def _fused_scratch(base: str, kind: _OptimModel | None, shape: tuple[int, ...], 
     low = w < 4
     transformed = low or setup.accumulation_steps > 1  # accumulation adds an fp32 buffer
     reduced = 0
-    if setup.strategy == "ddp" and setup.world_size > 1:
+    if setup.strategy == "ddp" and setup.data_parallel > 1:
         # Replicated data parallelism: the hook all-reduces an fp32 copy of the whole gradient,
         # which then serves as an untransformed fp32 gradient.
         reduced, transformed = 4 * n, False
@@ -771,14 +843,19 @@ def _activations(shape: ModelShape, setup: TrainSetup) -> tuple[list[float], flo
     code?) for one micro-batch."""
     tokens = setup.tokens
     residual = (4 if setup.dtype == "mixed" else _COMPUTE_BYTES[setup.dtype]) * shape.hidden_size
+    padded_len = setup.seq_len if setup.padded else None
     fp = shape.footprint(setup.dtype, setup.padded)
     if fp is not None:
         layers = [layer.saved(setup.seq_len, setup.batch_size) for layer in fp.layers]
+        if setup.tp > 1:
+            # The family's count is of whole layers: take off what tensor parallelism removes in the
+            # LLaMA formulas ((tp - 1) / tp of the attention and MLP tensors).
+            whole = activation_bytes_per_token(shape, setup.dtype, padded_len=padded_len)["layer"]
+            local = activation_bytes_per_token(shape, setup.dtype, padded_len=padded_len, tp=setup.tp)
+            layers = [max(0.0, b - tokens * (whole - local["layer"])) for b in layers]
         # the footprint's forward had no labels: the loss saves them (int64)
         return layers, fp.tail(setup.seq_len) * setup.batch_size + 8 * tokens, residual, True
-    per_tok = activation_bytes_per_token(
-        shape, setup.dtype, padded_len=setup.seq_len if setup.padded else None
-    )
+    per_tok = activation_bytes_per_token(shape, setup.dtype, padded_len=padded_len, tp=setup.tp)
     return (
         [tokens * per_tok["layer"]] * shape.num_layers,
         tokens * per_tok["tail"],
@@ -787,22 +864,17 @@ def _activations(shape: ModelShape, setup: TrainSetup) -> tuple[list[float], flo
     )
 
 
-def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
-    """Estimate the peak memory per device of one training step.
-
-    Args:
-        shape: the model (see :meth:`ModelShape.resolve`).
-        setup: the training configuration.
-
-    Returns:
-        The breakdown at the moment of the step where memory peaks.
-    """
+def _estimate_part(
+    shape: ModelShape, setup: TrainSetup, part: _Part, acts: tuple[list[float], float, float, bool]
+) -> MemoryBreakdown:
+    """The peak of one device holding ``part`` (the whole model without tp and pp)."""
     base, kind, in_backward = _resolve_optimizer(setup.optimizer)
     fused = kind is None or kind.fused or in_backward
     mixed = setup.dtype == "mixed"
     w, s = _WEIGHT_BYTES[setup.dtype], _COMPUTE_BYTES[setup.dtype]
     tokens, hidden, vocab = setup.tokens, shape.hidden_size, shape.vocab_size
-    params, ranks = shape.parameters, setup.world_size
+    params = shape.parameters if part.whole else part.parameters
+    ranks = setup.data_parallel
     fsdp = setup.strategy == "fsdp" and ranks > 1
     shard = 1 / ranks if setup.strategy == "fsdp" else 1.0
     notes: dict[str, str] = {}
@@ -814,21 +886,21 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     notes["weights"] = f"{_count(params)} params x {w} B" + (f" / {ranks} ranks" if shard < 1 else "")
     if fsdp:
         unit_bytes = 2 if mixed else w  # "mixed" = MixedPrecisionPolicy(param_dtype=bf16)
-        head = shape.root_parameters if shape.tie_word_embeddings else vocab * hidden
-        weights += (head + 2 * shape.layer_parameters) * unit_bytes * (1 - shard)
-        notes["weights"] += " + 2 layers and the head unsharded"
+        head = (shape.root_parameters if shape.tie_word_embeddings else vocab * hidden) if part.last else 0
+        weights += (head + 2 * part.layer_parameters) * unit_bytes * (1 - shard)
+        notes["weights"] += " + 2 layers and the head unsharded" if part.last else " + 2 layers unsharded"
     fwd_weights = weights
     if mixed and not fsdp:
         # autocast caches a bf16 copy of every linear weight; each linear saves its copy for backward.
-        fwd_weights += 2 * shape.cast_parameters()
+        fwd_weights += 2 * (shape.cast_parameters() if part.whole else part.cast_parameters(shape))
 
     state = 0.0
     if kind is not None:
-        state = sum(_state_bytes(kind, shp, w) for _, shp in shape.tensors()) * shard
+        state = sum(_state_bytes(kind, shp, w) for _, shp in part.tensors) * shard
         notes["optimizer_state"] = kind.note
         if base == "adalomo":
             # An fp32 workspace of the largest update chunk, kept by the optimizer between updates.
-            state += 4 * max(_chunk(shp) for _, shp in shape.tensors() if len(shp) >= 2)
+            state += 4 * max(_chunk(shp) for _, shp in part.tensors if len(shp) >= 2)
             notes["optimizer_state"] += " + a chunk workspace"
 
     # Gradients (in the parameter dtype). Accumulation: fused optimizers keep an fp32 buffer per
@@ -840,34 +912,50 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     ddp = all_grads if (setup.strategy == "ddp" and ranks > 1 and not fused) else 0.0
     lm_grad = vocab * hidden * w
     lm_grad_arriving = vocab * hidden * (2 + 4) if mixed else lm_grad  # bf16 grad, then its fp32 cast
-    layer_shape = max((sh for _, sh in shape.layer_tensors()), key=math.prod)
+    layer_shape = max((sh for _, sh in part.largest_layer), key=math.prod)
     layer_grad = math.prod(layer_shape) * w
     # FSDP2 reduce-scatters a layer's unsharded gradients after its backward.
-    unit_grads = shape.layer_parameters * w if fsdp else 0
+    unit_grads = part.layer_parameters * w if fsdp else 0
 
-    layer_acts, tail_act, layer_input, counted = _activations(shape, setup)
+    all_acts, tail_act, layer_input, counted = acts
+    layer_acts = [all_acts[j] for j in part.layers]
+    tail_act = tail_act if part.last else 0
+    n_layers, m = len(part.layers), part.in_flight  # micro-batches whose activations are kept
     rope = 2 * setup.seq_len * shape.head_dim * (4 if mixed else s)  # cos/sin, shared by all layers
     if setup.grad_checkpointing:
-        kept = shape.num_layers * tokens * layer_input + tail_act + rope
+        kept = n_layers * tokens * layer_input * m + tail_act + rope * m
         if setup.padded:  # the boolean 4-D mask is an input of every checkpointed layer
-            kept += setup.batch_size * setup.seq_len**2
+            kept += setup.batch_size * setup.seq_len**2 * m
         # The last layer is recomputed for its backward; the tail's tensors are freed by then. When
         # the residual stream is fp32 the first norm saves the kept layer input itself: count once.
         dedupe = tokens * layer_input if layer_input == 4 * hidden and not counted else 0
         last_layer = kept - tail_act + layer_acts[-1] - dedupe
-        notes["activations"] = f"{shape.num_layers} layer inputs (checkpointing) + 1 layer recomputed"
+        notes["activations"] = f"{n_layers} layer inputs (checkpointing) + 1 layer recomputed"
     else:
-        kept = sum(layer_acts) + tail_act + (0 if counted else rope)  # counted: in layer 0 already
+        kept = sum(layer_acts) * m + tail_act + (0 if counted else rope) * m  # counted: in layer 0
         last_layer = kept - tail_act
         mean = sum(layer_acts) / len(layer_acts)
-        notes["activations"] = f"{shape.num_layers} layers x {format_bytes(mean)}" + (
+        notes["activations"] = f"{n_layers} layers x {format_bytes(mean)}" + (
             " (mean)" if len(set(layer_acts)) > 1 else ""
         )
+    if m > 1:
+        notes["activations"] += f", {m} micro-batches in flight"
+    if setup.pp > 1:
+        # torch.distributed.pipelining keeps a receive buffer per micro-batch for the stage's input
+        # (with checkpointing, the first layer's kept input is that buffer) and for the gradient of
+        # its output, and the output of each micro-batch in flight until its backward; the last
+        # stage, the log-probabilities its loss saved and the logits of the other micro-batches.
+        act, n = tokens * layer_input, setup.accumulation_steps
+        buffers = 0 if part.first else (n - (m if setup.grad_checkpointing else 0)) * act
+        buffers += (n + m) * act if not part.last else (m - 1) * tokens * vocab * (4 + s)
+        kept += buffers
+        last_layer += buffers
+        notes["activations"] += " + pipeline buffers"
     if counted:
         notes["activations"] += ", counted on the family's own code"
     # Backward of SiLU(gate) * up: the incoming hidden-state gradient plus d(product), d(SiLU) and
     # d(up) alive while only the product itself has been freed (other MLPs: bounded by the same).
-    mlp_bwd = s * tokens * (hidden + 2 * shape.intermediate_size)
+    mlp_bwd = s * tokens * (hidden + 2 * shape.intermediate_size // setup.tp)
     grad_hidden = s * tokens * hidden
 
     if setup.device == "cpu":
@@ -882,8 +970,11 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
     # Gradients still waiting at the last layer: lm_head's for ordinary optimizers, a tied matrix's
     # (its update waits for the embedding's contribution; under FSDP it is in the root unit, which
     # reduce-scatters at the end of backward).
-    held = lm_grad if (tied or not fused) else 0
-    if setup.loss_chunk:
+    held = lm_grad if (tied or not fused) and part.last else 0
+    moments: dict[str, dict[str, float]] = {}
+    if not part.last:
+        notes["logits"] = "none on this stage (the loss is on the last)"
+    elif setup.loss_chunk:
         # leantune.loss.linear_cross_entropy: a chunk's fp32 logits turned into the softmax in place,
         # with the compute-dtype logits before or the compute-dtype gradient after them
         # (workspace_bytes); the head's gradient built in the loss's forward in the compute dtype
@@ -893,7 +984,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         workspace = chunk * vocab * (4 + (s if s < 4 else 0))
         head_grad = vocab * hidden * (s + (w if w != s else 0))
         cast_head = 2 * vocab * hidden if mixed else 0  # fp32 head in bf16 autocast: its bf16 copy
-        moments: dict[str, dict[str, float]] = {
+        moments = {
             "chunked loss": {
                 "gradients": head_grad,
                 "activations": kept,
@@ -904,8 +995,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         }
         notes["logits"] = f"one chunk: {chunk} of {tokens} tokens x {vocab} vocab (train.loss_chunk)"
     else:
+        cached = s * tokens * vocab if setup.pp > 1 else 0  # the stage output, kept by the schedule
         moments = {
-            "log-softmax backward": {"activations": kept, "logits": 3 * 4 * tokens * vocab},
+            "log-softmax backward": {"activations": kept, "logits": 3 * 4 * tokens * vocab + cached},
             "lm_head backward": {
                 "gradients": lm_grad_arriving,
                 "activations": kept,
@@ -913,7 +1005,9 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
                 "temporaries": grad_hidden,
             },
         }
-        notes["logits"] = f"{tokens} tokens x {vocab} vocab, fp32 for the loss (train.loss_chunk=0)"
+        notes["logits"] = f"{tokens} tokens x {vocab} vocab, fp32 for the loss " + (
+            "(the pipeline's last stage)" if setup.pp > 1 else "(train.loss_chunk=0)"
+        )
     moments |= {
         "last layer backward": {
             "gradients": held + (0 if fused else layer_grad) + unit_grads,
@@ -922,7 +1016,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         },
     }
     if fused:
-        if not tied:
+        if part.last and not tied:
             moments["lm_head update"] = {
                 "gradients": lm_grad,
                 "activations": kept,
@@ -944,7 +1038,7 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         if setup.device in kind.foreach_devices:
             scratch = params * w * shard
         else:
-            scratch = kind.step_scratch * max(math.prod(sh) for _, sh in shape.tensors()) * w
+            scratch = kind.step_scratch * max(math.prod(sh) for _, sh in part.tensors) * w
         # (with accumulation, the gradients held between micro-batches are these same tensors)
         moments["optimizer step"] = {"weights": weights, "gradients": all_grads, "temporaries": scratch}
         notes["gradients"] = "all of them at step()" + (" + DDP buckets" if ddp else "")
@@ -978,3 +1072,281 @@ def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
         moments=totals,
         notes=notes,
     )
+
+
+def estimate_memory(shape: ModelShape, setup: TrainSetup) -> MemoryBreakdown:
+    """Estimate the peak memory per device of one training step.
+
+    With tensor or pipeline parallelism each device holds a part of the model (its stage's layers,
+    ``1/tp`` of their attention and MLP matrices): the result is the heaviest stage's peak, with
+    every stage's total in ``stage_totals``. With more than one device it also carries what one
+    device sends per step (:func:`communication_per_step`).
+
+    Args:
+        shape: the model (see :meth:`ModelShape.resolve`).
+        setup: the training configuration.
+
+    Returns:
+        The breakdown at the moment of the step where memory peaks.
+
+    Raises:
+        ValueError: a layout the model cannot take (``tp`` not dividing the head counts or the
+            split widths, more stages than layers, tied embeddings across stages, MoE under tp).
+    """
+    parts = _parts(shape, setup)
+    # leantune.distributed.pipeline's last stage computes the standard loss on the full logits
+    run = replace(setup, loss_chunk=0) if setup.pp > 1 else setup
+    acts = _activations(shape, run)
+    results = [_estimate_part(shape, run, part, acts) for part in parts]
+    peak = max(results, key=lambda b: b.total)  # the first of equal stages
+    peak.setup = setup
+    if setup.pp > 1:
+        peak.stage = parts[results.index(peak)].index
+        peak.stage_totals = [b.total for b in results]
+    if setup.world_size > 1:
+        sent = [_communication(shape, setup, part) for part in parts]
+        busiest = max(range(len(sent)), key=lambda i: sum(sent[i].values()))
+        peak.communication = sent[busiest]
+        if setup.pp > 1:
+            peak.notes["communication"] = f"one device of stage {busiest}"
+    if setup.tp * setup.pp > 1:
+        part = parts[peak.stage]
+        held = [f"layers {part.layers[0]}-{part.layers[-1]}"] if setup.pp > 1 else []
+        held += (["embedding"] if part.first else []) + (["head"] if part.last else [])
+        tp = f"; 1/{setup.tp} of each attention/MLP matrix" if setup.tp > 1 else ""
+        peak.notes["weights"] += f" ({', '.join(held)}{tp})"
+        peak.notes["layout"] = _layout_note(setup)
+    return peak
+
+
+def communication_per_step(shape: ModelShape, setup: TrainSetup, stage: int | None = None) -> dict[str, int]:
+    """Bytes one device sends per optimizer step, by kind (a ring all-reduce of ``S`` bytes over
+    ``N`` devices sends ``2 (N-1)/N S`` per device, an all-gather or reduce-scatter ``(N-1)/N S``):
+
+    * ``tp activations``: per layer and micro-batch, the all-reduces of ``(tokens, hidden)``
+      activations: after ``o_proj`` and ``down_proj`` in forward (again in the recomputed forward
+      with checkpointing), before the q/k/v and gate/up groups in backward (fp32 under ``mixed``);
+    * ``tp statistics``: AdaLomo's sums over a split matrix: the column sums, mean row statistic
+      and the two RMS sums of a column-wise split (``in + 3`` floats), the row sums and the RMS sums
+      of a row-wise one (``out + 2``), the RMS sums of a split bias;
+    * ``pp activations``: point to point, per micro-batch: the stage output to the next stage, the
+      gradient of its input to the previous one;
+    * ``ddp gradients``: every local gradient all-reduced, in fp32 once per step by the fused
+      optimizers' hooks, in the parameter dtype per micro-batch by ``DistributedDataParallel``;
+    * ``fsdp weights/grads``: per micro-batch, every unit all-gathered in forward and again in
+      backward and its gradients reduce-scattered (bf16 under ``mixed``);
+    * ``fsdp statistics``: AdaLomo's sums over row shards (``cols + 3`` floats per matrix, 2 per
+      vector).
+
+    No norm clipping or loss scaling (their few scalars) is counted.
+
+    Args:
+        shape: the model.
+        setup: the training configuration.
+        stage: the pipeline stage; default: the stage whose devices send the most.
+    """
+    sent = [_communication(shape, setup, part) for part in _parts(shape, setup)]
+    if stage is None:
+        return max(sent, key=lambda c: sum(c.values()))
+    return sent[stage]
+
+
+_COMM_NOTES = {
+    "tp activations": "all-reduces of activations: 2 forward (+2 recomputed), 2 backward per layer",
+    "tp statistics": "AdaLomo's row/column sums of split matrices (all-reduces)",
+    "pp activations": "point to point: outputs forward, input gradients backward, per micro-batch",
+    "ddp gradients": "all-reduce of every gradient",
+    "fsdp weights/grads": "all-gather in forward and backward, reduce-scatter, per micro-batch",
+    "fsdp statistics": "AdaLomo's sums over the shards (all-reduces)",
+}
+
+
+# ------------------------------------------------------------------ tensor and pipeline parallelism
+_COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # split by output features
+_ROWWISE = ("o_proj", "down_proj")  # split by input features
+_EMBEDDINGS = ("embed", "wte", "wpe")  # root tensors on the first pipeline stage
+
+
+@dataclass(frozen=True)
+class _Part:
+    """What one device holds: a pipeline stage (the whole model without pp), its tensors as one
+    tensor-parallel rank holds them, and the micro-batches whose activations it keeps at its peak.
+
+    ``tensors`` are the local shapes of every parameter of the stage; ``largest_layer`` the local
+    tensors of its largest decoder layer; ``whole``: tp = pp = 1, the model's own counts apply.
+    """
+
+    index: int
+    layers: tuple[int, ...]
+    tensors: tuple[tuple[str, tuple[int, ...]], ...]
+    largest_layer: tuple[tuple[str, tuple[int, ...]], ...]
+    first: bool
+    last: bool
+    in_flight: int
+    whole: bool
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(s) for _, s in self.tensors)
+
+    @property
+    def layer_parameters(self) -> int:
+        return sum(math.prod(s) for _, s in self.largest_layer)
+
+    def cast_parameters(self, shape: ModelShape) -> int:
+        """Elements bf16 autocast copies: the layers' linear weights and biases, the untied head."""
+        linear = sum(math.prod(s) for n, s in self.tensors if n.startswith("layers.") and "norm" not in n)
+        return linear + (shape.vocab_size * shape.hidden_size if self.last else 0)
+
+
+def _tp_style(name: str) -> tuple[str | None, bool]:
+    """(``"colwise"``, ``"rowwise"`` or None; a bias?) of a layer tensor, by its module's name:
+    ``self_attn.q_proj.weight`` (a family's config) or ``q_proj``, ``q_bias`` (LLaMA formulas)."""
+    parts = name.split(".")
+    module = parts[-2] if len(parts) > 1 and parts[-1] in ("weight", "bias") else parts[-1]
+    bias = parts[-1] == "bias" or module.endswith("_bias")
+    module = module.removesuffix("_bias") + "_proj" if module.endswith("_bias") else module
+    style = "colwise" if module in _COLWISE else "rowwise" if module in _ROWWISE else None
+    return style, bias
+
+
+def _tp_local(name: str, shape: tuple[int, ...], tp: int) -> tuple[int, ...]:
+    """A layer tensor's shape on one of ``tp`` ranks, as
+    :func:`leantune.distributed.tensor_parallel.apply_tensor_parallel` splits it: column-wise
+    layers keep ``out / tp`` rows (and of their bias), row-wise ``in / tp`` columns and the whole
+    bias; everything else (norms) is whole."""
+    style, bias = _tp_style(name)
+    if tp == 1 or style is None or (style == "rowwise" and bias):
+        return shape
+    dim = 0 if style == "colwise" else len(shape) - 1
+    if shape[dim] % tp:
+        features = "output" if style == "colwise" else "input"
+        raise ValueError(f"tp={tp} must divide the {features} features of {name} ({shape[dim]})")
+    return (*shape[:dim], shape[dim] // tp, *shape[dim + 1 :])
+
+
+def _stage_layer_counts(n_layers: int, stages: int) -> list[int]:
+    """Decoder layers per stage: contiguous, the first stages take the remainder (the split of
+    :func:`leantune.distributed.pipeline.stage_layer_counts`, which imports torch)."""
+    base, extra = divmod(n_layers, stages)
+    return [base + (i < extra) for i in range(stages)]
+
+
+def _check_layout(shape: ModelShape, setup: TrainSetup) -> None:
+    tp, pp, layers = setup.tp, setup.pp, shape.num_layers
+    if tp > 1:
+        for key, value in (
+            ("num_attention_heads", shape.num_heads),
+            ("num_key_value_heads", shape.num_kv_heads),
+        ):
+            if value % tp:
+                raise ValueError(f"tp={tp} must divide {key} = {value}")
+        fp = shape.footprint()
+        if fp is not None and fp.experts:
+            raise ValueError(f"tp={tp}: {shape.name} has MoE experts, which dist.tp does not split")
+        styles = {_tp_style(name)[0] for name, _ in shape.layer_tensors()}
+        if not {"colwise", "rowwise"} <= styles:
+            raise ValueError(
+                f"tp={tp}: the estimate splits LLaMA-style q/k/v/o and gate/up/down projections, and "
+                f"{shape.name}'s layers have none ({', '.join(n for n, _ in shape.layer_tensors()[:3])}, ...)"
+            )
+    if pp > layers:
+        raise ValueError(
+            f"cannot split {layers} decoder layers into {pp} pipeline stages: every stage needs at least "
+            f"one layer (use at most {layers} stages)"
+        )
+    if pp > 1 and shape.tie_word_embeddings:
+        raise ValueError(
+            "pp > 1: the model ties its input and output embeddings, which would live on the first and "
+            "the last stage; leantune.distributed.pipeline refuses that (untie them first)"
+        )
+
+
+def _parts(shape: ModelShape, setup: TrainSetup) -> list[_Part]:
+    """One :class:`_Part` per pipeline stage (validating the layout)."""
+    tp, pp = setup.tp, setup.pp
+    if tp == pp == 1:
+        layers = tuple(range(shape.num_layers))
+        return [_Part(0, layers, tuple(shape.tensors()), tuple(shape.layer_tensors()), True, True, 1, True)]
+    _check_layout(shape, setup)
+    fp = shape.footprint()
+    per_layer = (
+        [lf.params for lf in fp.layers] if fp is not None else [shape.layer_tensors()] * shape.num_layers
+    )
+    local = [tuple((n, _tp_local(n, s, tp)) for n, s in layer) for layer in per_layer]
+    root = shape.root_tensors()
+    embed = [(n, s) for n, s in root if any(k in n for k in _EMBEDDINGS)]
+    rest = [(n, s) for n, s in root if (n, s) not in embed]
+    parts, start = [], 0
+    for i, count in enumerate(_stage_layer_counts(shape.num_layers, pp)):
+        idx = tuple(range(start, start + count))
+        start += count
+        first, last = i == 0, i == pp - 1
+        tensors = [(f"layers.{j}.{n}", s) for j in idx for n, s in local[j]]
+        tensors += (embed if first else []) + (rest if last else [])
+        largest = max((local[j] for j in idx), key=lambda ts: sum(math.prod(s) for _, s in ts))
+        n = setup.accumulation_steps
+        in_flight = 1 if pp == 1 else n if setup.schedule == "gpipe" else min(pp - i, n)
+        parts.append(_Part(i, idx, tuple(tensors), largest, first, last, in_flight, False))
+    return parts
+
+
+def _communication(shape: ModelShape, setup: TrainSetup, part: _Part) -> dict[str, int]:
+    """:func:`communication_per_step` of one device holding ``part``."""
+    base, kind, in_backward = _resolve_optimizer(setup.optimizer)
+    fused = kind is None or kind.fused or in_backward
+    mixed = setup.dtype == "mixed"
+    w, s = _WEIGHT_BYTES[setup.dtype], _COMPUTE_BYTES[setup.dtype]
+    tp, dp, n = setup.tp, setup.data_parallel, setup.accumulation_steps
+    act = setup.tokens * shape.hidden_size  # elements of one micro-batch's hidden states
+    out: dict[str, int] = {}
+    if tp > 1:
+        ring = 2 * (tp - 1) / tp
+        forward = 2 * s * (2 if setup.grad_checkpointing else 1)  # the recomputation repeats them
+        backward = 2 * (4 if mixed else s)
+        out["tp activations"] = int(n * len(part.layers) * (forward + backward) * act * ring)
+        if base == "adalomo":
+            floats = sum(
+                _tp_statistics(name, sh) for j in part.layers for name, sh in _layer_params(shape, j)
+            )
+            out["tp statistics"] = int(4 * floats * ring)
+    if setup.pp > 1:
+        out["pp activations"] = int(n * act * (4 if mixed else s) * ((not part.last) + (not part.first)))
+    if dp > 1 and kind is not None:
+        params = shape.parameters if part.whole else part.parameters
+        if setup.strategy == "ddp":
+            per_step = 4 * params if fused else n * w * params
+            out["ddp gradients"] = int(per_step * 2 * (dp - 1) / dp)
+        else:
+            unit = 2 if mixed else w
+            out["fsdp weights/grads"] = int(3 * n * params * unit * (dp - 1) / dp)
+            if base == "adalomo":
+                floats = sum(sh[-1] + 3 if len(sh) >= 2 else 2 for _, sh in part.tensors)
+                out["fsdp statistics"] = int(4 * floats * 2 * (dp - 1) / dp)
+    return out
+
+
+def _layer_params(shape: ModelShape, index: int) -> list[tuple[str, tuple[int, ...]]]:
+    fp = shape.footprint()
+    return list(fp.layers[index].params) if fp is not None else shape.layer_tensors()
+
+
+def _tp_statistics(name: str, shape: tuple[int, ...]) -> int:
+    """fp32 elements AdaLomo all-reduces over the tensor-parallel ranks for one (global) tensor."""
+    style, bias = _tp_style(name)
+    if style is None or (style == "rowwise" and bias):
+        return 0  # whole on every rank
+    if len(shape) < 2:
+        return 2  # the update and weight sums of squares
+    return shape[-1] + 3 if style == "colwise" else shape[0] + 2
+
+
+def _layout_note(setup: TrainSetup) -> str:
+    tp, pp, dp = setup.tp, setup.pp, setup.data_parallel
+    runs = "leantune train runs it (dist.tp)"
+    if pp > 1:
+        runs = "on paper: leantune.distributed.pipeline runs pipeline stages alone (no dist.pp in the trainer"
+        runs += ", no tp or data parallelism with it)" if tp * dp > 1 else ")"
+    split = f"tp {tp}: attention/MLP matrices and their activations / {tp}, embeddings, head, norms whole"
+    stages = f"pp {pp} ({setup.schedule}): stage = contiguous layers" if pp > 1 else ""
+    return "; ".join(x for x in (split if tp > 1 else "", stages, runs) if x)

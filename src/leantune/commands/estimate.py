@@ -12,6 +12,14 @@ examples:
   leantune estimate --model 0.37b --optim adamw --seq 1024 --dtype mixed --budget 24GiB
   leantune estimate --model ./my-llama --optim lomo --seq 2048 --world-size 8 --strategy fsdp --json
   leantune estimate --model ./mixtral-8x7b --optim adalomo --seq 4096 --dtype bf16 --device cuda
+  leantune estimate --model 70b --seq 4096 --grad-checkpointing --device cuda --world-size 8 \
+      --tp 4 --pp 2 --accumulation-steps 8      # 3D: tp 4 x pp 2 x dp 1, 8 micro-batches (1F1B)
+
+--world-size W is tp x pp x dp: with --tp N (attention and MLP matrices split over N devices,
+embeddings and head whole) and --pp M (contiguous layers per stage; the micro-batches are
+--accumulation-steps), --strategy applies to the dp = W / (N x M) replicas. The table is the
+heaviest stage's; below it, what one device sends per step. Layouts the trainer does not run yet
+(pp with tp or dp; fsdp with tp) are estimated on paper and said so.
 
 A model directory of any family transformers knows (GPT-2, Phi-3, Mixtral, DeepSeek-V3, ...) is
 read from its config.json: its own modelling code runs on fake tensors (no weights, no memory) to
@@ -101,11 +109,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="batches contain padding: an L x L attention mask per layer, k/v repeated to all heads",
     )
     p.add_argument(
-        "--accumulation-steps", type=_positive_int, default=1, metavar="K", help="micro-batches per update"
+        "--accumulation-steps",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="micro-batches per update (with --pp: the pipeline's micro-batches)",
     )
-    p.add_argument("--world-size", type=_positive_int, default=1, metavar="N", help="devices")
+    p.add_argument("--world-size", type=_positive_int, default=1, metavar="W", help="devices: tp x pp x dp")
+    p.add_argument("--tp", type=_positive_int, default=1, metavar="N", help="tensor-parallel degree")
+    p.add_argument("--pp", type=_positive_int, default=1, metavar="M", help="pipeline stages")
     p.add_argument(
-        "--strategy", choices=("none", "ddp", "fsdp"), default=None, help="default: none, or ddp if N > 1"
+        "--schedule", choices=("1f1b", "gpipe"), default="1f1b", help="pipeline schedule (default 1f1b)"
+    )
+    p.add_argument(
+        "--strategy",
+        choices=("none", "ddp", "fsdp"),
+        default=None,
+        help="over the dp = W / (tp x pp) replicas; default: none, or ddp if dp > 1",
     )
     p.add_argument(
         "--device",
@@ -140,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         shape = ModelShape.resolve(args.model)
     except (ValueError, FileNotFoundError) as err:
         return fail(str(err))
-    strategy = args.strategy or ("ddp" if args.world_size > 1 else "none")
+    dp = args.world_size // (args.tp * args.pp) if args.world_size % (args.tp * args.pp) == 0 else 2
+    strategy = args.strategy or ("ddp" if dp > 1 else "none")
     try:
         setup = TrainSetup(
             optimizer=args.optim,
@@ -154,10 +175,13 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             padded=args.padded,
             loss_chunk=args.loss_chunk,
+            tp=args.tp,
+            pp=args.pp,
+            schedule=args.schedule,
         )
+        result = estimate_memory(shape, setup)
     except ValueError as err:
         return fail(str(err))
-    result = estimate_memory(shape, setup)
     budget = args.budget
     if args.json:
         out = result.to_dict()
