@@ -449,7 +449,11 @@ def pipeline_step(
     kwargs: dict[str, Any] = (
         {"target": labels.to(dev), "losses": losses, "return_outputs": False} if last else {}
     )
-    pipe.schedule.step(*args, **kwargs)
+    try:
+        pipe.schedule.step(*args, **kwargs)
+    except BaseException:
+        opt.abort_micro_batches()  # the optimizer stays usable (e.g. after a KeyboardInterrupt)
+        raise
     result = opt.end_micro_batches()
 
     loss = torch.zeros((), dtype=torch.float32, device=dev)

@@ -791,6 +791,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._phase = _Phase.ACCUMULATE
         return scale
 
+    def abort_micro_batches(self) -> None:
+        """Leave :meth:`begin_micro_batches` without an update (the driver failed mid-way): the
+        partial accumulation is dropped, as ``zero_grad`` does, and the optimizer is idle again."""
+        if self._phase is not _Phase.ACCUMULATE or self._micro_step:
+            raise RuntimeError("abort_micro_batches() without begin_micro_batches()")
+        self._phase = _Phase.IDLE
+        self._seen.clear()
+        for p, _ in self._params():
+            p.grad = None
+        self._drop_accumulation()
+
     def end_micro_batches(self) -> BackwardResult:
         """Apply the update of the micro-batches since :meth:`begin_micro_batches`.
 
