@@ -250,6 +250,14 @@ class DistConfig:
     """Tensor-parallel degree: each decoder layer's attention heads and MLP features are split over
     this many ranks (the model's own transformers plan, DTensor); the ranks divide into
     world_size / tp data-parallel groups, to which dist.strategy applies. Fused optimizers only."""
+    pp: int = 1
+    """Pipeline-parallel stages: each rank runs a contiguous part of the decoder layers (LLaMA
+    family; torch.distributed.pipelining). One stage per rank, dist.strategy=none, fused optimizers."""
+    pp_schedule: str = "1f1b"
+    """Pipeline schedule: 1f1b (needs at least dist.pp micro-batches) or gpipe."""
+    pp_microbatches: int = 0
+    """Micro-batches per step under dist.pp (they are the gradient accumulation); 0 = dist.pp.
+    train.batch_size must be a multiple of it."""
     mixed_precision: str | None = None
     """FSDP2 MixedPrecisionPolicy param dtype (bf16/fp16/fp32), None = weights' dtype."""
     cpu_offload: bool = False
@@ -520,6 +528,15 @@ class Config:
             ),
             (self.dist.nproc >= 1, f"dist.nproc must be >= 1, got {self.dist.nproc}"),
             (self.dist.tp >= 1, f"dist.tp must be >= 1, got {self.dist.tp}"),
+            (self.dist.pp >= 1, f"dist.pp must be >= 1, got {self.dist.pp}"),
+            (
+                self.dist.pp_microbatches >= 0,
+                f"dist.pp_microbatches must be >= 0, got {self.dist.pp_microbatches}",
+            ),
+            (
+                self.dist.pp_schedule in ("1f1b", "gpipe"),
+                f"dist.pp_schedule must be 1f1b or gpipe, got {self.dist.pp_schedule!r}",
+            ),
             (
                 self.dist.nproc == 1 or self.dist.nproc % self.dist.tp == 0,
                 f"dist.nproc={self.dist.nproc} must be a multiple of dist.tp={self.dist.tp}",
@@ -825,6 +842,8 @@ class Config:
             )
         if self.dist.tp > 1:
             self._validate_tensor_parallel(fused, in_backward)
+        if self.dist.pp > 1:
+            self._validate_pipeline(fused, in_backward)
         if needs_create_graph(self.optim.name) and self.dist.strategy != "none":
             raise ConfigError(
                 f"optim.name={self.optim.name} estimates the Hessian with torch.autograd.grad on the "
@@ -859,6 +878,48 @@ class Config:
                     "full-parameter SFT, with dist.strategy=ddp, fsdp or none across the "
                     "tensor-parallel groups"
                 )
+
+
+    def _validate_pipeline(self, fused: bool, in_backward: bool) -> None:
+        """What dist.pp > 1 runs (tests/distributed/test_pipeline_cli.py)."""
+        from leantune.optim import is_elementwise
+
+        pp = f"dist.pp={self.dist.pp}"
+        if not fused or (in_backward and not is_elementwise(self.optim.name)):
+            raise ConfigError(
+                f"{pp} needs an optimizer fused into backward (adalomo, lomo, or an elementwise "
+                "*_in_backward): each stage updates its own parameters from its hooks; "
+                f"{self.optim.name} does not"
+            )
+        n = self.dist.pp_microbatches or self.dist.pp
+        refusals = [
+            (self.dist.strategy != "none", f"dist.strategy={self.dist.strategy}"),
+            (self.dist.tp > 1, f"dist.tp={self.dist.tp}"),
+            (self.peft.method != "none", f"peft.method={self.peft.method}"),
+            (bool(self.train.hft), "train.hft"),
+            (self.train.objective != "sft", f"train.objective={self.train.objective}"),
+            (self.serve.port is not None, "serve.port"),
+            (self.data.pack, "data.pack (no position ids cross the stages)"),
+            (self.train.accumulation_steps != 1, "train.accumulation_steps (use dist.pp_microbatches)"),
+        ]
+        for refused, what in refusals:
+            if refused:
+                raise ConfigError(
+                    f"{pp} with {what} is not supported yet: the pipeline runs full-parameter SFT of a "
+                    "LLaMA-family model, one stage per rank"
+                )
+        if self.dist.nproc > 1 and self.dist.nproc != self.dist.pp:
+            raise ConfigError(
+                f"dist.nproc={self.dist.nproc} must equal dist.pp={self.dist.pp} (one stage per rank)"
+            )
+        if self.train.batch_size % n:
+            raise ConfigError(
+                f"train.batch_size={self.train.batch_size} must be a multiple of the {n} micro-batches"
+            )
+        if self.dist.pp_schedule == "1f1b" and n < self.dist.pp:
+            raise ConfigError(
+                f"dist.pp_schedule=1f1b needs at least dist.pp={self.dist.pp} micro-batches, got {n}"
+            )
 
 
 def _suggest(value: Any, options: list[str]) -> str:

@@ -98,6 +98,7 @@ class Trainer:
         self.rank, self.world_size = 0, 1
         self.data_rank, self.data_world = 0, 1
         self.mesh: Any = None  # the (dp, tp) device mesh under tensor parallelism
+        self.pipeline: Any = None  # leantune.training.pipelined.PipelinedModel under dist.pp
         self.is_main = True
         self.hft: Any = None  # leantune.hft.HftTracker when train.hft is on
         self.allocator_note: str | None = None  # what `leantune train` did to glibc's allocator
@@ -137,7 +138,7 @@ class Trainer:
     def setup(self) -> None:
         """Build every component the config describes, resume if asked, and announce the run."""
         cfg = self.cfg
-        self.env = init_distributed(cfg.dist.strategy, cfg.train.device, tp=cfg.dist.tp)
+        self.env = init_distributed(cfg.dist.strategy, cfg.train.device, tp=cfg.dist.tp, pp=cfg.dist.pp)
         self.rank, self.world_size, self.is_main = self.env.rank, self.env.world_size, self.env.is_main
         # the ranks of a tensor-parallel group read the same batches: data is split over dp only
         self.data_rank, self.data_world = self.env.dp_rank, self.env.dp_size
@@ -186,12 +187,21 @@ class Trainer:
             dist_cfg=cfg.dist,
             mesh=self.mesh,
         )
+        if cfg.dist.pp > 1:
+            from leantune.training.pipelined import PipelinedModel
+
+            self.pipeline = PipelinedModel(self.model, cfg, self.device)
+            self.train_model = self.pipeline.module
         self.stream = self._build_stream()
         self.total_steps = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.stream.batches_per_epoch / cfg.train.accumulation_steps)
         )
         collectives = mesh_collectives(self.mesh, cfg.dist.strategy) if self.mesh is not None else "auto"
-        self.optimizer, self.stepper = build.build_optimizer(cfg, self.model, self.hft, collectives)
+        if self.pipeline is not None:  # each stage's optimizer holds its own parameters only
+            collectives = self.pipeline.collectives()
+        self.optimizer, self.stepper = build.build_optimizer(
+            cfg, self.pipeline.module if self.pipeline is not None else self.model, self.hft, collectives
+        )
         attach_optimizer(self.optimizer, cfg.dist.strategy, self.mesh)
         sync_optimizer_with_mask(self.optimizer, self.model, self.hft, cfg.optim.name)
         self.scheduler = build.build_scheduler(self.optimizer, cfg, self.total_steps)
@@ -253,6 +263,10 @@ class Trainer:
     # ----------------------------------------------------------------- train
     def train_step(self) -> StepResult:
         """One optimizer step over ``accumulation_steps`` micro-batches."""
+        if self.pipeline is not None:
+            result = self.pipeline.step(self.optimizer, self.stream.next_batch(), self.device)
+            self.scheduler.step()
+            return result
         losses, tokens, result, lost = [], 0, None, False
         sums: dict[str, float] = {}
         for _ in range(self.cfg.train.accumulation_steps):
@@ -308,6 +322,8 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """The objective's evaluation of the current model (for SFT: eval loss, perplexity and
         exact-match accuracy on the evaluation set)."""
+        if self.pipeline is not None:
+            self.pipeline.sync()
         values = self.objective.evaluate(self)
         if values:
             self.last_eval = values
@@ -315,10 +331,14 @@ class Trainer:
 
     def save(self) -> Path:
         """Write a resumable checkpoint of the current step and prune old ones (every rank calls this)."""
+        if self.pipeline is not None:
+            self.pipeline.sync()
         return self.checkpointer.save(self.state)
 
     def export(self) -> Path:
         """Write the final model to RUN_DIR/final (HF format; the adapter for peft runs)."""
+        if self.pipeline is not None:
+            self.pipeline.sync()
         return self.checkpointer.export(self.state)
 
     def train(self) -> RunSummary:

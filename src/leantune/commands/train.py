@@ -17,6 +17,7 @@ Settings come from an optional YAML file, then `section.key=value` overrides, e.
   leantune train train.resume=auto train.run_name=my-run      # continue after a crash
   leantune train dist.nproc=2 dist.strategy=fsdp               # starts torchrun for you
   leantune train dist.nproc=4 dist.tp=2 dist.strategy=ddp      # tensor parallel x 2, data parallel x 2
+  leantune train model.preset=test dist.nproc=2 dist.pp=2      # 2 pipeline stages (LLaMA, untied head)
   leantune train optim.name=galore optim.kwargs='{rank: 128}' optim.lr=1e-2   # GaLore, APOLLO,
       # Adam-mini, BAdam, torchao's 8/4-bit AdamW: pip install 'leantune[competitors]'
   leantune train model.path=runs/sft/final train.objective=dpo data.train=pairs.jsonl optim.lr=1e-3

@@ -37,6 +37,8 @@ class DistEnv:
     backend: str | None
     tp: int = 1
     """Tensor-parallel degree: ranks ``r`` with equal ``r // tp`` hold the shards of one model."""
+    pp: int = 1
+    """Pipeline stages: every rank of the job is one stage of the same model (no data parallelism)."""
 
     @property
     def is_main(self) -> bool:
@@ -45,12 +47,13 @@ class DistEnv:
     @property
     def dp_size(self) -> int:
         """Data-parallel ranks: each reads its own part of every global batch."""
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def dp_rank(self) -> int:
-        """This rank's place among them (the tensor-parallel ranks of a group read the same data)."""
-        return self.rank // self.tp
+        """This rank's place among them (the tensor-parallel ranks of a group, and the stages of a
+        pipeline, read the same data)."""
+        return self.rank // (self.tp * self.pp)
 
     def mesh(self) -> Any:
         """The ``(dp, tp)`` device mesh of the job (row-major: rank = dp_rank * tp + tp_rank)."""
@@ -64,7 +67,7 @@ def is_distributed() -> bool:
 
 
 def init_distributed(
-    strategy: str, device: str = "auto", timeout_minutes: float = 30.0, tp: int = 1
+    strategy: str, device: str = "auto", timeout_minutes: float = 30.0, tp: int = 1, pp: int = 1
 ) -> DistEnv:
     """Join the torchrun job (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) or run as one process.
 
@@ -75,6 +78,8 @@ def init_distributed(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % tp:
         raise ValueError(f"dist.tp={tp} must divide the number of processes ({world})")
+    if pp > 1 and world != pp:
+        raise ValueError(f"dist.pp={pp} runs one stage per process: start {pp} processes (dist.nproc={pp})")
     if tp > 1 and world == 1:
         raise ValueError(
             f"dist.tp={tp} needs {tp} processes: set dist.nproc={tp} (or a multiple), or start "
@@ -95,7 +100,7 @@ def init_distributed(
     # device mesh (e.g. for its CPU offload on one GPU).
     if world == 1 and not is_distributed() and strategy != "fsdp":
         return DistEnv(0, 1, 0, dev, None)
-    if strategy == "none" and world != tp:
+    if strategy == "none" and world != tp * pp:
         raise ValueError(
             f"launched with {world} processes but dist.strategy=none"
             + (f" (dist.tp={tp})" if tp > 1 else "")
@@ -111,7 +116,7 @@ def init_distributed(
             # store, which needs no address or port.
             store = dist.HashStore()
             dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, tp)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, backend, tp, pp)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

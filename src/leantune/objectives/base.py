@@ -64,7 +64,7 @@ class SFTObjective:
             replicas=t.world_size // t.data_world,
         )
         # under tensor parallelism every forward is collective: the whole group generates in step
-        if e.accuracy_samples and (t.is_main or t.world_size != t.data_world):
+        if e.accuracy_samples and (t.is_main or t.env.tp > 1):
             values.update(
                 exact_match(
                     t.model,

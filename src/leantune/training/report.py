@@ -61,6 +61,7 @@ def announce(trainer: Trainer, resume_from: Path | None, warning: str | None = N
         m.print(
             f"distributed: {t.world_size} ranks ({t.env.backend}), "
             + (f"tensor parallel {t.env.tp} x data parallel {t.env.dp_size}, " if t.env.tp > 1 else "")
+            + (f"{t.pipeline.describe()}, " if t.pipeline is not None else "")
             + f"strategy {cfg.dist.strategy}, global batch {t.checkpointer.global_batch} sequences"
         )
     if resume_from is not None:

@@ -35,6 +35,8 @@ RESUMABLE_CHANGES = (
     "dist.nproc",
     "dist.strategy",
     "dist.tp",  # the same model split otherwise: weights and optimizer state reshard on load
+    "dist.pp",
+    "dist.pp_schedule",  # the same gradients in another order of micro-batches
     "dist.cpu_offload",
 )
 

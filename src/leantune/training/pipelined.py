@@ -1,0 +1,98 @@
+"""``dist.pp``: the training loop's step and model upkeep when every rank is one pipeline stage.
+
+The loop composes :mod:`leantune.distributed.pipeline`: each rank builds the whole model, keeps
+its stage (:func:`~leantune.distributed.pipeline.build_pipeline`) and trains it with its own fused
+optimizer; one step is one schedule over ``dist.pp_microbatches`` micro-batches. Every rank keeps
+the whole model's module tree, so evaluation, saving and exporting run the ordinary code on a
+current copy: :meth:`PipelinedModel.sync` first broadcasts each stage's parameters from the rank
+that trains them (one broadcast per tensor, only before an evaluation or a save).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from leantune.training.guards import StepResult
+
+__all__ = ["PipelinedModel"]
+
+
+class PipelinedModel:
+    """The pipeline of a run and what the loop needs of it.
+
+    Args:
+        model: the whole model (every rank builds it alike).
+        cfg: the run's config (``dist.pp_schedule``, ``dist.pp_microbatches``).
+        device: this rank's device.
+    """
+
+    def __init__(self, model: nn.Module, cfg: Any, device: torch.device) -> None:
+        from leantune.distributed.pipeline import build_pipeline
+
+        self.model = model
+        self.n_microbatches = cfg.dist.pp_microbatches or cfg.dist.pp
+        # torch's schedules size their receive buffers from the first step: every batch is
+        # right-padded to this length (labels -100: exact under causal attention)
+        self.length = cfg.data.max_length
+        self.pad_id = 0
+        self.pipe = build_pipeline(
+            model, n_microbatches=self.n_microbatches, schedule=cfg.dist.pp_schedule, device=device
+        )
+        mine = [name for name, _ in self.pipe.module.named_parameters()]
+        owners: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(owners, mine)
+        self.owner = {name: rank for rank, names in enumerate(owners) for name in names}
+        missing = [n for n, _ in model.named_parameters() if n not in self.owner]
+        if missing:
+            raise ValueError(f"dist.pp: parameters that no stage trains: {missing[:3]}")
+
+    @property
+    def module(self) -> nn.Module:
+        """This rank's stage: what its optimizer updates."""
+        return self.pipe.module
+
+    def collectives(self) -> Any:
+        return self.pipe.collectives()
+
+    def describe(self) -> str:
+        blocks = len(getattr(self.pipe.module, "block_names", []))
+        return (
+            f"pipeline: {dist.get_world_size()} stages ({self.pipe.schedule.__class__.__name__}, "
+            f"{self.n_microbatches} micro-batches per step); this stage {blocks} decoder layers"
+        )
+
+    def step(self, optimizer: Any, batch: dict[str, torch.Tensor], device: torch.device) -> StepResult:
+        """One optimizer step on ``batch`` (every stage calls it with the same batch)."""
+        from leantune.data import IGNORE_INDEX
+        from leantune.distributed.pipeline import pipeline_step
+
+        ids, labels = batch["input_ids"], batch["labels"]
+        tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else ids.numel()
+        short = self.length - ids.shape[1]
+        if short < 0:
+            raise ValueError(
+                f"dist.pp: a batch of {ids.shape[1]} tokens is longer than data.max_length={self.length}"
+            )
+        if short:
+            ids = torch.nn.functional.pad(ids, (0, short), value=self.pad_id)
+            labels = torch.nn.functional.pad(labels, (0, short), value=IGNORE_INDEX)
+        out = pipeline_step(self.pipe, optimizer, ids.to(device), labels.to(device))
+        result = out.backward
+        return StepResult(
+            loss=out.loss,
+            tokens=tokens,
+            skipped=result.skipped,
+            zeroed=not result.skipped and bool(result.zeroed),
+            grad_norm=result.grad_norm,
+            metrics=None,
+        )
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Make every rank's whole model current: each parameter from the stage that trains it."""
+        for name, param in self.model.named_parameters():
+            dist.broadcast(param.data, src=self.owner[name])
