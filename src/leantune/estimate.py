@@ -1345,8 +1345,11 @@ def _layout_note(setup: TrainSetup) -> str:
     tp, pp, dp = setup.tp, setup.pp, setup.data_parallel
     runs = "leantune train runs it (dist.tp)"
     if pp > 1:
-        runs = "on paper: leantune.distributed.pipeline runs pipeline stages alone (no dist.pp in the trainer"
-        runs += ", no tp or data parallelism with it)" if tp * dp > 1 else ")"
+        runs = (
+            "on paper: leantune train runs pipeline stages alone (dist.pp), without tp or data parallelism"
+            if tp * dp > 1
+            else "leantune train runs it (dist.pp; every rank also holds all the weights, not counted here)"
+        )
     split = f"tp {tp}: attention/MLP matrices and their activations / {tp}, embeddings, head, norms whole"
     stages = f"pp {pp} ({setup.schedule}): stage = contiguous layers" if pp > 1 else ""
     return "; ".join(x for x in (split if tp > 1 else "", stages, runs) if x)
