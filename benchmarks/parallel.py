@@ -154,9 +154,10 @@ def closed_form(preset: str, seq: int, batch: int, microbatches: int) -> dict[st
 
     ``tp2``: each decoder layer all-reduces its attention and MLP outputs in forward (the row-wise
     ``o_proj`` and ``down_proj``: 2 x (batch, seq, hidden)), and in backward the gradient of the
-    input of each column-wise module (``q``, ``k``, ``v``, ``gate``, ``up``: DTensor redistributes
-    each module's input gradient on its own, 5 x (batch, seq, hidden); Megatron's hand-written
-    ``f`` operator would all-reduce their sum once per group, 2). ``pp2``: each micro-batch's
+    hidden states entering the attention and the MLP block: their column-wise modules (``q``, ``k``,
+    ``v``; ``gate``, ``up``) share one replicated DTensor input, so their partial gradients are
+    summed and all-reduced once per block, as Megatron's ``f`` operator does (2 x (batch, seq,
+    hidden)). ``pp2``: each micro-batch's
     hidden states go forward and their gradient back over the stage boundary. ``fsdp2``: the
     weights are all-gathered in forward and again in backward, the gradients reduce-scattered
     (whole-tensor bytes, see the module docstring).
@@ -174,8 +175,7 @@ def closed_form(preset: str, seq: int, batch: int, microbatches: int) -> dict[st
         "activation_bytes": act,
         "weight_bytes": weights,
         "tp2_forward_all_reduce": {"calls": 2 * layers, "bytes": 2 * layers * act},
-        "tp2_backward_all_reduce": {"calls": 5 * layers, "bytes": 5 * layers * act},
-        "tp2_backward_all_reduce_megatron": {"calls": 2 * layers, "bytes": 2 * layers * act},
+        "tp2_backward_all_reduce": {"calls": 2 * layers, "bytes": 2 * layers * act},
         "pp2_send_plus_recv": {"calls": 2 * microbatches, "bytes": 2 * act},
         # units: each layer, the embedding, the head, the root (the final norm); the root is not
         # resharded after forward, so not gathered again in backward
@@ -487,10 +487,8 @@ def render(report: dict[str, Any]) -> str:
             f"`tp2` forward {cf['tp2_forward_all_reduce']['calls']} all-reduces "
             f"({_mb(cf['tp2_forward_all_reduce']['bytes'])}: `o_proj` and `down_proj` of each layer), "
             f"backward {cf['tp2_backward_all_reduce']['calls']} "
-            f"({_mb(cf['tp2_backward_all_reduce']['bytes'])}: the input gradient of each column-wise "
-            f"module, `q`, `k`, `v`, `gate`, `up`, on its own; Megatron's `f` operator does "
-            f"{cf['tp2_backward_all_reduce_megatron']['calls']}, "
-            f"{_mb(cf['tp2_backward_all_reduce_megatron']['bytes'])}); `pp2` "
+            f"({_mb(cf['tp2_backward_all_reduce']['bytes'])}: the gradient of the hidden states "
+            "entering each attention and MLP block, once per block, as Megatron's `f` operator); `pp2` "
             f"{cf['pp2_send_plus_recv']['calls']} sends + receives per rank "
             f"({_mb(cf['pp2_send_plus_recv']['bytes'])}); `fsdp2` the weights "
             f"({_mb(cf['weight_bytes'])}) all-gathered in forward and again in backward (but for the "
@@ -510,7 +508,7 @@ def expected_traffic(cf: dict[str, Any]) -> dict[str, dict[str, tuple[tuple[str,
     """Layout -> check label -> (the counted kinds it sums, the closed form's calls and bytes)."""
     tp = {k: cf["tp2_forward_all_reduce"][k] + cf["tp2_backward_all_reduce"][k] for k in ("calls", "bytes")}
     return {
-        "tp2": {"all-reduce (DTensor, 2 + 5 per layer)": (("all_reduce (functional)",), tp)},
+        "tp2": {"all-reduce (DTensor, 2 + 2 per layer)": (("all_reduce (functional)",), tp)},
         "pp2": {"send + recv": (("send", "recv"), cf["pp2_send_plus_recv"])},
         "fsdp2": {
             "all-gather": (("all_gather_into_tensor",), cf["fsdp2_all_gather"]),

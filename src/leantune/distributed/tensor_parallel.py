@@ -20,6 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["TensorParallelError", "TensorParallelReport", "apply_tensor_parallel", "tp_plan"]
@@ -156,5 +157,33 @@ def apply_tensor_parallel(model: nn.Module, mesh: Any) -> TensorParallelReport:
         mesh,
         {name: styles[style]() for style in _APPLIED for name in matched[style]},
     )
+    for parent in sorted({name.rpartition(".")[0] for name in matched["colwise"]}):
+        _replicate_input(model.get_submodule(parent), mesh)
     whole = tuple(sorted({n for s in _KEPT_WHOLE for n in matched.get(s, ())}))
     return TensorParallelReport(tp, tuple(matched["colwise"]), tuple(matched["rowwise"]), whole)
+
+
+def _replicate_input(block: nn.Module, mesh: Any) -> None:
+    """Hand ``block`` (an attention or MLP module) its hidden states as one replicated DTensor.
+
+    Its column-wise layers (q, k, v; gate, up) then share that input, so in backward their partial
+    input gradients are summed first and all-reduced once at the block's entry, as Megatron does,
+    instead of once per layer (5 all-reduces per decoder layer become 2). The hidden states are the
+    first positional argument or the ``hidden_states`` keyword, as transformers' decoder layers pass
+    them.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    def as_replicated(x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
+            return DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+        return x
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if "hidden_states" in kwargs:
+            kwargs = {**kwargs, "hidden_states": as_replicated(kwargs["hidden_states"])}
+        elif args:
+            args = (as_replicated(args[0]), *args[1:])
+        return args, kwargs
+
+    block.register_forward_pre_hook(hook, with_kwargs=True)
