@@ -620,7 +620,7 @@ class Config:
         return self
 
     def _validate_serve(self) -> None:
-        """``serve.port``: a port, and a run whose model one process can answer with."""
+        """``serve.port``: a port, and a training loop with per-step hooks (not ppo)."""
         port = self.serve.port
         if port is None:
             return
@@ -636,13 +636,8 @@ class Config:
                 "dpo, ipo, simpo, orpo), not with train.objective=ppo: its loop generates rollouts "
                 "itself; serve a checkpoint with `leantune serve RUN` instead"
             )
-        if self.dist.strategy == "fsdp" and self.dist.nproc > 1:
-            raise ConfigError(
-                "serve.port does not work with dist.strategy=fsdp on more than one rank: every rank "
-                "holds a shard of each weight, so a forward pass (one generated token) needs every rank "
-                "to take part, in step, and the ranks are busy training; use dist.strategy=ddp (rank 0 "
-                "serves) or serve a checkpoint with `leantune serve RUN`"
-            )
+        # dist.strategy=fsdp on several ranks: every rank takes part in each generation (a
+        # collective decode loop between steps, leantune.serve.live.CollectiveEngine)
 
     def _validate_objective(self) -> None:
         """``train.objective`` and the ``dpo:`` settings, against the data and the model setup."""
@@ -893,7 +888,7 @@ class Config:
             )
         n = self.dist.pp_microbatches or self.dist.pp
         refusals = [
-            (self.dist.strategy != "none", f"dist.strategy={self.dist.strategy}"),
+            (self.dist.strategy == "fsdp", "dist.strategy=fsdp"),
             (self.dist.tp > 1, f"dist.tp={self.dist.tp}"),
             (self.peft.method != "none", f"peft.method={self.peft.method}"),
             (bool(self.train.hft), "train.hft"),
@@ -906,11 +901,17 @@ class Config:
             if refused:
                 raise ConfigError(
                     f"{pp} with {what} is not supported yet: the pipeline runs full-parameter SFT of a "
-                    "LLaMA-family model, one stage per rank"
+                    "LLaMA-family model, one stage per rank, pipelines replicated with dist.strategy=ddp"
                 )
-        if self.dist.nproc > 1 and self.dist.nproc != self.dist.pp:
+        if self.dist.nproc > 1 and self.dist.nproc % self.dist.pp:
             raise ConfigError(
-                f"dist.nproc={self.dist.nproc} must equal dist.pp={self.dist.pp} (one stage per rank)"
+                f"dist.nproc={self.dist.nproc} must be a multiple of dist.pp={self.dist.pp} (one stage "
+                "per rank, pipelines replicated with dist.strategy=ddp)"
+            )
+        if self.dist.nproc > self.dist.pp and self.dist.strategy != "ddp":
+            raise ConfigError(
+                f"dist.nproc={self.dist.nproc} with dist.pp={self.dist.pp} makes "
+                f"{self.dist.nproc // self.dist.pp} pipelines: set dist.strategy=ddp"
             )
         if self.train.batch_size % n:
             raise ConfigError(

@@ -142,7 +142,7 @@ class Trainer:
         self.rank, self.world_size, self.is_main = self.env.rank, self.env.world_size, self.env.is_main
         # the ranks of a tensor-parallel group read the same batches: data is split over dp only
         self.data_rank, self.data_world = self.env.dp_rank, self.env.dp_size
-        self.mesh = self.env.mesh() if cfg.dist.tp > 1 else None
+        self.mesh = self.env.mesh() if cfg.dist.tp > 1 or cfg.dist.pp > 1 else None
         self.device = self.env.device
         random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
@@ -190,19 +190,20 @@ class Trainer:
         if cfg.dist.pp > 1:
             from leantune.training.pipelined import PipelinedModel
 
-            self.pipeline = PipelinedModel(self.model, cfg, self.device)
+            self.pipeline = PipelinedModel(self.model, cfg, self.device, self.mesh)
             self.train_model = self.pipeline.module
         self.stream = self._build_stream()
         self.total_steps = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.stream.batches_per_epoch / cfg.train.accumulation_steps)
         )
-        collectives = mesh_collectives(self.mesh, cfg.dist.strategy) if self.mesh is not None else "auto"
+        collectives = mesh_collectives(self.mesh, cfg.dist.strategy) if cfg.dist.tp > 1 else "auto"
         if self.pipeline is not None:  # each stage's optimizer holds its own parameters only
             collectives = self.pipeline.collectives()
         self.optimizer, self.stepper = build.build_optimizer(
             cfg, self.pipeline.module if self.pipeline is not None else self.model, self.hft, collectives
         )
-        attach_optimizer(self.optimizer, cfg.dist.strategy, self.mesh)
+        if self.pipeline is None:
+            attach_optimizer(self.optimizer, cfg.dist.strategy, self.mesh)
         sync_optimizer_with_mask(self.optimizer, self.model, self.hft, cfg.optim.name)
         self.scheduler = build.build_scheduler(self.optimizer, cfg, self.total_steps)
         # Every rank must use rank 0's run directory (its default name is a timestamp).

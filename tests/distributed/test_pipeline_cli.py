@@ -12,12 +12,14 @@ import sys
 import pytest
 import torch
 
-from tests.distributed.test_multirank import (
+from tests.distributed.test_multirank import (  # noqa: F401 - text_file is a fixture
     ENV,
     assert_weights_close,
+    common,
     final_weights,
     launch,
     losses,
+    text_file,
     truncate_to_checkpoint,
 )
 
@@ -61,16 +63,38 @@ def test_pipeline_run_resumes_across_layouts_and_equals_one_rank(one_rank, tmp_p
     )
 
 
+def test_two_pipelines_of_two_stages_equal_one_rank(text_file, tmp_path):  # noqa: F811
+    """dist.pp=2 x dist.strategy=ddp on 4 ranks: each pipeline reads half of every global batch
+    (equal-length packed text, so the mean of the two halves' losses is the global mean), each
+    stage's gradients averaged over its replica in the hooks, the norm summed over the stages."""
+    opt = ["optim.name=lomo", "optim.lr=0.05", "optim.clip_grad_norm=0.5", "train.max_steps=4"]
+    launch([*common(text_file, tmp_path / "one"), *opt, "train.batch_size=8", "train.run_name=r"], 1)
+    proc = launch(
+        [*common(text_file, tmp_path / "pp"), *opt, "train.batch_size=4", "dist.pp=2", "dist.strategy=ddp",
+         "train.run_name=r"],
+        4,
+    )  # fmt: skip
+    assert "pipeline: 2 stages" in proc.stdout
+    assert_weights_close(final_weights(tmp_path / "pp" / "r"), final_weights(tmp_path / "one" / "r"))
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / "pp" / "r")),
+        torch.tensor(losses(tmp_path / "one" / "r")),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["optim.name=adamw"], "dist.pp=2 needs an optimizer fused into backward"),
-        (["dist.strategy=ddp"], "dist.pp=2 with dist.strategy=ddp is not supported yet"),
+        (["dist.strategy=fsdp"], "dist.pp=2 with dist.strategy=fsdp is not supported yet"),
+        (["dist.nproc=4"], "dist.nproc=4 with dist.pp=2 makes 2 pipelines: set dist.strategy=ddp"),
         (["train.batch_size=3"], "train.batch_size=3 must be a multiple of the 2 micro-batches"),
         (["dist.pp_microbatches=1", "train.batch_size=4"], "dist.pp_schedule=1f1b needs at least dist.pp=2"),
         (["dist.pp_schedule=zb"], "dist.pp_schedule must be 1f1b or gpipe"),
     ],
-    ids=["adamw", "ddp", "batch", "1f1b", "schedule"],
+    ids=["adamw", "fsdp", "pipelines", "batch", "1f1b", "schedule"],
 )
 def test_unsupported_settings_are_config_errors(tmp_path, extra, message):
     cmd = [sys.executable, "-m", "leantune", "train", "model.preset=test", "dist.pp=2", "dist.nproc=2",

@@ -78,16 +78,29 @@ class PipelineCollectives(Collectives):
     (all-reduced over the pipeline group: every stage clips by the same coefficient and skips the
     same overflowing step). Every tensor is whole on its stage: no statistic is summed over shards.
 
+    With ``dp_group`` (pipelines replicated for data parallelism, each reading its own part of the
+    batch), every gradient is first averaged over the replicas of the stage inside its hook; the
+    replicas then hold the same gradients, so the norm is still summed over the pipeline only.
+
     Args:
         group: the pipeline process group (``None``: the default group).
+        dp_group: the replicas of this stage (``None``: one pipeline).
     """
 
-    replicated = False
     sharded = False
 
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None = None, dp_group: dist.ProcessGroup | None = None
+    ) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
+        self.dp_group = dp_group
+        self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
+        self.replicated = self.dp_size > 1
+
+    def average_gradient(self, grad: Tensor) -> Tensor:
+        dist.all_reduce(grad, group=self.dp_group)
+        return grad.div_(self.dp_size)
 
     def sum_square_norms(self, total: Tensor) -> Tensor:
         dist.all_reduce(total, group=self.group)
@@ -335,9 +348,10 @@ class Pipeline:
     def stage_index(self) -> int:
         return self.stage.stage_index
 
-    def collectives(self) -> PipelineCollectives:
-        """The collectives to build this stage's fused optimizer with."""
-        return PipelineCollectives(self.group)
+    def collectives(self, dp_group: dist.ProcessGroup | None = None) -> PipelineCollectives:
+        """The collectives to build this stage's fused optimizer with (``dp_group``: this stage's
+        replicas under data parallelism)."""
+        return PipelineCollectives(self.group, dp_group)
 
 
 def build_pipeline(

@@ -56,10 +56,13 @@ class DistEnv:
         return self.rank // (self.tp * self.pp)
 
     def mesh(self) -> Any:
-        """The ``(dp, tp)`` device mesh of the job (row-major: rank = dp_rank * tp + tp_rank)."""
+        """The ``(dp, pp, tp)`` device mesh of the job (row-major: rank = (dp_rank * pp + stage) *
+        tp + tp_rank, so a tensor-parallel group sits on neighbouring devices)."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        return init_device_mesh(self.device.type, (self.dp_size, self.tp), mesh_dim_names=("dp", "tp"))
+        return init_device_mesh(
+            self.device.type, (self.dp_size, self.pp, self.tp), mesh_dim_names=("dp", "pp", "tp")
+        )
 
 
 def is_distributed() -> bool:
@@ -78,7 +81,9 @@ def init_distributed(
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world % tp:
         raise ValueError(f"dist.tp={tp} must divide the number of processes ({world})")
-    if pp > 1 and world != pp:
+    if world % (tp * pp):
+        raise ValueError(f"dist.tp={tp} x dist.pp={pp} must divide the number of processes ({world})")
+    if pp > 1 and world == 1:
         raise ValueError(f"dist.pp={pp} runs one stage per process: start {pp} processes (dist.nproc={pp})")
     if tp > 1 and world == 1:
         raise ValueError(

@@ -28,24 +28,37 @@ class PipelinedModel:
         model: the whole model (every rank builds it alike).
         cfg: the run's config (``dist.pp_schedule``, ``dist.pp_microbatches``).
         device: this rank's device.
+        mesh: the job's ``(dp, pp, tp)`` device mesh: the stages are its ``pp`` dimension, the
+            pipelines replicated over ``dp`` read different batches (``dist.strategy=ddp``).
     """
 
-    def __init__(self, model: nn.Module, cfg: Any, device: torch.device) -> None:
+    def __init__(self, model: nn.Module, cfg: Any, device: torch.device, mesh: Any) -> None:
         from leantune.distributed.pipeline import build_pipeline
 
         self.model = model
+        self.group = mesh["pp"].get_group()
+        dp = mesh["dp"]
+        self.dp_group = dp.get_group() if dp.size() > 1 else None
         self.n_microbatches = cfg.dist.pp_microbatches or cfg.dist.pp
         # torch's schedules size their receive buffers from the first step: every batch is
         # right-padded to this length (labels -100: exact under causal attention)
         self.length = cfg.data.max_length
         self.pad_id = 0
         self.pipe = build_pipeline(
-            model, n_microbatches=self.n_microbatches, schedule=cfg.dist.pp_schedule, device=device
+            model,
+            n_microbatches=self.n_microbatches,
+            schedule=cfg.dist.pp_schedule,
+            device=device,
+            group=self.group,
         )
         mine = [name for name, _ in self.pipe.module.named_parameters()]
-        owners: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(owners, mine)
-        self.owner = {name: rank for rank, names in enumerate(owners) for name in names}
+        owners: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(owners, mine, group=self.group)
+        self.owner = {
+            name: dist.get_global_rank(self.group, stage)
+            for stage, names in enumerate(owners)
+            for name in names
+        }
         missing = [n for n, _ in model.named_parameters() if n not in self.owner]
         if missing:
             raise ValueError(f"dist.pp: parameters that no stage trains: {missing[:3]}")
@@ -56,12 +69,12 @@ class PipelinedModel:
         return self.pipe.module
 
     def collectives(self) -> Any:
-        return self.pipe.collectives()
+        return self.pipe.collectives(self.dp_group)
 
     def describe(self) -> str:
         blocks = len(getattr(self.pipe.module, "block_names", []))
         return (
-            f"pipeline: {dist.get_world_size()} stages ({self.pipe.schedule.__class__.__name__}, "
+            f"pipeline: {dist.get_world_size(self.group)} stages ({self.pipe.schedule.__class__.__name__}, "
             f"{self.n_microbatches} micro-batches per step); this stage {blocks} decoder layers"
         )
 
@@ -81,9 +94,13 @@ class PipelinedModel:
             ids = torch.nn.functional.pad(ids, (0, short), value=self.pad_id)
             labels = torch.nn.functional.pad(labels, (0, short), value=IGNORE_INDEX)
         out = pipeline_step(self.pipe, optimizer, ids.to(device), labels.to(device))
-        result = out.backward
+        result, loss = out.backward, out.loss
+        if self.dp_group is not None:  # every pipeline's loss and tokens
+            both = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+            dist.all_reduce(both, group=self.dp_group)
+            loss, tokens = both[0].item() / dist.get_world_size(self.dp_group), int(both[1].item())
         return StepResult(
-            loss=out.loss,
+            loss=loss,
             tokens=tokens,
             skipped=result.skipped,
             zeroed=not result.skipped and bool(result.zeroed),
@@ -95,4 +112,4 @@ class PipelinedModel:
     def sync(self) -> None:
         """Make every rank's whole model current: each parameter from the stage that trains it."""
         for name, param in self.model.named_parameters():
-            dist.broadcast(param.data, src=self.owner[name])
+            dist.broadcast(param.data, src=self.owner[name], group=self.group)
