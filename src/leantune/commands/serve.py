@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from leantune.commands.spec_options import add_speculative_options, load_draft
+
 DESCRIPTION = """\
 Serve the model of RUN|MODEL_DIR (a run directory, a checkpoint directory or a local Hugging Face
 model directory; a peft adapter run is served on its base) over an OpenAI-compatible HTTP API, with
@@ -17,7 +19,8 @@ a chat page at http://HOST:PORT/.
 
 Routes: POST /v1/chat/completions, POST /v1/completions (stream, temperature, top_p, max_tokens,
 stop, seed, n), GET /v1/models, GET /v1/leantune/info, GET /health. Requests are served one at a
-time, in arrival order. See docs/serve.md.
+time, in arrival order. With --draft DRAFT_RUN every request is decoded with speculative decoding
+(same output, fewer forwards of the model). See docs/serve.md.
 
 Needs the serve extra: pip install 'leantune[serve]' (FastAPI + uvicorn).
 """
@@ -27,6 +30,7 @@ examples:
   leantune serve runs/RUN                          # http://127.0.0.1:8000/ in a browser
   leantune serve path/to/base --adapter runs/LORA  # a LoRA run's adapter on a base model
   LEANTUNE_API_KEY=secret leantune serve runs/RUN --host 0.0.0.0
+  leantune serve runs/RUN --draft runs/SMALL --decoding sd --gamma 4   # speculative decoding
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "sort 8213\\n", "max_tokens": 8, "temperature": 0}'
 """
@@ -65,6 +69,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-body", type=int, default=1 << 20, help="largest request body in bytes (else 413)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modelling code")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_speculative_options(p)
     p.set_defaults(func=run)
 
 
@@ -156,6 +161,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, OSError, ValueError) as err:
         print(f"leantune serve: {err}", file=sys.stderr)
         return 2
+    spec = _speculative(args, model, tokenizer)
+    if isinstance(spec, int):
+        return spec
     engine = Engine(
         model,
         tokenizer,
@@ -164,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit,
         max_n=args.max_n,
         info=info,
+        speculative=spec,
     )
     app = create_app(engine, api_key=api_key, max_body_bytes=args.max_body)
     if not _is_loopback(args.host) and api_key is None:
@@ -173,13 +182,53 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     where = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+    drafted = f", {spec.method} with draft {spec.label} (gamma {spec.gamma})" if spec is not None else ""
     print(
-        f"serving {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {device}) "
-        f"at {where}/  (OpenAI API: {where}/v1{', API key required' if api_key else ''})",
+        f"serving {name} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {device}"
+        f"{drafted}) at {where}/  (OpenAI API: {where}/v1{', API key required' if api_key else ''})",
         flush=True,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _speculative(args: argparse.Namespace, model: Any, tokenizer: Any) -> Any:
+    """The engine's :class:`~leantune.serve.engine.Speculative` for ``--draft``, None (plain decoding,
+    also for ``--decoding ar``), or an exit code (2) after a message: the draft is loaded and
+    checked against the model's tokenizer and vocabulary as ``leantune generate`` does."""
+    from types import SimpleNamespace
+
+    from leantune.serve.engine import Speculative
+
+    if args.draft and _prefix_tuning(model):
+        print("leantune serve: --draft does not work with a prefix-tuning adapter", file=sys.stderr)
+        return 2
+    spec = load_draft(args, SimpleNamespace(model=model, tokenizer=tokenizer), "leantune serve")
+    if isinstance(spec, int):
+        return spec
+    draft, method, gamma = spec
+    if method == "ar":
+        return None
+    on_stats = None
+    if args.spec_stats:
+
+        def on_stats(stats: dict[str, Any]) -> None:
+            tokens, fwd = stats["tokens"], max(stats["target_forwards"], 1)
+            print(
+                f"{stats['decoding']}: {tokens} tokens in {stats['seconds']:.2f} s "
+                f"({tokens / max(stats['seconds'], 1e-9):.1f} tokens/s), {tokens / fwd:.2f} tokens per "
+                f"target forward, {stats['draft_forwards']} draft forwards, time to first token "
+                f"{1e3 * (stats['ttft_s'] or 0):.1f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    return Speculative(draft, method, gamma, label=args.draft, on_stats=on_stats)
+
+
+def _prefix_tuning(model: Any) -> bool:
+    peft_type = getattr(getattr(model, "active_peft_config", None), "peft_type", None)
+    return str(getattr(peft_type, "value", peft_type)) == "PREFIX_TUNING"
 
 
 def _is_loopback(host: str) -> bool:

@@ -11,7 +11,9 @@ disconnects sets its job's cancel flag, and the job stops before its next token;
 left while it was still waiting in line is skipped.
 
 Every error is an OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``: pydantic's
-validation errors and malformed JSON become 400s of that shape too.
+validation errors and malformed JSON become 400s of that shape too. A failed generation is a 500
+(``code`` ``draft_error`` when the draft model of speculative decoding failed); once a stream has
+started, it is an error event instead, and the server goes on with the next request.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from leantune.serve.engine import CANCELLED, Engine, Job, JobResult, RequestError
 from leantune.serve.openai_schema import ChatCompletionRequest, CompletionRequest
+from leantune.speculative.common import DraftError
 
 __all__ = ["DEFAULT_MAX_BODY", "create_app", "error_body"]
 
@@ -52,6 +55,12 @@ def error_body(
 
 def _error(status: int, message: str, **kw: Any) -> JSONResponse:
     return JSONResponse(error_body(message, **kw), status_code=status)
+
+
+def _failure(err: Exception) -> dict[str, Any]:
+    """The error body of a generation that failed (a 500, or the last event of a stream)."""
+    code = "draft_error" if isinstance(err, DraftError) else None
+    return error_body(f"generation failed: {type(err).__name__}: {err}", type="server_error", code=code)
 
 
 class BodyLimit:
@@ -195,7 +204,7 @@ def create_app(
     @app.exception_handler(Exception)
     async def server_error(request: Request, err: Exception) -> JSONResponse:
         # e.g. CUDA out of memory in a generation: the client gets a parseable 500, the log the trace
-        return _error(500, f"generation failed: {type(err).__name__}: {err}", type="server_error")
+        return JSONResponse(_failure(err), status_code=500)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
@@ -205,6 +214,8 @@ def create_app(
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict[str, str]:
+        if engine.speculative is not None:  # which decoding, for a client that cares about speed
+            return {"status": "ok", "decoding": engine.decoding}
         return {"status": "ok"}
 
     @app.get("/", include_in_schema=False)
@@ -213,7 +224,13 @@ def create_app(
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict[str, Any]:
-        card = {"id": engine.model_name, "object": "model", "created": engine.created, "owned_by": "leantune"}
+        card = {
+            "id": engine.model_name,
+            "object": "model",
+            "created": engine.created,
+            "owned_by": "leantune",
+            "decoding": engine.decoding,  # ar, or sd / duo with a draft model (not in OpenAI's card)
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/v1/leantune/info", dependencies=auth)
@@ -329,7 +346,7 @@ def create_app(
             try:
                 result = future.result()
             except Exception as err:  # e.g. out of memory: the status is sent already, say it here
-                yield _sse(error_body(f"generation failed: {err}", type="server_error"))
+                yield _sse(_failure(err))
                 return
             if include_usage:
                 yield chunk([], usage=result.usage())

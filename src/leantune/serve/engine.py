@@ -5,6 +5,10 @@ request fits (context, limits), and decodes token by token with a KV cache, call
 new piece of text. The web layer (:mod:`leantune.serve.app`) runs :meth:`Engine.run` in a worker
 thread.
 
+With a draft model (:class:`Speculative`) it decodes with :mod:`leantune.speculative` instead (standard
+speculative decoding or DuoDecoding, both lossless): each round commits one or more tokens, which go
+through the same eos / stop-string / streaming logic as the plain loop's tokens (:class:`_Text`).
+
 It is built from a live ``model`` + ``tokenizer`` (not a path) so that it can also serve a model
 that is being trained: whoever owns the model holds :attr:`Engine.lock` while it changes the weights
 (an optimizer step), and generation, which takes the same lock, runs between steps. :meth:`Engine.run`
@@ -32,6 +36,7 @@ __all__ = [
     "JobResult",
     "RequestError",
     "SamplingParams",
+    "Speculative",
     "held_back",
 ]
 
@@ -61,6 +66,33 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     n: int = 1
+
+
+@dataclass
+class Speculative:
+    """Decode every request with a draft model (``leantune serve --draft``, docs/speculative.md).
+
+    The output is the plain loop's: greedy token for token, sampling with the same distribution
+    (temperature and top-p applied to draft and target alike), though not the same draws for a seed.
+    """
+
+    draft: torch.nn.Module
+    """A small model with the target's tokenizer (checked by the caller:
+    :func:`leantune.speculative.check_compatible`); its device may differ from the target's."""
+    method: str = "duo"
+    """``sd`` (standard speculative decoding) or ``duo`` (DuoDecoding)."""
+    gamma: int = 5
+    """Draft tokens per round (DuoDecoding: the budget over all its draft sequences)."""
+    label: str | None = None
+    """What ``/v1/leantune/info`` says the draft is (its path)."""
+    on_stats: Callable[[dict[str, Any]], None] | None = None
+    """Called after each choice with its statistics (``leantune serve --spec-stats`` prints them)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("sd", "duo"):
+            raise ValueError(f"Speculative.method must be 'sd' or 'duo', got {self.method!r}")
+        if self.gamma < 1:
+            raise ValueError(f"Speculative.gamma must be >= 1, got {self.gamma}")
 
 
 @dataclass
@@ -130,6 +162,64 @@ def _first_stop(text: str, stops: Sequence[str]) -> int:
     return min(found) if found else -1
 
 
+class _Ended(Exception):  # noqa: N818  (a signal, not an error)
+    """Raised from a speculative loop's ``on_round`` to end the choice (eos, stop string, cancel)."""
+
+
+class _Text:
+    """One choice's tokens and text as they arrive, from either decoding loop: an eos token or a stop
+    string ends it (:meth:`push`), :meth:`flush` passes on the text that is safe to show (no part of
+    a stop string, no half character), :meth:`close` makes the :class:`Choice`."""
+
+    def __init__(self, index: int, engine: Engine, stops: list[str], on_delta: DeltaCallback | None):
+        self.index = index
+        self.tokenizer = engine.tokenizer
+        self.eos_ids = engine.eos_ids
+        self.stops = stops
+        self.on_delta = on_delta
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of the text already passed to on_delta
+        self.finish: str | None = None  # STOP once an eos or a stop string ended it
+
+    def push(self, token: int) -> bool:
+        """Add a generated token; True when it ended the choice (then push no more)."""
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            self.finish = STOP
+            return True
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = _first_stop(self.text, self.stops)
+        if cut >= 0:
+            self.text, self.finish = self.text[:cut], STOP
+            return True
+        return False
+
+    def flush(self) -> None:
+        if self.on_delta is not None:
+            safe = len(self.text) - held_back(self.text, self.stops)
+            if safe > self.sent:
+                self.on_delta(self.index, self.text[self.sent : safe], None)
+                self.sent = safe
+
+    def close(self, cancel: threading.Event) -> Choice:
+        """The choice; its finish reason is ``length`` when neither eos nor a stop string ended it
+        (``cancelled`` when ``cancel`` is set: then ``on_delta`` hears nothing more)."""
+        finish = self.finish or (CANCELLED if cancel.is_set() else LENGTH)
+        text = self.text
+        if finish != CANCELLED:
+            # the full decode of what was kept: eos dropped; at the length limit a held-back stop
+            # prefix or an unfinished character is part of the answer after all.
+            kept = [t for t in self.tokens if t not in self.eos_ids]
+            if finish == LENGTH or (self.tokens and self.tokens[-1] in self.eos_ids):
+                text = self.tokenizer.decode(kept, skip_special_tokens=True)
+            if self.on_delta is not None:
+                if len(text) > self.sent:
+                    self.on_delta(self.index, text[self.sent :], None)
+                self.on_delta(self.index, "", finish)
+        return Choice(self.index, text, finish, len(self.tokens))
+
+
 class Engine:
     """Serves one model: prepares requests (:meth:`prepare_chat`, :meth:`prepare_completion`) and
     runs them (:meth:`run`) one at a time.
@@ -145,6 +235,7 @@ class Engine:
         info: extra facts for ``/v1/leantune/info`` (e.g. the run and its step).
         lock: the lock generation holds; share it with a training loop to interleave the two.
         status: called by :meth:`info` for facts that change (a live run's step and loss).
+        speculative: decode with this draft model (speculative decoding) instead of token by token.
     """
 
     def __init__(
@@ -160,6 +251,7 @@ class Engine:
         info: dict[str, Any] | None = None,
         lock: threading.Lock | None = None,
         status: Callable[[], dict[str, Any]] | None = None,
+        speculative: Speculative | None = None,
     ):
         if max_tokens_limit < 1 or max_n < 1 or max_prompts < 1:
             raise ValueError("max_tokens_limit, max_n and max_prompts must be >= 1")
@@ -191,6 +283,16 @@ class Engine:
         # a cache of ours would replace them: such models re-read the whole sequence per token.
         peft_type = getattr(getattr(model, "active_peft_config", None), "peft_type", None)
         self.reuse_cache = str(getattr(peft_type, "value", peft_type)) != "PREFIX_TUNING"
+        if speculative is not None and not self.reuse_cache:
+            raise ValueError("speculative decoding needs the model's KV cache, which prefix tuning replaces")
+        self.speculative = speculative
+        # what the speculative decoding did so far (info: tokens per target forward)
+        self.spec_totals = {"tokens": 0, "rounds": 0, "target_forwards": 0, "draft_forwards": 0}
+
+    @property
+    def decoding(self) -> str:
+        """``ar`` (one forward per token), ``sd`` or ``duo``."""
+        return self.speculative.method if self.speculative is not None else "ar"
 
     # ------------------------------------------------------------------ requests
 
@@ -203,8 +305,23 @@ class Engine:
             "max_n": self.max_n,
             "device": str(self.device),
             "chat_template": bool(getattr(self.tokenizer, "chat_template", None)),
+            "decoding": self.decoding,
+            **({"speculative": self._spec_info()} if self.speculative is not None else {}),
             **self.extra_info,
             **(self.status() if self.status is not None else {}),
+        }
+
+    def _spec_info(self) -> dict[str, Any]:
+        spec = self.speculative
+        assert spec is not None
+        totals = dict(self.spec_totals)
+        forwards = totals["target_forwards"]
+        return {
+            "draft": spec.label,
+            "draft_device": str(next(spec.draft.parameters()).device),
+            "gamma": spec.gamma,
+            **totals,
+            "tokens_per_target_forward": round(totals["tokens"] / forwards, 3) if forwards else None,
         }
 
     def prepare_chat(self, messages: list[dict[str, Any]], params: SamplingParams) -> Job:
@@ -309,17 +426,26 @@ class Engine:
     ) -> JobResult:
         """Generate every choice of ``job`` (``n`` per prompt, one after the other), holding
         :attr:`lock`. ``on_delta`` gets the text as it grows (stop strings never in it) and, last,
-        each choice's finish reason; ``cancel`` set stops the job before the next token."""
+        each choice's finish reason; ``cancel`` set stops the job before the next token (with a
+        draft: before the next round).
+
+        Raises:
+            leantune.speculative.DraftError: the draft model failed; the job ends, the engine stays
+                usable.
+        """
         cancel = cancel if cancel is not None else threading.Event()
-        generator = torch.Generator(device=self.device)
+        # the speculative loops sample on the CPU (their probabilities live there)
+        generator = torch.Generator(device="cpu" if self.speculative is not None else self.device)
         if job.params.seed is not None:
             generator.manual_seed(job.params.seed)
         else:
             generator.seed()
         choices: list[Choice] = []
+        models = [self.model] + ([self.speculative.draft] if self.speculative is not None else [])
         with self.lock:
-            was_training = self.model.training
-            self.model.eval()
+            was_training = [m.training for m in models]
+            for m in models:
+                m.eval()
             try:
                 for p, (ids, budget) in enumerate(zip(job.prompts, job.max_tokens)):
                     for k in range(job.params.n):
@@ -330,7 +456,8 @@ class Engine:
                             self._choice(index, ids, budget, job.params, generator, on_delta, cancel)
                         )
             finally:
-                self.model.train(was_training)
+                for m, was in zip(models, was_training):
+                    m.train(was)
         return JobResult(choices, job.prompt_tokens)
 
     def _choice(
@@ -343,39 +470,83 @@ class Engine:
         on_delta: DeltaCallback | None,
         cancel: threading.Event,
     ) -> Choice:
-        tokens: list[int] = []
-        sent = 0  # characters of the text already passed to on_delta
-        finish = LENGTH
-        text = ""
-        for token in self._tokens(prompt, budget, params, generator, cancel):
-            tokens.append(token)
-            if token in self.eos_ids:
-                finish = STOP
-                break
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = _first_stop(text, params.stop)
-            if cut >= 0:
-                text, finish = text[:cut], STOP
-                break
-            if on_delta is not None:
-                safe = len(text) - held_back(text, params.stop)
-                if safe > sent:
-                    on_delta(index, text[sent:safe], None)
-                    sent = safe
+        """One continuation of ``prompt``, token by token or with the draft."""
+        text = _Text(index, self, params.stop, on_delta)
+        if self.speculative is not None:
+            self._speculative(text, prompt, budget, params, generator, cancel)
         else:
+            for token in self._tokens(prompt, budget, params, generator, cancel):
+                if text.push(token):
+                    break
+                text.flush()
+        return text.close(cancel)
+
+    def _speculative(
+        self,
+        text: _Text,
+        prompt: list[int],
+        budget: int,
+        params: SamplingParams,
+        generator: torch.Generator,
+        cancel: threading.Event,
+    ) -> None:
+        """One choice with the draft: the speculative loop of :mod:`leantune.speculative` commits
+        tokens round by round; ``on_round`` passes them to ``text`` and ends the loop (by raising
+        :class:`_Ended`) at eos, a stop string or ``cancel``."""
+        from leantune.speculative import generate
+        from leantune.speculative.sampling import Sampling
+
+        spec = self.speculative
+        assert spec is not None
+        sampling = Sampling(True, params.temperature, params.top_p) if params.temperature > 0 else Sampling()
+        rounds, first = 0, None
+        runners: list[Any] = []
+
+        def on_round(seq: list[int], tail: list[int], target: Any, draft: Any) -> None:
+            nonlocal rounds, first
+            rounds += 1
+            first = first if first is not None else time.perf_counter() - t0
+            runners[:] = [target, draft]
+            # a round may commit past the budget: the loop cuts its own result there, and so do we
+            for token in seq[len(prompt) + len(text.tokens) : len(prompt) + budget]:
+                if text.push(token):
+                    raise _Ended
+            text.flush()
             if cancel.is_set():
-                finish = CANCELLED
-        if finish != CANCELLED:
-            # the full decode of what was kept: eos dropped; at the length limit a held-back stop
-            # prefix or an unfinished character is part of the answer after all.
-            kept = [t for t in tokens if t not in self.eos_ids]
-            if finish == LENGTH or (tokens and tokens[-1] in self.eos_ids):
-                text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        if on_delta is not None and finish != CANCELLED:
-            if len(text) > sent:
-                on_delta(index, text[sent:], None)
-            on_delta(index, "", finish)
-        return Choice(index, text, finish, len(tokens))
+                raise _Ended
+
+        t0 = time.perf_counter()
+        try:
+            # eos_id=None: eos (every id in eos_ids, not only the tokenizer's) ends it in on_round
+            generate(
+                spec.method,
+                self.model,
+                spec.draft,
+                list(prompt),
+                max_new_tokens=budget,
+                gamma=spec.gamma,
+                sampling=sampling,
+                eos_id=None,
+                generator=generator,
+                on_round=on_round,
+            )
+        except _Ended:
+            pass
+        finally:
+            stats = {
+                "decoding": spec.method,
+                "gamma": spec.gamma,
+                "tokens": len(text.tokens),
+                "rounds": rounds,
+                "target_forwards": runners[0].forwards if runners else 0,
+                "draft_forwards": runners[1].forwards if runners else 0,
+                "seconds": time.perf_counter() - t0,
+                "ttft_s": first,
+            }
+            for key in self.spec_totals:
+                self.spec_totals[key] += stats[key]
+            if spec.on_stats is not None:
+                spec.on_stats(stats)
 
     @torch.inference_mode()
     def _tokens(
