@@ -251,8 +251,9 @@ class DistConfig:
     this many ranks (the model's own transformers plan, DTensor); the ranks divide into
     world_size / tp data-parallel groups, to which dist.strategy applies. Fused optimizers only."""
     pp: int = 1
-    """Pipeline-parallel stages: each rank runs a contiguous part of the decoder layers (LLaMA
-    family; torch.distributed.pipelining). One stage per rank, dist.strategy=none, fused optimizers."""
+    """Pipeline-parallel stages: each rank (or tensor-parallel group, with dist.tp) runs a contiguous
+    part of the decoder layers (LLaMA family; torch.distributed.pipelining); more ranks replicate
+    the pipeline with dist.strategy=ddp. Fused optimizers."""
     pp_schedule: str = "1f1b"
     """Pipeline schedule: 1f1b (needs at least dist.pp micro-batches) or gpipe."""
     pp_microbatches: int = 0
@@ -889,7 +890,6 @@ class Config:
         n = self.dist.pp_microbatches or self.dist.pp
         refusals = [
             (self.dist.strategy == "fsdp", "dist.strategy=fsdp"),
-            (self.dist.tp > 1, f"dist.tp={self.dist.tp}"),
             (self.peft.method != "none", f"peft.method={self.peft.method}"),
             (bool(self.train.hft), "train.hft"),
             (self.train.objective != "sft", f"train.objective={self.train.objective}"),
@@ -903,15 +903,17 @@ class Config:
                     f"{pp} with {what} is not supported yet: the pipeline runs full-parameter SFT of a "
                     "LLaMA-family model, one stage per rank, pipelines replicated with dist.strategy=ddp"
                 )
-        if self.dist.nproc > 1 and self.dist.nproc % self.dist.pp:
+        per_pipeline = self.dist.pp * self.dist.tp
+        if self.dist.nproc > 1 and self.dist.nproc % per_pipeline:
             raise ConfigError(
-                f"dist.nproc={self.dist.nproc} must be a multiple of dist.pp={self.dist.pp} (one stage "
-                "per rank, pipelines replicated with dist.strategy=ddp)"
+                f"dist.nproc={self.dist.nproc} must be a multiple of dist.pp x dist.tp = {per_pipeline} "
+                "(one stage per rank, or per tensor-parallel group; pipelines replicated with "
+                "dist.strategy=ddp)"
             )
-        if self.dist.nproc > self.dist.pp and self.dist.strategy != "ddp":
+        if self.dist.nproc > per_pipeline and self.dist.strategy != "ddp":
             raise ConfigError(
                 f"dist.nproc={self.dist.nproc} with dist.pp={self.dist.pp} makes "
-                f"{self.dist.nproc // self.dist.pp} pipelines: set dist.strategy=ddp"
+                f"{self.dist.nproc // per_pipeline} pipelines: set dist.strategy=ddp"
             )
         if self.train.batch_size % n:
             raise ConfigError(

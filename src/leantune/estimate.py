@@ -1346,8 +1346,8 @@ def _layout_note(setup: TrainSetup) -> str:
     runs = "leantune train runs it (dist.tp)"
     if pp > 1:
         runs = (
-            "on paper: leantune train runs pipeline stages (dist.pp) with ddp, not with tp or fsdp"
-            if tp > 1 or (dp > 1 and setup.strategy == "fsdp")
+            "on paper: leantune train runs pipeline stages (dist.pp) with tp and ddp, not fsdp"
+            if dp > 1 and setup.strategy == "fsdp"
             else "leantune train runs it (dist.pp; every rank also holds all the weights, not counted here)"
         )
     split = f"tp {tp}: attention/MLP matrices and their activations / {tp}, embeddings, head, norms whole"

@@ -63,6 +63,17 @@ def test_pipeline_run_resumes_across_layouts_and_equals_one_rank(one_rank, tmp_p
     )
 
 
+def test_tensor_parallel_stages_equal_one_rank(one_rank, tmp_path):
+    """dist.pp=2 x dist.tp=2 on 4 ranks: each stage split over 2 ranks; LOMO's clipping norm counts
+    each stage's shards once and its replicated tensors (norms) once, summed over the stages."""
+    proc = launch(args(tmp_path, "dist.pp=2", "dist.tp=2"), 4)
+    assert "tensor parallel 2" in proc.stdout and "pipeline: 2 stages" in proc.stdout
+    assert_weights_close(final_weights(tmp_path / "r"), final_weights(one_rank))
+    torch.testing.assert_close(
+        torch.tensor(losses(tmp_path / "r")), torch.tensor(losses(one_rank)), rtol=1e-5, atol=1e-6
+    )
+
+
 def test_two_pipelines_of_two_stages_equal_one_rank(text_file, tmp_path):  # noqa: F811
     """dist.pp=2 x dist.strategy=ddp on 4 ranks: each pipeline reads half of every global batch
     (equal-length packed text, so the mean of the two halves' losses is the global mean), each

@@ -225,7 +225,13 @@ def test_the_table_and_json_show_the_layout_stages_and_communication(capsys):
     assert re.search(r"total \(peak\) .* on stage [01] of 2", out) and "stages (GiB)" in out
     for kind in ("tp activations", "tp statistics", "pp activations", "ddp gradients", "total sent"):
         assert kind in out
-    assert "on paper" in out and "standard loss (full fp32 logits) on the last stage" in out
+    # tp x pp x ddp is what `leantune train dist.tp dist.pp dist.strategy=ddp` runs
+    assert (
+        "leantune train runs it (dist.pp" in out
+        and "standard loss (full fp32 logits) on the last stage" in out
+    )
+    assert main([*argv, "--strategy", "fsdp"]) == 0
+    assert "on paper" in capsys.readouterr().out  # pp with fsdp: estimated, not run
     assert main([*argv, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["setup"] | {"tp": 2, "pp": 2, "schedule": "1f1b"} == data["setup"]

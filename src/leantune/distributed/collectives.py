@@ -234,18 +234,25 @@ class MeshCollectives(Collectives):
         dp_group: the data-parallel process group (``None``: no data parallelism beside the mesh,
             or FSDP2 on one of the mesh's dimensions, which the placements show).
         norm_group: the group over which the gradient norm is summed (``None``: the whole job).
+        stages: pipeline stages among the ranks of ``norm_group`` (1: none): they hold disjoint
+            parts of the model, which the norm sums; a tensor is replicated only within its stage.
     """
 
     sharded = True
 
     def __init__(
-        self, dp_group: dist.ProcessGroup | None = None, norm_group: dist.ProcessGroup | None = None
-    ):
+        self,
+        dp_group: dist.ProcessGroup | None = None,
+        norm_group: dist.ProcessGroup | None = None,
+        stages: int = 1,
+    ) -> None:
         self.dp_group = dp_group
         self.dp_size = dist.get_world_size(dp_group) if dp_group is not None else 1
         self.replicated = self.dp_size > 1
         self.norm_group = norm_group
         self.norm_size = dist.get_world_size(norm_group)
+        self.stages = stages
+        self.spans_pipeline = stages > 1  # leantune.distributed.pipeline.pipeline_step accepts it
 
     def average_gradient(self, grad: Tensor) -> Tensor:
         dist.all_reduce(grad, group=self.dp_group)
@@ -278,7 +285,7 @@ class MeshCollectives(Collectives):
         if hasattr(param, "device_mesh"):
             for i in self._dims(param, "all"):
                 pieces *= param.device_mesh.size(i)
-        copies = self.norm_size // pieces
+        copies = self.norm_size // (pieces * self.stages)
         return 1.0 / copies if copies > 1 else 1.0
 
     def export_state(self, param: Tensor, key: str, value: Any, segment: Any = None) -> Any:

@@ -444,7 +444,10 @@ def pipeline_step(
         )
     if input_ids.shape[0] % n:
         raise ValueError(f"batch size {input_ids.shape[0]} is not a multiple of n_microbatches={n}")
-    if pipe.num_stages > 1 and not isinstance(opt.collectives, PipelineCollectives):
+    spans = isinstance(opt.collectives, PipelineCollectives) or getattr(
+        opt.collectives, "spans_pipeline", False
+    )
+    if pipe.num_stages > 1 and not spans:
         raise ValueError(
             f"the optimizer's collectives are {type(opt.collectives).__name__}: build it with "
             "collectives=pipe.collectives(), so that the clipping norm and overflow checks span all stages"

@@ -36,6 +36,7 @@ class PipelinedModel:
         from leantune.distributed.pipeline import build_pipeline
 
         self.model = model
+        self.mesh = mesh
         self.group = mesh["pp"].get_group()
         dp = mesh["dp"]
         self.dp_group = dp.get_group() if dp.size() > 1 else None
@@ -69,7 +70,14 @@ class PipelinedModel:
         return self.pipe.module
 
     def collectives(self) -> Any:
-        return self.pipe.collectives(self.dp_group)
+        """A stage's optimizer's: with tensor parallelism the mesh collectives (statistics over the
+        tensor-parallel shards, the norm over the stages and shards of this pipeline)."""
+        if self.mesh["tp"].size() == 1:
+            return self.pipe.collectives(self.dp_group)
+        from leantune.distributed.collectives import MeshCollectives
+
+        pipeline = self.mesh["pp", "tp"]._flatten("pp_tp").get_group()
+        return MeshCollectives(dp_group=self.dp_group, norm_group=pipeline, stages=self.mesh["pp"].size())
 
     def describe(self) -> str:
         blocks = len(getattr(self.pipe.module, "block_names", []))
@@ -112,4 +120,6 @@ class PipelinedModel:
     def sync(self) -> None:
         """Make every rank's whole model current: each parameter from the stage that trains it."""
         for name, param in self.model.named_parameters():
-            dist.broadcast(param.data, src=self.owner[name], group=self.group)
+            # a tensor-parallel shard goes to the same shard of the other stages
+            local = param.to_local() if hasattr(param, "to_local") else param.data
+            dist.broadcast(local, src=self.owner[name], group=self.group)
