@@ -11,6 +11,7 @@ scheduler, data position and random states are restored.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import signal
@@ -238,6 +239,8 @@ class Trainer:
             # atomic: a run killed while rewriting it on resume must still resume
             ckpt.write_text_atomic(self.run_dir / "config.yaml", render_config(cfg, comments=False))
         announce(self, resume_from, warning)
+        if self.pipeline is not None:  # after loading and announcing the whole model
+            self.pipeline.release()
 
     def _build_objective(self) -> Any:
         from leantune.objectives import build_objective
@@ -323,24 +326,25 @@ class Trainer:
     def evaluate(self) -> dict[str, Any]:
         """The objective's evaluation of the current model (for SFT: eval loss, perplexity and
         exact-match accuracy on the evaluation set)."""
-        if self.pipeline is not None:
-            self.pipeline.sync()
-        values = self.objective.evaluate(self)
+        with self._whole_model():
+            values = self.objective.evaluate(self)
         if values:
             self.last_eval = values
         return values
 
     def save(self) -> Path:
         """Write a resumable checkpoint of the current step and prune old ones (every rank calls this)."""
-        if self.pipeline is not None:
-            self.pipeline.sync()
-        return self.checkpointer.save(self.state)
+        with self._whole_model():
+            return self.checkpointer.save(self.state)
 
     def export(self) -> Path:
         """Write the final model to RUN_DIR/final (HF format; the adapter for peft runs)."""
-        if self.pipeline is not None:
-            self.pipeline.sync()
-        return self.checkpointer.export(self.state)
+        with self._whole_model():
+            return self.checkpointer.export(self.state)
+
+    def _whole_model(self) -> Any:
+        # dist.pp: between evaluations and saves a rank holds only its stage's weights
+        return self.pipeline.whole() if self.pipeline is not None else contextlib.nullcontext()
 
     def train(self) -> RunSummary:
         """Step until ``total_steps``, logging every ``log.every`` steps, evaluating every

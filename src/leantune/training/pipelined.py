@@ -2,14 +2,17 @@
 
 The loop composes :mod:`leantune.distributed.pipeline`: each rank builds the whole model, keeps
 its stage (:func:`~leantune.distributed.pipeline.build_pipeline`) and trains it with its own fused
-optimizer; one step is one schedule over ``dist.pp_microbatches`` micro-batches. Every rank keeps
-the whole model's module tree, so evaluation, saving and exporting run the ordinary code on a
-current copy: :meth:`PipelinedModel.sync` first broadcasts each stage's parameters from the rank
-that trains them (one broadcast per tensor, only before an evaluation or a save).
+optimizer; one step is one schedule over ``dist.pp_microbatches`` micro-batches. Between
+evaluations and saves a rank holds only its stage's weights (:meth:`PipelinedModel.release` empties
+the others; tensor-parallel shards excepted). Evaluation, saving and exporting run the ordinary code
+inside :meth:`PipelinedModel.whole`, which gives every rank the whole current model for that time:
+each stage's parameters are broadcast from the rank that trains them (one broadcast per tensor).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -60,6 +63,8 @@ class PipelinedModel:
             for stage, names in enumerate(owners)
             for name in names
         }
+        self.mine = set(mine)
+        self._released: dict[str, torch.Size] = {}
         missing = [n for n, _ in model.named_parameters() if n not in self.owner]
         if missing:
             raise ValueError(f"dist.pp: parameters that no stage trains: {missing[:3]}")
@@ -115,6 +120,25 @@ class PipelinedModel:
             grad_norm=result.grad_norm,
             metrics=None,
         )
+
+    def release(self) -> None:
+        """Free the weights of the other stages on this rank (their parameters stay, empty)."""
+        for name, param in self.model.named_parameters():
+            if name not in self.mine and not hasattr(param, "device_mesh") and param.numel():
+                self._released[name] = param.shape
+                param.data = param.data.new_empty(0)
+
+    @contextmanager
+    def whole(self) -> Iterator[None]:
+        """The whole current model on every rank for the duration (evaluation, checkpoint, export)."""
+        for name, param in self.model.named_parameters():
+            if name in self._released:
+                param.data = param.data.new_empty(self._released.pop(name))
+        self.sync()
+        try:
+            yield
+        finally:
+            self.release()
 
     @torch.no_grad()
     def sync(self) -> None:
