@@ -3,7 +3,7 @@
 The central check: a run answering requests during training ends with weights bitwise equal to the
 same run without a server (fused AdaLomo, LoRA + AdamW + gradient checkpointing, bf16 with
 stochastic rounding), and the answers really came between steps (the info route's step moves on
-between them). Also: the config checks (port range, fsdp, ppo), a port in use refused before
+between them). Also: the config checks (port range, ppo), a port in use refused before
 training, the lock released when a step raises, the API key kept out of the run's config.yaml.
 """
 
@@ -289,7 +289,6 @@ def test_step_lock_hands_over_to_a_waiting_generation():
         (["serve.port=65536"], "serve.port must be a port"),
         (["serve.port=eighty"], "expected an integer"),
         (["serve.port=8000", "serve.host="], "serve.host is empty"),
-        (["serve.port=8000", "dist.strategy=fsdp", "dist.nproc=2"], "needs every rank|every rank"),
         (["serve.port=8000", "train.objective=ppo"], "supervised and preference objectives"),
         (["serve.prot=8000"], "Did you mean 'serve.port'"),
     ],

@@ -63,8 +63,10 @@ class SFTObjective:
             loss=self.loss_fn if isinstance(self.loss_fn, ChunkedLMLoss) else None,
             replicas=t.world_size // t.data_world,
         )
-        # under tensor parallelism every forward is collective: the whole group generates in step
-        if e.accuracy_samples and (t.is_main or t.env.tp > 1):
+        # a sharded model's forward is collective (tensor parallelism, FSDP2's all-gathers): every
+        # rank generates, in step, on the same prompts (greedy: the same tokens); rank 0 reports
+        sharded = t.env.tp > 1 or (t.world_size > 1 and t.cfg.dist.strategy == "fsdp")
+        if e.accuracy_samples and (t.is_main or sharded):
             values.update(
                 exact_match(
                     t.model,
