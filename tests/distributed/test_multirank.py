@@ -466,3 +466,14 @@ def test_fsdp_fp16_overflow_on_one_rank_is_skipped_on_every_rank(tmp_path):
         assert steps[fault - 1]["loss_scale"] == steps[fault]["loss_scale"], rank
     ours, theirs = ([(s["loss_scale"], s["skipped"]) for s in steps] for steps in report["ranks"])
     assert ours == theirs
+
+
+def test_fsdp_evaluates_exact_match_on_every_rank(tmp_path):
+    """Generation through an FSDP2 model is collective: every rank must generate the same prompts
+    in step (rank 0 alone crashed in gloo with a collective mismatch)."""
+    args = ["model.preset=test", "train.batch_size=4", "train.max_steps=2", "eval.every=0",
+            "eval.accuracy_samples=4", "eval.max_new_tokens=4", "dist.strategy=fsdp",
+            "log.progress=false", "log.tensorboard=false", "log.plot=false",
+            f"train.output_dir={tmp_path}", "train.run_name=r"]  # fmt: skip
+    proc = launch(args, 2)
+    assert "exact match: all" in proc.stdout
