@@ -106,7 +106,9 @@ class DataConfig:
     itself (position ids restart per sample), the same loss as unpacked, a batch is
     `train.batch_size` packed sequences. Default (null): text packed, the others not."""
     tasks: list[str] = field(default_factory=lambda: ["add", "reverse", "sort", "count"])
-    """Built-in task families: add, reverse, sort, count."""
+    """Built-in task families: add, reverse, sort, count; opt-in (never in the default mix): recall
+    (multi-query associative recall in 64 characters of filler, the long-context task of
+    docs/kv-cache.md; set data.max_length >= 72)."""
     task_weights: list[float] | None = None
     """Share of each of `tasks` in the generated training set, e.g. [1, 1, 1, 1] for balanced.
     Default: add 3, reverse 2, sort 2, count 2 (`leantune.data.tasks.TASK_WEIGHTS`: add needs the
@@ -118,6 +120,10 @@ class DataConfig:
     seed: int = 1234
     """Seed of the built-in data generator and of the train/eval split."""
 
+
+# leantune.data.tasks.TASKS and OPT_IN_TASKS, repeated so that the config imports without torch
+# (a unit test keeps them equal)
+BUILTIN_TASKS = ("add", "reverse", "sort", "count", "recall")
 
 # leantune.data.formats.FORMATS and COLUMN_FIELDS, repeated so that the config imports without
 # torch (a unit test keeps them equal)
@@ -430,6 +436,14 @@ class Config:
             (
                 weights is None or (all(w >= 0 for w in weights) and sum(weights) > 0),
                 f"data.weights must be >= 0 with a positive sum, got {weights}",
+            ),
+            (
+                "builtin" not in sources
+                or (bool(self.data.tasks) and all(t in BUILTIN_TASKS for t in self.data.tasks)),
+                f"data.tasks must name built-in tasks ({', '.join(BUILTIN_TASKS)}), got {self.data.tasks}"
+                + "".join(
+                    _suggest(t, list(BUILTIN_TASKS)) for t in self.data.tasks if t not in BUILTIN_TASKS
+                ),
             ),
             (
                 task_weights is None or len(task_weights) == len(self.data.tasks),

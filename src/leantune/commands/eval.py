@@ -1,4 +1,4 @@
-"""``leantune eval CHECKPOINT``: loss, perplexity and exact match; passkey and position probes."""
+"""``leantune eval CHECKPOINT``: loss, perplexity and exact match; passkey, recall and position probes."""
 
 from __future__ import annotations
 
@@ -16,12 +16,19 @@ model directory).
   --task default       eval loss, perplexity and exact-match accuracy (tasks with answers) on the
                        run's evaluation data, or on --data FILE (.jsonl/.json/.parquet)
   --task passkey       needle-in-a-haystack retrieval accuracy per length x depth, with a heatmap
+  --task recall        multi-query associative recall (the built-in `recall` task's prompts) per
+                       prompt length (default: 1, 2, 4 and 8 times the task's length), with the
+                       KV-cache bytes kept after the prefill
   --task position-ppl  perplexity by position bucket on held-out text (--data, text format)
   --task preference    implicit-reward accuracy, margin and win rate of the chosen completion on
                        prompt/chosen/rejected pairs (--data, or the run's held-out pairs)
 
---kv-policy (nacl, streaming, random, longcache) applies to --task passkey: see docs/kv-cache.md.
+--kv-policy (nacl, streaming, random, longcache) applies to --task passkey and --task recall: see
+docs/kv-cache.md.
 """
+
+
+DEFAULT_LENGTHS = [256, 512, 1024]  # passkey and position-ppl
 
 
 def _ints(text: str) -> list[int]:
@@ -44,6 +51,16 @@ def _depths(text: str) -> list[float]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -52,7 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("checkpoint")
-    p.add_argument("--task", choices=["default", "passkey", "position-ppl", "preference"], default="default")
+    p.add_argument(
+        "--task", choices=["default", "passkey", "recall", "position-ppl", "preference"], default="default"
+    )
     p.add_argument("--data", help="evaluation data file (default: the run's eval set, or built-in tasks)")
     p.add_argument("--max-length", type=int, help="max sequence length (default: the run's)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -60,9 +79,24 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--accuracy-samples", type=int, default=400, help="examples scored by exact match (0 = skip)"
     )
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--lengths", type=_ints, default=[256, 512, 1024], help="passkey / position-ppl lengths")
+    p.add_argument(
+        "--lengths",
+        type=_ints,
+        help="passkey / position-ppl lengths (default 256,512,1024); recall prompt lengths in characters "
+        "(default: 1, 2, 4, 8 x the recall task's)",
+    )
     p.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="passkey depths")
-    p.add_argument("--samples-per-cell", type=int, default=5, help="passkey prompts per length x depth")
+    p.add_argument(
+        "--samples-per-cell",
+        type=_positive_int,
+        help="passkey prompts per length x depth (default 5); recall prompts per length (default 100)",
+    )
+    p.add_argument(
+        "--pairs", type=_positive_int, help="recall: key-value pairs per prompt (default: the task's)"
+    )
+    p.add_argument(
+        "--queries", type=_positive_int, help="recall: keys queried per prompt (default: the task's)"
+    )
     p.add_argument(
         "--no-header",
         action="store_true",
@@ -93,8 +127,12 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         kv = kv_policy_from_args(args)  # bad --kv-* options fail before the model loads
-        if kv.policy != "full" and args.task != "passkey":
-            raise ValueError(f"--kv-policy {kv.policy} applies to --task passkey, not --task {args.task}")
+        if kv.policy != "full" and args.task not in ("passkey", "recall"):
+            raise ValueError(
+                f"--kv-policy {kv.policy} applies to --task passkey and recall, not --task {args.task}"
+            )
+        if (args.pairs or args.queries) and args.task != "recall":
+            raise ValueError(f"--pairs / --queries apply to --task recall, not --task {args.task}")
         if (args.draft or args.decoding) and args.task != "default":
             raise ValueError(f"--draft / --decoding apply to --task default, not --task {args.task}")
         device = resolve_device(args.device)
@@ -105,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.task == "passkey":
             return _passkey(args, loaded, kv)
+        if args.task == "recall":
+            return _recall(args, loaded, kv)
         if args.task == "position-ppl":
             return _position_ppl(args, loaded, device)
         if args.task == "preference":
@@ -205,9 +245,9 @@ def _passkey(args: argparse.Namespace, loaded, kv) -> int:
     grid = evaluate_passkey(
         loaded.model,
         loaded.tokenizer,
-        args.lengths,
+        args.lengths or DEFAULT_LENGTHS,
         args.depths,
-        samples_per_cell=args.samples_per_cell,
+        samples_per_cell=args.samples_per_cell or 5,
         seed=args.seed,
         add_bos=loaded.tokenizer.bos_token_id is not None,
         header=None if args.no_header else HEADER,
@@ -222,6 +262,31 @@ def _passkey(args: argparse.Namespace, loaded, kv) -> int:
     plot_passkey_heatmap(grid, png, title=f"passkey retrieval: {loaded.model_dir}")
     png.with_suffix(".json").write_text(grid.to_json())
     print(f"heatmap: {png}\ngrid:    {png.with_suffix('.json')}")
+    return 0
+
+
+def _recall(args: argparse.Namespace, loaded, kv) -> int:
+    from leantune.data.tasks import RECALL_LENGTH, RECALL_PAIRS, RECALL_QUERIES
+    from leantune.longctx.recall import evaluate_recall
+
+    lengths = args.lengths or [RECALL_LENGTH * k for k in (1, 2, 4, 8)]
+    result = evaluate_recall(
+        loaded.model,
+        loaded.tokenizer,
+        lengths,
+        samples=args.samples_per_cell or 100,
+        seed=args.seed,
+        pairs=args.pairs or RECALL_PAIRS,
+        queries=args.queries or RECALL_QUERIES,
+        kv=kv,
+    )
+    print(result.format())
+    out = _out_path(args, loaded, "recall.json")
+    if out.suffix != ".json":
+        out = out / "recall.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(result.to_json())
+    print(f"written: {out}")
     return 0
 
 
@@ -241,7 +306,7 @@ def _position_ppl(args: argparse.Namespace, loaded, device) -> int:
             raise ValueError(f"{args.data}: position-ppl needs text records with a 'text' field")
         stream += tok(rec["text"])["input_ids"] + [tok.eos_token_id]
     results = {}
-    for length in args.lengths:
+    for length in args.lengths or DEFAULT_LENGTHS:
         n = len(stream) // length
         if n == 0:
             print(f"length {length}: skipped, the text has only {len(stream)} tokens")
