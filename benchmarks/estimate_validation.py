@@ -38,7 +38,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -253,19 +252,14 @@ def measure_in_subprocess(
 ) -> dict[str, Any]:
     """Run :func:`run_worker` on ``payload`` in a fresh process (``env``, default this process's,
     with ``threads`` and glibc's ``MALLOC_MMAP_THRESHOLD_``: None keeps glibc's default) and return
-    its result. Raises :class:`benchlib.WorkerError`.
-
-    The worker prints its result as one JSON object on the last line of stdout (not benchlib's
-    ``RESULT`` line: ``tests/unit/test_estimate.py`` reads it too)."""
+    its result, read from its ``RESULT`` line (:func:`benchlib.run_worker`, which adds
+    ``process_wall_seconds``). Raises :class:`benchlib.WorkerError`."""
     env = {k: v for k, v in (env or os.environ).items() if k != "MALLOC_MMAP_THRESHOLD_"}
     env |= benchlib.thread_env(threads)
     if mmap_threshold is not None:
         env["MALLOC_MMAP_THRESHOLD_"] = mmap_threshold
-    cmd = [sys.executable, __file__, "--worker", json.dumps(payload)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise benchlib.WorkerError(label, benchlib.exit_reason(proc.returncode), proc.stderr, proc.returncode)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(payload)]
+    return benchlib.run_worker(cmd, env, label)
 
 
 def _run_subprocess(
@@ -465,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
+        benchlib.emit_result(run_worker(json.loads(args.worker)))
         return 0
     if args.from_json:
         report = json.loads(args.from_json.read_text())

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import os
 import shutil
 import sys
@@ -136,7 +137,7 @@ def _common(args: argparse.Namespace, work: Path) -> list[str]:
 
 
 def _learning_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Stage 1 (``--stage1``) or one stage-2 configuration: train, then score A and B."""
+    """Stage 1 (worker ``stage1``) or one stage-2 configuration: train, then score A and B."""
     from leantune.config import load_config
     from leantune.trainer import Trainer
 
@@ -271,26 +272,44 @@ def _memory_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- parent
-def _run_child(args: argparse.Namespace, worker: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--worker", worker, "--work", str(args.work)]
-    for key in (
-        "preset",
-        "task_a",
-        "task_b",
-        "steps_a",
-        "steps_b",
-        "batch",
-        "eval_samples",
-        "max_new_tokens",
-        "seed",
-        "memory_preset",
-        "memory_seq",
-        "memory_batch",
-        "memory_steps",
-    ):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    env = {**os.environ, **benchlib.thread_env(args.threads)}
-    result = benchlib.run_worker(cmd, env, worker)
+WORKER_OPTIONS = (
+    "preset",
+    "task_a",
+    "task_b",
+    "steps_a",
+    "steps_b",
+    "batch",
+    "eval_samples",
+    "max_new_tokens",
+    "seed",
+    "memory_preset",
+    "memory_seq",
+    "memory_batch",
+    "memory_steps",
+)
+
+
+def worker_spec(args: argparse.Namespace, worker: str) -> dict[str, Any]:
+    """The ``--worker JSON`` of one run: ``worker`` (``stage1``, a setup name, ``NAME@LR`` for a
+    sweep point or ``memory:NAME``), the run directory and the options in :data:`WORKER_OPTIONS`."""
+    return {"worker": worker, "work": str(args.work), **{k: getattr(args, k) for k in WORKER_OPTIONS}}
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One run in this process, from its :func:`worker_spec`."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    args = argparse.Namespace(**spec)
+    return _memory_worker(args) if args.worker.startswith("memory:") else _learning_worker(args)
+
+
+def _run(args: argparse.Namespace, worker: str) -> dict[str, Any]:
+    """One run in a fresh process (:func:`benchlib.run_one`); a failed one ends the benchmark."""
+    env = benchlib.thread_env(args.threads)
+    result = benchlib.run_one(__file__, worker_spec(args, worker), label=worker, env=env)
+    if "error" in result:
+        raise SystemExit(f"worker {worker} failed: {result['detail']}")
     print(f"  {worker}: done in {result['process_wall_seconds']:.0f} s", flush=True)
     return result
 
@@ -478,15 +497,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--work", type=Path, help="run directories (default: a temporary directory, removed)")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     if args.worker:
-        import torch
-
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
-        result = _memory_worker(args) if args.worker.startswith("memory:") else _learning_worker(args)
-        benchlib.emit_result(result)
+        benchlib.emit_result(run_worker(json.loads(args.worker)))  # an exception: traceback, exit 1
         return 0
 
     names = list(SETUPS) if not args.only else [n.strip() for n in args.only.split(",")]
@@ -497,21 +512,21 @@ def main(argv: list[str] | None = None) -> int:
     load_before = benchlib.load_average()
     t0 = time.perf_counter()
     print(f"stage 1: {args.steps_a} steps on {args.task_a} ({args.preset})", flush=True)
-    stage1 = _run_child(args, "stage1")
+    stage1 = _run(args, "stage1")
     print(f"  accuracy on {args.task_a}: {stage1['acc_a']:.1%}, on {args.task_b}: {stage1['acc_b']:.1%}")
     if stage1["acc_a"] < 0.2:
         print(f"warning: stage 1 learned {args.task_a} poorly ({stage1['acc_a']:.1%}): raise --steps-a")
     print(f"stage 2: {args.steps_b} steps on {args.task_b}", flush=True)
-    stage2 = [_run_child(args, name) for name in names]
+    stage2 = [_run(args, name) for name in names]
     lrs = [x.strip() for x in args.sweep_lrs.split(",") if x.strip()]
     swept = [n.strip() for n in args.sweep.split(",") if n.strip() in names] if lrs else []
     if swept:
         print(f"learning-rate sweep: {', '.join(swept)} at lr {', '.join(lrs)}", flush=True)
-    sweep = [_run_child(args, f"{name}@{lr}") for name in swept for lr in lrs]
+    sweep = [_run(args, f"{name}@{lr}") for name in swept for lr in lrs]
     memory = []
     if not args.skip_memory:
         print(f"memory: preset {args.memory_preset}, seq {args.memory_seq}", flush=True)
-        memory = [_run_child(args, f"memory:{name}") for name in names]
+        memory = [_run(args, f"memory:{name}") for name in names]
     res = {
         "benchmark": "forgetting",
         "date": _dt.datetime.now().isoformat(timespec="seconds"),

@@ -242,7 +242,7 @@ def _common_overrides(args: argparse.Namespace, work: Path) -> list[str]:
 
 
 def _extrapolation_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Train preset ``tiny`` at ``--train-len`` with rotary base ``--base``; evaluate at 1..8 T."""
+    """Train preset ``tiny`` at ``train_len`` with rotary base ``base``; evaluate at 1..8 T."""
     import torch
 
     from leantune.config import load_config
@@ -372,7 +372,7 @@ def _write_memory_model(path: Path) -> dict[str, Any]:
 
 
 def _memory_worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Context-extension fine-tuning steps at ``--seq`` through the Trainer; peak RSS of the steps."""
+    """Context-extension fine-tuning steps at ``seq`` through the Trainer; peak RSS of the steps."""
     from leantune.config import load_config
     from leantune.trainer import Trainer
 
@@ -444,15 +444,40 @@ def _memory_estimate(work: Path, seq: int, ckpt: bool) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------- parent
 
 
-def _run_child(args: argparse.Namespace, extra: list[str], label: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--work", str(args.work), *extra]
-    for key in ("train_len", "steps", "batch", "lr", "seed", "bucket", "samples_per_cell", "memory_steps"):
-        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-    cmd += ["--factors", ",".join(map(str, args.factors)), "--depths", ",".join(map(str, args.depths))]
-    env = {**os.environ, **benchlib.thread_env(args.threads)}
-    if "memory" in extra:  # RSS tracks live memory (see leantune.estimate); costs time, so not for training
+WORKER_OPTIONS = ("train_len", "steps", "batch", "lr", "seed", "bucket", "samples_per_cell", "memory_steps")
+
+
+def worker_spec(args: argparse.Namespace, worker: str, **extra: Any) -> dict[str, Any]:
+    """The ``--worker JSON`` of one run: ``worker`` (``extrapolation`` with ``base``, ``memory`` with
+    ``seq`` and ``ckpt``, or ``memory-model``), the work directory, the options in
+    :data:`WORKER_OPTIONS` and the evaluation lengths (``factors``) and passkey ``depths``."""
+    spec = {"worker": worker, "work": str(args.work), **{k: getattr(args, k) for k in WORKER_OPTIONS}}
+    return {**spec, "factors": list(args.factors), "depths": list(args.depths), **extra}
+
+
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One run in this process, from its :func:`worker_spec`."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    args = argparse.Namespace(**spec)
+    if args.worker == "memory-model":
+        return _write_memory_model(Path(args.work) / "memory_model")
+    if args.worker == "memory":
+        return _memory_worker(args)
+    if args.worker == "extrapolation":
+        return _extrapolation_worker(args)
+    raise ValueError(f"unknown worker {args.worker!r}")
+
+
+def _run(args: argparse.Namespace, spec: dict[str, Any], label: str) -> dict[str, Any]:
+    """One run in a fresh process (:func:`benchlib.run_one`); a failed one ends the benchmark."""
+    env = benchlib.thread_env(args.threads)
+    if spec["worker"] == "memory":  # RSS tracks live memory (see leantune.estimate); slower: not for training
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    result = benchlib.run_worker(cmd, env, label)
+    result = benchlib.run_one(__file__, spec, label=label, env=env)
+    if "error" in result:
+        raise SystemExit(f"worker {label} failed: {result['detail']}")
     print(f"  {label}: done in {result['process_wall_seconds']:.0f} s", flush=True)
     return result
 
@@ -805,12 +830,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--work", type=Path, help="corpus and run directories (default: a temporary directory)")
-    p.add_argument("--worker", choices=["extrapolation", "memory", "memory-model"], help=argparse.SUPPRESS)
-    p.add_argument("--base", type=float, help=argparse.SUPPRESS)
-    p.add_argument("--seq", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--ckpt", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     p.add_argument("--render", type=Path, metavar="JSON", help="only re-write the report from a saved JSON")
     args = p.parse_args(argv)
+    if args.worker:
+        benchlib.emit_result(run_worker(json.loads(args.worker)))  # an exception: traceback, exit 1
+        return 0
     if args.render:
         render(json.loads(args.render.read_text()), args.out)
         return 0
@@ -824,19 +849,6 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--factors must start at 1 and increase, at least two values (e.g. 1,2,4,8): {args.factors}")
     if not all(0 <= d <= 1 for d in args.depths) or not args.depths:
         p.error(f"--depths must be fractions in [0, 1]; got {args.depths}")
-
-    if args.worker:
-        import torch
-
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-        if args.worker == "memory-model":
-            result = _write_memory_model(Path(args.work) / "memory_model")
-        elif args.worker == "memory":
-            result = _memory_worker(args)
-        else:
-            result = _extrapolation_worker(args)
-        benchlib.emit_result(result)
-        return 0
 
     bases = [float(x) for x in args.bases.split(",") if x.strip()]
     lengths = [f * args.train_len for f in args.factors]
@@ -852,20 +864,20 @@ def main(argv: list[str] | None = None) -> int:
         f"(~{corpus['train_tokens_approx'] / 1e6:.2f} M tokens) in {args.work}",
         flush=True,
     )
-    jobs: list[tuple[list[str], str]] = [
-        (["--worker", "extrapolation", "--base", f"{b:g}"], f"base {b:g}") for b in bases
+    jobs: list[tuple[dict[str, Any], str]] = [
+        (worker_spec(args, "extrapolation", base=b), f"base {b:g}") for b in bases
     ]
     memory_seqs = [] if args.skip_memory else [int(x) for x in args.memory_seqs.split(",") if x.strip()]
     if memory_seqs:
-        _run_child(args, ["--worker", "memory-model"], "memory model")
+        _run(args, worker_spec(args, "memory-model"), "memory model")
         jobs += [
-            (["--worker", "memory", "--seq", str(s), "--ckpt", str(int(c))], f"memory seq {s} ckpt={c}")
+            (worker_spec(args, "memory", seq=s, ckpt=c), f"memory seq {s} ckpt={c}")
             for c in (True, False)
             for s in memory_seqs
         ]
     print(f"running {len(jobs)} workers, {args.jobs} at a time ({args.threads} thread(s) each)", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(lambda j: _run_child(args, *j), jobs))
+        results = list(pool.map(lambda j: _run(args, *j), jobs))
     runs = [r for r in results if "base" in r]
     memory = [r for r in results if "seq" in r]
     for m in memory:

@@ -4,6 +4,7 @@ subprocess, then the report."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 
@@ -46,3 +47,24 @@ def test_two_configurations_end_to_end(bench, tmp_path):
     assert "| full FT, AdaLomo | 0.05 | 100.0% |" in text and "HFT + AdaLomo" in text
     assert "## Learning rate sweep" in text and "## Memory and time on a larger model" in text
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def _args(bench, tmp_path, **over):
+    values = {k: 1 for k in bench.WORKER_OPTIONS} | {"work": tmp_path, "threads": 1} | over
+    return argparse.Namespace(**values)
+
+
+def test_worker_spec_is_json_with_every_option(bench, tmp_path):
+    spec = bench.worker_spec(
+        _args(bench, tmp_path, task_a="reverse", memory_preset="0.1b"), "hft_adalomo@0.02"
+    )
+    assert json.loads(json.dumps(spec)) == spec  # what benchlib.run_one passes as --worker JSON
+    assert set(spec) == {"worker", "work", *bench.WORKER_OPTIONS}
+    assert (spec["worker"], spec["work"], spec["task_a"], spec["memory_preset"]) == (
+        "hft_adalomo@0.02", str(tmp_path), "reverse", "0.1b",
+    )  # fmt: skip
+
+
+def test_failed_worker_ends_the_benchmark_with_its_error(bench, tmp_path):
+    with pytest.raises(SystemExit, match=r"(?s)worker memory:nope failed: .*KeyError: 'nope'"):
+        bench._run(_args(bench, tmp_path), "memory:nope")

@@ -3,6 +3,7 @@ a few steps, and the report re-rendered from the committed results."""
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 from pathlib import Path
@@ -67,3 +68,39 @@ def test_committed_results_render_unchanged(bench, tmp_path):
     committed = COMMITTED.with_suffix(".md").read_text()
     assert out.with_suffix(".md").read_text() == committed
     assert (tmp_path / "longctx_memory.png").stat().st_size > 1000
+
+
+def _args(bench, tmp_path):
+    values = {k: 1 for k in bench.WORKER_OPTIONS} | {"lr": 0.05, "factors": [1, 2], "depths": [0.0, 1.0]}
+    return argparse.Namespace(**values, work=tmp_path, threads=1)
+
+
+def test_worker_specs_are_json_with_every_option(bench, tmp_path):
+    args = _args(bench, tmp_path)
+    ext = bench.worker_spec(args, "extrapolation", base=10000.0)
+    mem = bench.worker_spec(args, "memory", seq=256, ckpt=False)
+    for spec in (ext, mem, bench.worker_spec(args, "memory-model")):
+        assert json.loads(json.dumps(spec)) == spec  # what benchlib.run_one passes as --worker JSON
+        assert {"worker", "work", "factors", "depths", *bench.WORKER_OPTIONS} <= set(spec)
+    assert (ext["base"], ext["factors"], ext["depths"], ext["lr"]) == (10000.0, [1, 2], [0.0, 1.0], 0.05)
+    assert (mem["seq"], mem["ckpt"]) == (256, False)
+
+
+def test_only_memory_workers_get_the_fixed_mmap_threshold(bench, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(
+        bench.benchlib,
+        "run_one",
+        lambda script, spec, *, label, env: seen.setdefault(label, env) and {"process_wall_seconds": 0.0},
+    )
+    args = _args(bench, tmp_path)
+    for worker in ("extrapolation", "memory", "memory-model"):
+        bench._run(args, bench.worker_spec(args, worker), worker)
+    assert {k for k, env in seen.items() if "MALLOC_MMAP_THRESHOLD_" in env} == {"memory"}
+    assert all(env["OMP_NUM_THREADS"] == "1" for env in seen.values())
+
+
+def test_failed_worker_ends_the_benchmark_with_its_error(bench, tmp_path):
+    args = _args(bench, tmp_path)
+    with pytest.raises(SystemExit, match=r"(?s)worker odd failed: .*unknown worker 'odd'"):
+        bench._run(args, bench.worker_spec(args, "odd"), "odd")

@@ -7,13 +7,13 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import benchlib  # benchmarks/ is on pytest's pythonpath
 from leantune.cli import main
 from leantune.estimate import (
     CHUNK_ELEMENTS,
@@ -491,16 +491,8 @@ def test_prediction_matches_a_measured_run():
     }
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     script = ROOT / "benchmarks" / "estimate_validation.py"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--worker", json.dumps(cfg)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-        check=True,
-    )
-    measured = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss"]
+    cmd = [sys.executable, str(script), "--worker", json.dumps(cfg)]
+    measured = benchlib.run_worker(cmd, env, "tiny", timeout=300)["peak_rss"]  # its RESULT line
     shape = ModelShape.from_preset("tiny", vocab_size=4000)
     b = est(shape, optimizer="adalomo", dtype="fp32", seq_len=2048, batch_size=3)
     tolerance = 0.10 * measured
