@@ -717,20 +717,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._square_sums.clear()
             with self._in_phase(_Phase.MEASURE):
                 scaled.backward(retain_graph=True)
-            for p, _, state in self._unseen_accumulated():
-                view = self._view(None, state["grad_acc"], clip_coef=1.0)
-                self._add_square_sum(view.square_sum(self.chunk_elements), p)
-            grad_norm = math.sqrt(self._global_square_sum().item())  # the one host sync per step
-            self._square_sums.clear()
-            if not math.isfinite(grad_norm):
-                self._drop_accumulation()
-                if self.loss_scaler is not None:
-                    self.loss_scaler.update(overflow=True)
-                return BackwardResult(
-                    updated=False, skipped=True, grad_norm=grad_norm, loss_scale=scale_reported
-                )
-            if self.clip_grad_norm is not None:
-                self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
+            grad_norm, skipped = self._finish_measure(self._unseen_accumulated(), scale_reported)
+            if skipped is not None:
+                return skipped
             self._seen.clear()
         self._guard, self._zeroed = not measure, {}
         try:
@@ -754,6 +743,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             self.loss_scaler.update(overflow=False)
         self.step()  # a no-op that tells LR schedulers and step hooks that an update happened
         return BackwardResult(updated=True, grad_norm=grad_norm, loss_scale=scale_reported, zeroed=zeroed)
+
+    def _finish_measure(
+        self, accumulated: list[tuple[Tensor, Any, Any]], scale_reported: float | None
+    ) -> tuple[float, BackwardResult | None]:
+        """After a measuring pass: add the accumulated buffers' ``sum(g^2)``, take the global norm
+        (the one host sync per step) and set the clip coefficient; on overflow drop the step, and
+        return its result as the second value."""
+        for p, _, state in accumulated:
+            view = self._view(None, state["grad_acc"], clip_coef=1.0)
+            self._add_square_sum(view.square_sum(self.chunk_elements), p)
+        grad_norm = math.sqrt(self._global_square_sum().item())
+        self._square_sums.clear()
+        if not math.isfinite(grad_norm):
+            self._drop_accumulation()
+            if self.loss_scaler is not None:
+                self.loss_scaler.update(overflow=True)
+            return grad_norm, BackwardResult(
+                updated=False, skipped=True, grad_norm=grad_norm, loss_scale=scale_reported
+            )
+        if self.clip_grad_norm is not None:
+            self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
+        return grad_norm, None
 
     def begin_micro_batches(self, n: int) -> float:
         """Let another driver run the backward passes of ``n`` micro-batches, for one update.
@@ -822,20 +833,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         )
         if measure:
             self._square_sums.clear()
-            for p, _, state in pending:
-                view = self._view(None, state["grad_acc"], clip_coef=1.0)
-                self._add_square_sum(view.square_sum(self.chunk_elements), p)
-            grad_norm = math.sqrt(self._global_square_sum().item())
-            self._square_sums.clear()
-            if not math.isfinite(grad_norm):
-                self._drop_accumulation()
-                if self.loss_scaler is not None:
-                    self.loss_scaler.update(overflow=True)
-                return BackwardResult(
-                    updated=False, skipped=True, grad_norm=grad_norm, loss_scale=scale_reported
-                )
-            if self.clip_grad_norm is not None:
-                self._clip_coef = min(1.0, self.clip_grad_norm / (grad_norm + 1e-6))
+            grad_norm, skipped = self._finish_measure(pending, scale_reported)
+            if skipped is not None:
+                return skipped
         self._guard, self._zeroed = not measure, {}
         try:
             for p, seg, state in pending:
