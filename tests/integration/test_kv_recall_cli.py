@@ -87,7 +87,7 @@ def test_eval_recall_counts_must_be_positive(recall_run, capsys, option):
     with pytest.raises(SystemExit) as exc:
         main(["eval", str(recall_run), "--task", "recall", option, "0"])
     assert exc.value.code == 2
-    assert re.search(rf"{option}: expected a positive integer, got '0'", capsys.readouterr().err)
+    assert re.search(rf"{option}: must be >= 1, got 0", capsys.readouterr().err)
 
 
 def test_unknown_option_and_unknown_task_family(recall_run, tmp_path, capsys):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from leantune.commands import positive_int
+
 __all__ = ["register", "run"]
 
 EPILOG = """\
@@ -33,16 +35,6 @@ standard loss on full fp32 logits). On CPU it assumes glibc's mmap threshold is 
 `leantune train` sets it at start-up (MALLOC_MMAP_THRESHOLD_=1048576 does the same for a plain
 script); with glibc's defaults RSS ran 9-45% higher (docs/memory.md).
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def _tokens(text: str) -> int:
@@ -94,8 +86,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="optimizer (adalomo, lomo, adamw, sgd, adafactor, lion, adan, <name>_in_backward) or "
         "'floor' (forward + backward, gradients dropped); default adalomo",
     )
-    p.add_argument("--seq", type=_positive_int, required=True, metavar="L", help="sequence length")
-    p.add_argument("--batch", type=_positive_int, default=1, metavar="B", help="micro-batch size per device")
+    p.add_argument("--seq", type=positive_int, required=True, metavar="L", help="sequence length")
+    p.add_argument("--batch", type=positive_int, default=1, metavar="B", help="micro-batch size per device")
     p.add_argument(
         "--dtype",
         choices=("fp32", "bf16", "fp16", "mixed"),
@@ -110,14 +102,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--accumulation-steps",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="K",
         help="micro-batches per update (with --pp: the pipeline's micro-batches)",
     )
-    p.add_argument("--world-size", type=_positive_int, default=1, metavar="W", help="devices: tp x pp x dp")
-    p.add_argument("--tp", type=_positive_int, default=1, metavar="N", help="tensor-parallel degree")
-    p.add_argument("--pp", type=_positive_int, default=1, metavar="M", help="pipeline stages")
+    p.add_argument("--world-size", type=positive_int, default=1, metavar="W", help="devices: tp x pp x dp")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N", help="tensor-parallel degree")
+    p.add_argument("--pp", type=positive_int, default=1, metavar="M", help="pipeline stages")
     p.add_argument(
         "--schedule", choices=("1f1b", "gpipe"), default="1f1b", help="pipeline schedule (default 1f1b)"
     )

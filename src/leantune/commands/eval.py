@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from leantune.commands import positive_int
 from leantune.commands.kv_options import add_kv_options, kv_policy_from_args
 from leantune.commands.spec_options import add_speculative_options, load_draft
 
@@ -51,16 +52,6 @@ def _depths(text: str) -> list[float]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -88,14 +79,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="passkey depths")
     p.add_argument(
         "--samples-per-cell",
-        type=_positive_int,
+        type=positive_int,
         help="passkey prompts per length x depth (default 5); recall prompts per length (default 100)",
     )
     p.add_argument(
-        "--pairs", type=_positive_int, help="recall: key-value pairs per prompt (default: the task's)"
+        "--pairs", type=positive_int, help="recall: key-value pairs per prompt (default: the task's)"
     )
     p.add_argument(
-        "--queries", type=_positive_int, help="recall: keys queried per prompt (default: the task's)"
+        "--queries", type=positive_int, help="recall: keys queried per prompt (default: the task's)"
     )
     p.add_argument(
         "--no-header",
