@@ -7,7 +7,7 @@ per head and LongCache a different selection per block, which a shared padding m
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -66,9 +66,17 @@ def kv_generate(
 
 @torch.no_grad()
 def greedy_continue(
-    model: torch.nn.Module, ids: list[int], max_new_tokens: int, eos_id: int | None, policy: KVPolicy
+    model: torch.nn.Module,
+    ids: list[int],
+    max_new_tokens: int,
+    eos_id: int | None,
+    policy: KVPolicy,
+    on_prefill: Callable[[Any], None] | None = None,
 ) -> list[int]:
-    """Greedy continuation of ``ids`` under ``policy``, stopping at eos; the new token ids."""
+    """Greedy continuation of ``ids`` under ``policy``, stopping at eos; the new token ids.
+
+    ``on_prefill(cache)`` is called once the prompt is in the cache, before the first decoded
+    token (e.g. to measure what the policy kept of the prompt)."""
     from leantune.kvcache.longcache import prefill
 
     device = next(model.parameters()).device
@@ -81,6 +89,8 @@ def greedy_continue(
         else:
             out = model(input_ids=x, cache=cache, use_cache=True, logits_to_keep=1)
             cache = out.cache
+        if on_prefill is not None:
+            on_prefill(cache)
         for step in range(max_new_tokens):
             tok = int(out.logits[0, -1].argmax())
             if eos_id is not None and tok == eos_id:

@@ -14,7 +14,6 @@ Lengths are in characters of the prompt, the token count under the built-in byte
 
 from __future__ import annotations
 
-import inspect
 import json
 import random
 from collections.abc import Sequence
@@ -103,38 +102,14 @@ def greedy_with_cache_bytes(
     """Greedy continuation of ``ids`` (stopping at eos) under ``kv``, a
     :class:`leantune.kvcache.KVPolicy` (default: the full cache), and the bytes of the KV cache
     right after the prefill: what the policy kept of the prompt."""
-    device = next(model.parameters()).device
-    x = torch.tensor([ids], device=device)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    if kv is None or kv.policy == "full":
-        out = model(input_ids=x, use_cache=True, **keep)
-        cache = out.cache
-        nbytes = _cache_bytes(cache)  # before decoding adds to it
-        return _decode(model, out, cache, max_new_tokens, eos_id, device), nbytes
-    from leantune.kvcache.generation import kv_session
-    from leantune.kvcache.longcache import prefill
+    from leantune.kvcache import KVPolicy, greedy_continue
 
-    kv.resolve(len(ids))  # a fractional budget is checked against sink + recent before any forward
-    with kv_session(model, kv) as cache:
-        if kv.policy == "longcache":
-            out = prefill(model, x, cache, kv.longcache)
-        else:
-            out = model(input_ids=x, cache=cache, use_cache=True, **keep)
-            cache = out.cache
-        nbytes = _cache_bytes(cache)
-        return _decode(model, out, cache, max_new_tokens, eos_id, device), nbytes
-
-
-def _decode(model, out, cache, max_new_tokens: int, eos_id: int | None, device) -> list[int]:
-    new: list[int] = []
-    for step in range(max_new_tokens):
-        tok = int(out.logits[0, -1].argmax())
-        if eos_id is not None and tok == eos_id:
-            break
-        new.append(tok)
-        if step + 1 < max_new_tokens:
-            out = model(input_ids=torch.tensor([[tok]], device=device), cache=cache, use_cache=True)
-    return new
+    sizes: list[int] = []
+    new = greedy_continue(
+        model, ids, max_new_tokens, eos_id, kv if kv is not None else KVPolicy(),
+        on_prefill=lambda cache: sizes.append(_cache_bytes(cache)),
+    )  # fmt: skip
+    return new, sizes[0]
 
 
 def _positive(name: str, value: Any) -> int:
