@@ -36,6 +36,24 @@ def tiny_llama(
     return model
 
 
+def byte_llama(vocab: int, layers: int, seed: int):
+    """A random LLaMA for the byte tokenizer's vocabulary (2 heads, 1 KV head, 256 positions): the
+    target and draft models of the speculative-decoding tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg)
+
+
 def batch(seed: int = 0, *, size: int = 4, length: int = 12, vocab: int = 48) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (size, length), generator=g)

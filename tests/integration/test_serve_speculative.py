@@ -30,9 +30,8 @@ CHATS = [[{"role": "user", "content": "sort 8213"}], [{"role": "user", "content"
 def dirs(tmp_path_factory):
     """target (peaked, so DuoDecoding drafts long sequences), same (a copy: a perfect draft),
     small (a random 1-layer draft) and other (8 more ids: refused), all with the byte tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from leantune.data import build_byte_tokenizer
+    from tests.helpers import byte_llama
 
     tok = build_byte_tokenizer()
     root = tmp_path_factory.mktemp("serve-spec")
@@ -41,17 +40,7 @@ def dirs(tmp_path_factory):
         ("small", 1, len(tok), 1),
         ("other", 1, len(tok) + 8, 1),
     ):
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=256,
-        )
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
+        model = byte_llama(vocab, layers, seed)
         if name == "target":
             with torch.no_grad():
                 model.lm_head.weight.mul_(30)

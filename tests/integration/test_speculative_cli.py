@@ -10,25 +10,13 @@ from leantune.cli import main
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from leantune.data import build_byte_tokenizer
+    from tests.helpers import byte_llama
 
     tok = build_byte_tokenizer()
     root = tmp_path_factory.mktemp("spec")
     for name, layers, vocab in (("target", 2, len(tok)), ("draft", 1, len(tok)), ("other", 1, len(tok) + 8)):
-        cfg = LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=layers,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=256,
-        )
-        torch.manual_seed(layers)
-        LlamaForCausalLM(cfg).save_pretrained(root / name)
+        byte_llama(vocab, layers, seed=layers).save_pretrained(root / name)
         tok.save_pretrained(root / name)
     return root
 

@@ -13,24 +13,13 @@ import torch
 
 from leantune.serve.engine import CANCELLED, LENGTH, STOP, Engine, SamplingParams, Speculative
 from leantune.speculative import DraftError
+from tests.helpers import byte_llama
 
 PROMPTS = ["hello", "sort 8213\n", "abc"]
 
 
 def _llama(vocab: int, layers: int, seed: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-    )
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+    return byte_llama(vocab, layers, seed).eval()
 
 
 @pytest.fixture(scope="module")
