@@ -1,11 +1,14 @@
 """The fused engine against plain loops and literal expectations: GradientView's sums and shapes,
 loss scaling with accumulation and replicated averaging, seeds and scalers through state_dict, the
-multi-rank refusal at the first backward (threaded ranks, in-process) (survivors of mutmut)."""
+multi-rank refusal at the first backward and shards found there (threaded ranks, in-process), the
+device of an empty gradient's square sum and of loaded state ("meta") (survivors of mutmut)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from leantune.optim import LOMO, AdaLomo, InBackward, LossScaler
 from leantune.optim.collectives import Collectives
@@ -43,6 +46,23 @@ def test_square_sum_is_fp32_when_torch_default_dtype_is_fp64():
     finally:
         torch.set_default_dtype(before)
     assert total.dtype == torch.float32 and float(total) == pytest.approx(4.0, rel=1e-6)
+
+
+def test_square_sum_of_a_half_precision_accumulation_is_summed_in_fp32():
+    """GradientView is public: a buffer it is given in fp16 is squared and summed in fp32 (in fp16,
+    300^2 = 90000 already exceeds its largest value, 65504)."""
+    view = GradientView(None, torch.full((2, 2), 300.0, dtype=torch.float16))
+    for max_elements in (2, 4):
+        total = view.square_sum(max_elements)
+        assert total.dtype == torch.float32 and float(total) == 360000.0
+
+
+def test_has_nonfinite_sums_a_half_precision_accumulation_in_fp32():
+    """Four fp16 values of 60000 sum to 240000 in fp32 (finite), inf in fp16; a real inf is found."""
+    big = torch.full((2, 2), 60000.0, dtype=torch.float16)
+    assert GradientView(None, big).has_nonfinite(4) is False
+    big[1, 1] = float("inf")
+    assert GradientView(None, big).has_nonfinite(4) is True
 
 
 # ------------------------------------------------------- loss scale, accumulation, replicated mean
@@ -249,3 +269,50 @@ def test_the_context_is_checked_once_at_the_first_backward():
         return True
 
     assert run_ranks(2, rank_fn) == [True, True]
+
+
+# ------------------------------------------------------------------- devices (meta stands for one)
+def test_the_square_sum_of_an_empty_gradient_is_a_zero_on_the_gradients_device():
+    """A rank whose shard of a tensor is empty still sends its zero to the norm's collective, which
+    takes tensors on the gradient's device only (NCCL): the "meta" device stands for a GPU here."""
+    total = GradientView(torch.empty(0, 3, device="meta"), None).square_sum(4)
+    assert total.device.type == "meta" and total.dtype == torch.float32 and total.dim() == 0
+
+
+def test_loaded_state_is_moved_to_the_device_of_its_parameter():
+    """State saved on the CPU (a checkpoint loaded with map_location="cpu") goes to the parameter's
+    device, in its saved fp32 ("meta" stands for a GPU), not left where it was loaded."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3, 2))
+    opt = AdaLomo([p], lr=LR)
+    opt.backward((p**2).sum())
+    q = torch.nn.Parameter(torch.empty(3, 2, dtype=torch.bfloat16, device="meta"))
+    fresh = AdaLomo([q], lr=LR)
+    fresh.load_state_dict(opt.state_dict())
+    for key in ("row", "col"):
+        value = fresh.state[q][key]
+        assert value.device.type == "meta" and value.dtype == torch.float32
+        assert value.shape == opt.state[p][key].shape
+
+
+# ---------------------------------------------------------- shards made trainable after building
+def test_shards_made_trainable_after_building_are_found_at_the_first_backward():
+    """Built while its only parameter (an FSDP2-style Shard(0) DTensor over 2 ranks) is frozen, the
+    optimizer cannot tell its context; unfrozen, the first backward finds the shards and clips by
+    the norm of the whole tensor: SGD with g = 2w (loss sum(w^2)) scaled to norm 1 on both ranks."""
+    full = torch.arange(1.0, 9.0).reshape(4, 2)
+
+    def rank_fn(rank):
+        mesh = init_device_mesh("cpu", (2,))
+        p = torch.nn.Parameter(distribute_tensor(full.clone(), mesh, [Shard(0)]), requires_grad=False)
+        opt = LOMO([p], lr=LR, clip_grad_norm=1.0)
+        p.requires_grad_(True)
+        opt.refresh_hooks()
+        result = opt.backward((p.to_local() ** 2).sum())
+        return result.grad_norm, p.full_tensor().detach()
+
+    g = 2 * full
+    expected = full - LR * g / g.norm()
+    for norm, weights in run_ranks(2, rank_fn):
+        assert norm == pytest.approx(float(g.norm()), rel=1e-6)
+        torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-6)

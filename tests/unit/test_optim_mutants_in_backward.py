@@ -1,5 +1,6 @@
 """InBackward against plain torch loops: the options it forwards to the engine, the checks of its
-constructor, its inner optimizers' hyperparameters and state after freezing (survivors of mutmut)."""
+constructor, its inner optimizers' hyperparameters and state after freezing, one inner optimizer
+per segment (survivors of mutmut)."""
 
 from __future__ import annotations
 
@@ -181,3 +182,74 @@ def test_a_parameter_frozen_and_trainable_again_restarts_from_fresh_adamw_state(
     assert int(opt.state[model.weight]["step"]) == 1
     for p, r in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-7)
+
+
+def test_adan_in_backward_on_two_segments_equals_one_adan_per_segment():
+    """Each segment is a tensor of its own, with its own inner optimizer: pytorch_optimizer's Adan
+    counts its steps in the param group (for bias correction), so one Adan over both segments would
+    count two steps per update. The oracle: one plain Adan per block of rows."""
+    from pytorch_optimizer import Adan
+
+    from leantune.optim.segments import Segment
+
+    def targets(step):
+        return torch.randn(4, 2, generator=torch.Generator().manual_seed(step))
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 2))
+    blocks = [torch.nn.Parameter(p.detach()[rows].clone()) for rows in (slice(0, 2), slice(2, 4))]
+    opt = InBackward(Adan, [p], lr=LR)
+    opt.set_segments({p: [Segment("a", rows=(range(0, 2),)), Segment("b", rows=(range(2, 4),))]})
+    refs = [Adan([b], lr=LR) for b in blocks]
+    for step in range(3):
+        t = targets(step)
+        opt.backward(((p - t) ** 2).sum())
+        for b, ref, rows in zip(blocks, refs, (slice(0, 2), slice(2, 4))):
+            ((b - t[rows]) ** 2).sum().backward()
+            ref.step()
+            ref.zero_grad()
+    torch.testing.assert_close(p.detach(), torch.cat([b.detach() for b in blocks]), rtol=1e-6, atol=1e-7)
+
+
+def _adan_reference(steps: int) -> list[torch.Tensor]:
+    from pytorch_optimizer import Adan
+
+    ref = _linear()
+    opt = Adan(ref.parameters(), lr=LR)
+    for step in range(steps):
+        _loss(ref, step).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach().clone() for p in ref.parameters()]
+
+
+def test_adan_in_backward_after_init_state_equals_plain_adan():
+    """Adan counts its steps in the param group (bias correction) and starts its state from the
+    first gradient (previous_grad): the zero step that creates the state must leave neither behind."""
+    from pytorch_optimizer import Adan
+
+    model = _linear()
+    opt = InBackward(Adan, model, lr=LR)
+    opt.init_state()
+    for step in range(3):
+        opt.backward(_loss(model, step))
+    for p, r in zip(model.parameters(), _adan_reference(3)):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
+
+
+def test_adan_in_backward_resumed_from_its_state_dict_equals_an_uninterrupted_run():
+    """Adan's group step count travels in the state dict: a fresh optimizer loaded after step 1
+    continues its bias correction at step 2, as plain Adan does."""
+    from pytorch_optimizer import Adan
+
+    model = _linear()
+    opt = InBackward(Adan, model, lr=LR)
+    opt.backward(_loss(model, 0))
+    saved = opt.state_dict()
+    opt.remove_hooks()
+    resumed = InBackward(Adan, model, lr=LR)
+    resumed.load_state_dict(saved)
+    for step in (1, 2):
+        resumed.backward(_loss(model, step))
+    for p, r in zip(model.parameters(), _adan_reference(3)):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)

@@ -13,6 +13,10 @@ from leantune.optim.precision import LossScaler
 __all__ = ["InBackward"]
 
 _STRUCTURAL_KEYS = ("params", "param_names")
+# Optimizers that count steps in their param group (pytorch_optimizer's Adan: group["step"]) keep
+# per-tensor state there, since every inner optimizer has one tensor; it is mirrored into the
+# tensor's state under this prefix so that state_dict / load_state_dict carry it.
+_GROUP_STATE = "inner_group."
 # torch.optim / pytorch_optimizer classes whose update is elementwise: exact on a shard.
 _ELEMENTWISE = ("AdamW", "Adam", "SGD", "Lion", "Adan")
 
@@ -72,6 +76,8 @@ class InBackward(FusedOptimizer):
         self.optimizer_kwargs = dict(optimizer_kwargs)
         # one inner optimizer per parameter (or per segment of one), with a handle it steps
         self._inner: dict[Any, tuple[torch.optim.Optimizer, Tensor]] = {}
+        # targets whose state init_state() made and no update has used yet (see _init_param_state)
+        self._fresh: set[Any] = set()
         super().__init__(
             params,
             defaults,
@@ -102,13 +108,38 @@ class InBackward(FusedOptimizer):
             # is pointed at the parameter's (local) storage, or at an fp32 copy of it.
             handle = torch.empty(0, dtype=torch.float32, device=target.tensor.device)
             inner = self.optimizer_cls([handle], **self.optimizer_kwargs)
-            inner.state[handle] = state
             entry = (inner, handle)
             self._inner[target.key] = entry
+            self._bind(inner, handle, state)
         elif entry[0].state[entry[1]] is not state:
             # The parameter was frozen (its state dropped) and is trainable again: start afresh.
-            entry[0].state[entry[1]] = state
+            self._bind(*entry, state)
         return entry
+
+    def _bind(self, inner: torch.optim.Optimizer, handle: Tensor, state: dict[str, Any]) -> None:
+        """Make ``state`` the inner optimizer's state, its param group's own counters included."""
+        inner.state[handle] = state
+        group = inner.param_groups[0]
+        outer = set(_STRUCTURAL_KEYS).union(self.defaults, *self.param_groups)
+        for key in [k for k in group if k not in outer]:
+            del group[key]
+        for key, value in state.items():
+            if isinstance(key, str) and key.startswith(_GROUP_STATE):
+                group[key[len(_GROUP_STATE) :]] = value.item() if torch.is_tensor(value) else value
+
+    def _save_group_state(
+        self, inner: torch.optim.Optimizer, outer: dict[str, Any], state: dict[str, Any]
+    ) -> None:
+        for key, value in inner.param_groups[0].items():
+            if (
+                key in outer
+                or key in _STRUCTURAL_KEYS
+                or isinstance(value, bool)
+                or not isinstance(value, (int, float))
+            ):
+                continue
+            dtype = torch.int64 if isinstance(value, int) else torch.float64
+            state[_GROUP_STATE + key] = torch.tensor(value, dtype=dtype)
 
     def _init_param_state(self, target: UpdateTarget, state: dict[str, Any]) -> None:
         # torch optimizers create their state inside step(): run one step with a zero gradient and
@@ -118,14 +149,19 @@ class InBackward(FusedOptimizer):
         handle.data = local.detach().to(self._work_dtype(local), copy=True)
         handle.grad = torch.zeros_like(handle.data)
         group = inner.param_groups[0]
-        saved = {k: group[k] for k in ("lr", "weight_decay") if k in group}
-        group.update({k: 0.0 for k in saved})
+        before = dict(group)
+        group.update({k: 0.0 for k in ("lr", "weight_decay") if k in group})
         inner.step()
-        group.update(saved)
+        # the group as it was: lr, weight decay, and counters the step created or advanced
+        group.clear()
+        group.update(before)
         handle.grad = None
         handle.data = torch.empty(0, dtype=handle.dtype, device=handle.device)
         if "step" in state:
             state["step"] = torch.zeros_like(state["step"]) if torch.is_tensor(state["step"]) else 0
+        # Some optimizers start their state from the first gradient (Adan: previous_grad); the
+        # first real update starts from an empty state instead, as it would without init_state.
+        self._fresh.add(target.key)
 
     def _work_dtype(self, local: Tensor) -> torch.dtype:
         exact = local.dtype in (torch.float32, torch.float64) or self.rounding == "nearest"
@@ -134,12 +170,17 @@ class InBackward(FusedOptimizer):
     def _after_load(self) -> None:
         # The inner optimizers' states must be the (new) objects in self.state.
         self._inner.clear()
+        self._fresh.clear()
 
     def _update(
         self, target: UpdateTarget, grad: GradientView, group: dict[str, Any], state: dict[str, Any]
     ) -> None:
         local = target.tensor
         inner, handle = self._inner_for(target, state)
+        if target.key in self._fresh:
+            self._fresh.discard(target.key)
+            for key in [k for k in state if not (isinstance(k, str) and k.startswith(_GROUP_STATE))]:
+                del state[key]
         inner_group = inner.param_groups[0]
         for key, value in group.items():
             if key not in _STRUCTURAL_KEYS:
@@ -157,3 +198,4 @@ class InBackward(FusedOptimizer):
             self.writer.apply(local, lambda w: w.copy_(handle.data), self._compensation(local, state))
         handle.grad = None
         handle.data = torch.empty(0, dtype=handle.dtype, device=handle.device)
+        self._save_group_state(inner, group, state)
