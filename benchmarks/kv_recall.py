@@ -2,10 +2,11 @@
 under eviction, and recall past the training length.
 
     python benchmarks/kv_recall.py --run runs/recall         # a model trained on the recall task
-    python benchmarks/kv_recall.py --train-steps 900         # train one first (TRAIN_ARGS)
+    python benchmarks/kv_recall.py --train-steps 1200        # train one first (TRAIN_ARGS)
 
-Model: trained by ``leantune train`` on the built-in ``recall`` task (``data.tasks=[recall]``, see
-``TRAIN_ARGS``): prompts of T characters (T = ``leantune.data.tasks.RECALL_LENGTH``, one token each
+Model: trained by ``leantune train`` on the built-in ``recall`` task with its partner ``copy``
+(``data.tasks=[recall,copy]``, see ``TRAIN_ARGS``; on ``recall`` alone the tiny model stays on a
+plateau): prompts of T characters (T = ``leantune.data.tasks.RECALL_LENGTH``, one token each
 under the byte-level tokenizer) with key-digit pairs in filler and the keys queried at the end.
 Every policy answers the same prompts (seeded per length); answers are greedy; the first answer
 comes from the prefill over the whole prompt, the later ones from the cache the policy kept.
@@ -44,12 +45,13 @@ LENGTH_POLICIES = ("full", "streaming", "longcache")
 MULTIPLES = (1, 2, 4, 8)
 TRAIN_ARGS = [
     "model.preset=tiny",
-    "data.tasks=[recall]",
+    "data.tasks=[recall,copy]",
     "data.max_length=72",
     "data.num_train=60000",
     "data.num_eval=200",
     "train.batch_size=32",
     "eval.every=150",
+    "eval.max_new_tokens=32",
 ]
 """``leantune train`` settings of the recall model (``train.max_steps`` from ``--train-steps``)."""
 
@@ -274,7 +276,7 @@ def fake_report() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, help="a model trained on the recall task (default: train one)")
-    ap.add_argument("--train-steps", type=int, default=900, help="steps when training here (default 900)")
+    ap.add_argument("--train-steps", type=int, default=1200, help="steps when training here (default 1200)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/leantune-bench-kv-recall"))
     ap.add_argument("--length", type=int, help="training length T (default: the recall task's)")
     ap.add_argument("--samples", type=int, default=100, help="prompts per cell (default 100)")
@@ -294,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".md").write_text(render(report))
         return 0
     run, train_s = args.run, None
+    train_args = list(TRAIN_ARGS)
     if run is None:
         run, train_s = train(args.work, args.train_steps)
+        train_args.append(f"train.max_steps={args.train_steps}")
     if train_s is None:
         summary = run / "summary.json"
         train_s = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
@@ -309,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         "training": {
             "run": str(run),
             "seconds": train_s,
-            "args": TRAIN_ARGS,
-            "description": f"`{run}` (leantune train {' '.join(TRAIN_ARGS)})",
+            "args": train_args,
+            "description": f"`{run}` (leantune train {' '.join(train_args)})",
         },  # fmt: skip
         "notes": args.notes,
         "results": results,

@@ -123,7 +123,7 @@ class DataConfig:
 
 # leantune.data.tasks.TASKS and OPT_IN_TASKS, repeated so that the config imports without torch
 # (a unit test keeps them equal)
-BUILTIN_TASKS = ("add", "reverse", "sort", "count", "recall")
+BUILTIN_TASKS = ("add", "reverse", "sort", "count", "recall", "copy")
 
 # leantune.data.formats.FORMATS and COLUMN_FIELDS, repeated so that the config imports without
 # torch (a unit test keeps them equal)

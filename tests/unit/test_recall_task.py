@@ -117,6 +117,20 @@ def test_recall_is_opt_in_and_leaves_the_default_families_alone():
         make_example("recal", random.Random(0))
 
 
+def test_copy_task_answers_with_its_prompt_text_and_is_opt_in():
+    assert "copy" in OPT_IN_TASKS and "copy" not in TASKS and "copy" not in TASK_WEIGHTS
+    assert task_weights(["recall", "copy"]) == [1.0, 1.0]
+    lengths = set()
+    for seed in range(200):
+        ex = make_example("copy", random.Random(seed))
+        assert ex["task"] == "copy"
+        assert ex["prompt"] == f"copy {ex['response']}\n"
+        assert set(ex["response"]) <= set(string.ascii_letters + string.digits)
+        lengths.add(len(ex["response"]))
+        assert make_example("copy", random.Random(seed)) == ex  # seeded
+    assert min(lengths) == 8 and max(lengths) == 30
+
+
 def test_builtin_recall_datasets_train_on_the_answers_only(tok):
     from leantune.config import DataConfig
 

@@ -15,6 +15,12 @@ Opt-in (named in ``data.tasks``, never part of the default mix, see :data:`OPT_I
     recall   multi-query associative recall, a long-context task: ``"...qwK7ertyB3uiopQ1asdf\\nQK="``
              -> ``"17"`` (key-digit pairs scattered in filler, the keys queried at the end, the
              answers in query order; :func:`make_recall`)
+    copy     ``"copy q7Rz0kLm\\n"`` -> ``"q7Rz0kLm"`` (8-30 letters and digits; its exact match needs
+             ``eval.max_new_tokens`` >= 31): the training partner of ``recall``
+             (``data.tasks=[recall,copy]``). Every answer token is found by looking back at the same
+             offset, a dense signal that forms the induction heads recall needs; trained on
+             ``recall`` alone the tiny model stays on a plateau where it picks among the values in
+             the prompt (docs/kv-cache.md)
 """
 
 from __future__ import annotations
@@ -149,6 +155,14 @@ def _recall(rng: random.Random) -> tuple[str, str]:
     return item.prompt, item.response
 
 
+_COPY_ALPHABET = string.ascii_letters + string.digits
+
+
+def _copy(rng: random.Random) -> tuple[str, str]:
+    text = "".join(rng.choice(_COPY_ALPHABET) for _ in range(rng.randint(8, 30)))
+    return f"copy {text}\n", text
+
+
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
     "add": _add,
     "reverse": _reverse,
@@ -164,7 +178,7 @@ TASK_WEIGHTS: dict[str, float] = {"add": 3.0, "reverse": 2.0, "sort": 2.0, "coun
 # Families generated only when named in data.tasks: not in TASKS or TASK_WEIGHTS, so the default
 # job's mix (and its golden loss curve) and everything that loops over the default families stay
 # as they are. Their default weight in a mix is 1.
-OPT_IN_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"recall": _recall}
+OPT_IN_TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {"recall": _recall, "copy": _copy}
 
 
 def _generator(task: str) -> Callable[[random.Random], tuple[str, str]]:
