@@ -66,6 +66,18 @@ def train(work: Path, steps: int) -> tuple[Path, float]:
     return work / "recall", time.perf_counter() - t0
 
 
+def _run_args(run: Path) -> list[str]:
+    """``TRAIN_ARGS`` with the steps and seed a given run directory was trained with."""
+    import yaml
+
+    config = run / "config.yaml"
+    if not config.is_file():
+        return list(TRAIN_ARGS)
+    train_cfg = (yaml.safe_load(config.read_text()) or {}).get("train", {})
+    extra = [f"train.{k}={train_cfg[k]}" for k in ("max_steps", "seed") if k in train_cfg]
+    return [*TRAIN_ARGS, *extra]
+
+
 def _policy(name: str, budget: float | int | None, args: argparse.Namespace, length: int):
     from leantune.kvcache import KVPolicy
     from leantune.kvcache.longcache import LongCacheConfig
@@ -100,25 +112,33 @@ def measure(args: argparse.Namespace, run: Path) -> dict[str, Any]:
     model, tok = loaded.model, loaded.tokenizer
     length = args.length or RECALL_LENGTH
 
-    def one(policy, lengths) -> dict[str, Any]:
-        res = evaluate_recall(model, tok, lengths, samples=args.samples, seed=args.seed, kv=policy)
+    def one(policy, lengths, late: bool = False) -> dict[str, Any]:
+        res = evaluate_recall(
+            model, tok, lengths, samples=args.samples, seed=args.seed, kv=policy, late_queries=late
+        )
         d = res.to_dict()
         d.pop("records")
         return d
 
-    eviction: dict[str, Any] = {"full": one(_policy("full", None, args, length), [length])}
-    for name in EVICTING:
-        for ev in EVICTIONS:
-            budget = round(1 - ev / 100, 2)
-            policy = _policy(name, budget if budget < 1 else 1.0, args, length)
-            eviction[f"{name}@{ev}"] = one(policy, [length])
-            print(f"{name} @ {ev}%: {eviction[f'{name}@{ev}']['accuracy'][0]:.1%}", flush=True)
+    def evictions(late: bool) -> dict[str, Any]:
+        out = {"full": one(_policy("full", None, args, length), [length], late)}
+        for name in EVICTING:
+            for ev in EVICTIONS:
+                budget = round(1 - ev / 100, 2)
+                policy = _policy(name, budget if budget < 1 else 1.0, args, length)
+                out[f"{name}@{ev}"] = one(policy, [length], late)
+                when = " (late queries)" if late else ""
+                print(f"{name} @ {ev}%{when}: {out[f'{name}@{ev}']['accuracy'][0]:.1%}", flush=True)
+        return out
+
+    eviction, late = evictions(False), evictions(True)
     lengths = [length * m for m in MULTIPLES]
     by_length = {}
     for name in LENGTH_POLICIES:
         by_length[name] = one(_policy(name, length if name == "streaming" else None, args, length), lengths)
         print(f"{name} by length: {[round(a, 3) for a in by_length[name]['accuracy']]}", flush=True)
-    return {"length": length, "samples": args.samples, "eviction": eviction, "by_length": by_length}
+    return {"length": length, "samples": args.samples, "eviction": eviction, "late": late,
+            "by_length": by_length}  # fmt: skip
 
 
 def goals(report: dict[str, Any]) -> dict[str, bool]:
@@ -128,14 +148,20 @@ def goals(report: dict[str, Any]) -> dict[str, bool]:
     acc = {k: v["accuracy"][0] for k, v in ev.items()}
     full = acc["full"]
     lc, fa = bl["longcache"]["accuracy"], bl["full"]["accuracy"]
-    return {
+    out = {
         "model_reaches_90pct": full >= 0.9,
         "nacl_80_keeps_90pct": acc["nacl@80"] >= 0.9 * full,
         "nacl_80_beats_streaming": acc["nacl@80"] > acc["streaming@80"],
         "nacl_80_beats_random": acc["nacl@80"] > max(acc["random-only@80"], acc["random@80"]),
-        "longcache_8x_keeps_90pct": lc[-1] >= 0.9 * lc[0],
-        "full_collapses_8x": fa[-1] < 0.5 * fa[0],
     }
+    if "late" in r:
+        late = {k: v["accuracy"][0] for k, v in r["late"].items()}
+        out["late_nacl_80_keeps_90pct"] = late["nacl@80"] >= 0.9 * late["full"]
+        out["late_nacl_80_beats_streaming"] = late["nacl@80"] > late["streaming@80"]
+        out["late_nacl_80_beats_random"] = late["nacl@80"] > max(late["random-only@80"], late["random@80"])
+    out["longcache_8x_keeps_90pct"] = lc[-1] >= 0.9 * lc[0]
+    out["full_collapses_8x"] = fa[-1] < 0.5 * fa[0]
+    return out
 
 
 GOAL_TEXT = {
@@ -143,6 +169,9 @@ GOAL_TEXT = {
     "nacl_80_keeps_90pct": "NACL at 80% eviction keeps >= 90% of the full cache's accuracy",
     "nacl_80_beats_streaming": "NACL at 80% eviction beats streaming",
     "nacl_80_beats_random": "NACL at 80% eviction beats random (random-only and uniform)",
+    "late_nacl_80_keeps_90pct": "queries after eviction: NACL at 80% keeps >= 90% of the full cache's",
+    "late_nacl_80_beats_streaming": "queries after eviction: NACL at 80% beats streaming",
+    "late_nacl_80_beats_random": "queries after eviction: NACL at 80% beats random (random-only and uniform)",
     "longcache_8x_keeps_90pct": "LongCache keeps >= 90% of its in-length accuracy at 8x",
     "full_collapses_8x": "full attention collapses at 8x (below half its in-length accuracy)",
 }
@@ -166,9 +195,7 @@ def _first(d: dict[str, Any], i: int = 0) -> str:
     return _pct(per[i][0] / d["samples"]) if per and d.get("samples") else "–"
 
 
-def render(report: dict[str, Any]) -> str:
-    r = report["results"]
-    ev, bl, t = r["eviction"], r["by_length"], r["length"]
+def _eviction_rows(ev: dict[str, Any]) -> list[list[str]]:
     full_bytes = ev["full"]["kv_bytes"][0]
     f0 = ev["full"]
     rows = [["full", "0%", _pct(f0["accuracy"][0]), _first(f0), _later(f0), _pct(f0["exact_accuracy"][0]),
@@ -179,6 +206,25 @@ def render(report: dict[str, Any]) -> str:
             rows.append([name, f"{e}%", _pct(d["accuracy"][0]), _first(d), _later(d),
                          _pct(d["exact_accuracy"][0]), f"{d['kv_bytes'][0]:.0f}",
                          _pct(d["kv_bytes"][0] / full_bytes)])  # fmt: skip
+    return rows
+
+
+EVICTION_HEADER = [
+    "policy",
+    "eviction",
+    "accuracy",
+    "1st answer",
+    "later answers",
+    "exact",
+    "KV bytes",
+    "of full",
+]
+
+
+def render(report: dict[str, Any]) -> str:
+    r = report["results"]
+    ev, bl, t = r["eviction"], r["by_length"], r["length"]
+    rows = _eviction_rows(ev)
     lrows = []
     for name in LENGTH_POLICIES:
         d = bl[name]
@@ -204,10 +250,17 @@ def render(report: dict[str, Any]) -> str:
         f"Noise: one standard error of an accuracy near 50% over {answers} answers is "
         f"{100 * se:.1f} points. Chance: 10% per answer guessing a digit, about 25-30% picking one of the "
         "values present in the prompt.\n",
-        benchlib.render_table(
-            ["policy", "eviction", "accuracy", "1st answer", "later answers", "exact", "KV bytes", "of full"],
-            rows,
-            "llrrrrrr",
+        benchlib.render_table(EVICTION_HEADER, rows, "llrrrrrr"),
+        *(
+            [
+                "\n## Eviction with the queries after the prefill\n",
+                "The prefill holds the filler and pairs up to the newline (the budget is a share of "
+                "that); the policy evicts, then the queried keys and `=` are fed through the kept "
+                "cache and every answer is decoded from it: the policy does not know the question.\n",
+                benchlib.render_table(EVICTION_HEADER, _eviction_rows(r["late"]), "llrrrrrr"),
+            ]
+            if "late" in r
+            else []
         ),
         "\n## Past the training length\n",
         "streaming keeps a window of T tokens (sink + recent); longcache re-assigns positions below T "
@@ -264,7 +317,7 @@ def fake_report() -> dict[str, Any]:
     bl = {n: cell([0.8, 0.6, 0.4, 0.2 if n != "longcache" else 0.75], [1000.0, 2000.0, 4000.0, 8000.0],
                   [64, 128, 256, 512]) for n in LENGTH_POLICIES}  # fmt: skip
     return {
-        "results": {"length": 64, "samples": 10, "eviction": ev, "by_length": bl},
+        "results": {"length": 64, "samples": 10, "eviction": ev, "late": ev, "by_length": bl},
         "windows": {"sink": 1, "recent": 4, "proxies": 4},
         "machine": {"cpu_model": "test cpu"},
         "load": [1.0, 1.0, 1.0],
@@ -303,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     if train_s is None:
         summary = run / "summary.json"
         train_s = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
+        train_args = _run_args(run)
     results = measure(args, run)
     report = {
         "machine": benchlib.machine(),

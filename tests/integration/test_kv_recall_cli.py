@@ -62,6 +62,12 @@ def test_train_on_recall_then_eval_recall(recall_run, tmp_path, capsys):
     nacl = json.loads(out.read_text())
     assert nacl["policy"] == "nacl 0.2"
     assert nacl["kv_bytes"][0] == pytest.approx(res["kv_bytes"][0] * 13 / 65)
+    # queries after eviction: the prefill holds bos, 60 characters of filler and pairs and the newline
+    assert main([*argv[:4], "--lengths", "64", "--samples-per-cell", "2", *kv, "--late-queries",
+                 "--out", str(out)]) == 0  # fmt: skip
+    late = json.loads(out.read_text())
+    assert late["late_queries"] is True and late["tokens"] == [62.0]
+    assert "queries after eviction" in capsys.readouterr().out
     # defaults: 1, 2, 4 and 8 times the task's length, the run directory
     assert main(["eval", str(recall_run), "--task", "recall", "--samples-per-cell", "1", "--pairs", "2",
                  "--queries", "1"]) == 0  # fmt: skip
@@ -72,7 +78,10 @@ def test_train_on_recall_then_eval_recall(recall_run, tmp_path, capsys):
 @pytest.mark.parametrize(("extra", "message"), [
     (["--task", "recall", "--lengths", "8"], "cannot hold 4 pairs and 2 queries"),
     (["--task", "recall", "--pairs", "2", "--queries", "3"], "queries (3) must not exceed pairs (2)"),
-    (["--task", "default", "--pairs", "3"], "--pairs / --queries apply to --task recall, not --task default"),
+    (["--task", "default", "--pairs", "3"],
+     "--pairs / --queries / --late-queries apply to --task recall, not --task default"),
+    (["--task", "passkey", "--late-queries"],
+     "--pairs / --queries / --late-queries apply to --task recall, not --task passkey"),
     (["--task", "position-ppl", "--kv-policy", "streaming", "--kv-budget", "8"],
      "--kv-policy streaming applies to --task passkey and recall, not --task position-ppl"),
     (["--task", "recall", "--kv-policy", "nacl", "--kv-budget", "0.1"], "below --kv-sink + --kv-recent"),
@@ -97,6 +106,6 @@ def test_unknown_option_and_unknown_task_family(recall_run, tmp_path, capsys):
     argv = ["train", *QUICK, "data.tasks=[recal]", f"train.output_dir={tmp_path}"]
     assert main(argv) == 2
     assert (
-        "data.tasks must name built-in tasks (add, reverse, sort, count, recall), got ['recal'] (did you "
-        "mean 'recall'?)" in capsys.readouterr().err
+        "data.tasks must name built-in tasks (add, reverse, sort, count, recall, copy), got ['recal'] (did "
+        "you mean 'recall'?)" in capsys.readouterr().err
     )

@@ -212,6 +212,27 @@ def test_evaluate_recall_decodes_like_kvcache_and_counts_the_kept_bytes(tok, byt
     assert res.policy == "random 0.5" and res.kv_bytes == [32 * per_token]
 
 
+def test_late_queries_with_the_full_cache_answer_as_queries_in_the_prompt(tok, byte_model):
+    """Fed one at a time through a full cache, the queried keys give the same answers as the same
+    keys prefilled with the prompt; under a policy the budget and the bytes are the prefilled
+    part's (bos, filler and pairs, newline)."""
+    from leantune.kvcache import KVPolicy, greedy_continue
+
+    ids = list(tok(make_recall(random.Random(4), 64).prompt)["input_ids"])
+    assert greedy_continue(byte_model, ids[:-3], 4, None, KVPolicy(), forced=ids[-3:]) == greedy_continue(
+        byte_model, ids, 4, None, KVPolicy()
+    )
+    early = evaluate_recall(byte_model, tok, [64], samples=4, seed=3)
+    late = evaluate_recall(byte_model, tok, [64], samples=4, seed=3, late_queries=True)
+    assert [r["output"] for r in late.records] == [r["output"] for r in early.records]
+    assert late.late_queries and not early.late_queries and late.tokens == [62.0]
+    assert "queries after eviction" in late.format()
+    nacl = evaluate_recall(byte_model, tok, [64], samples=2, late_queries=True,
+                           kv=KVPolicy("nacl", budget=0.5, sink=1, recent=4, proxies=4))  # fmt: skip
+    assert nacl.kv_bytes == [late.kv_bytes[0] * 31 / 62]
+    assert RecallResult.from_dict(late.to_dict()).late_queries
+
+
 def test_evaluate_recall_errors(tok, byte_model):
     with pytest.raises(ValueError, match="lengths must not be empty"):
         evaluate_recall(byte_model, tok, [])

@@ -19,7 +19,8 @@ model directory).
   --task passkey       needle-in-a-haystack retrieval accuracy per length x depth, with a heatmap
   --task recall        multi-query associative recall (the built-in `recall` task's prompts) per
                        prompt length (default: 1, 2, 4 and 8 times the task's length), with the
-                       KV-cache bytes kept after the prefill
+                       KV-cache bytes kept after the prefill; --late-queries asks the keys only
+                       after the prefill's eviction
   --task position-ppl  perplexity by position bucket on held-out text (--data, text format)
   --task preference    implicit-reward accuracy, margin and win rate of the chosen completion on
                        prompt/chosen/rejected pairs (--data, or the run's held-out pairs)
@@ -89,6 +90,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--queries", type=positive_int, help="recall: keys queried per prompt (default: the task's)"
     )
     p.add_argument(
+        "--late-queries",
+        action="store_true",
+        help="recall: prefill the filler and pairs only, then feed the queried keys through the kept "
+        "cache (the policy evicts without knowing the question)",
+    )
+    p.add_argument(
         "--no-header",
         action="store_true",
         help="passkey prompts without the task instruction (shorter prompts, e.g. byte-level tokenizers)",
@@ -122,8 +129,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(
                 f"--kv-policy {kv.policy} applies to --task passkey and recall, not --task {args.task}"
             )
-        if (args.pairs or args.queries) and args.task != "recall":
-            raise ValueError(f"--pairs / --queries apply to --task recall, not --task {args.task}")
+        if (args.pairs or args.queries or args.late_queries) and args.task != "recall":
+            raise ValueError(
+                f"--pairs / --queries / --late-queries apply to --task recall, not --task {args.task}"
+            )
         if (args.draft or args.decoding) and args.task != "default":
             raise ValueError(f"--draft / --decoding apply to --task default, not --task {args.task}")
         device = resolve_device(args.device)
@@ -270,6 +279,7 @@ def _recall(args: argparse.Namespace, loaded, kv) -> int:
         pairs=args.pairs or RECALL_PAIRS,
         queries=args.queries or RECALL_QUERIES,
         kv=kv,
+        late_queries=args.late_queries,
     )
     print(result.format())
     out = _out_path(args, loaded, "recall.json")

@@ -7,7 +7,7 @@ per head and LongCache a different selection per block, which a shared padding m
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -72,11 +72,14 @@ def greedy_continue(
     eos_id: int | None,
     policy: KVPolicy,
     on_prefill: Callable[[Any], None] | None = None,
+    forced: Sequence[int] = (),
 ) -> list[int]:
     """Greedy continuation of ``ids`` under ``policy``, stopping at eos; the new token ids.
 
     ``on_prefill(cache)`` is called once the prompt is in the cache, before the first decoded
-    token (e.g. to measure what the policy kept of the prompt)."""
+    token (e.g. to measure what the policy kept of the prompt). ``forced`` tokens are fed one at a
+    time through the cache after the prefill, as decoding would feed them, before the first token is
+    chosen: e.g. a question asked after the policy has evicted (they are not in the output)."""
     from leantune.kvcache.longcache import prefill
 
     device = next(model.parameters()).device
@@ -91,6 +94,8 @@ def greedy_continue(
             cache = out.cache
         if on_prefill is not None:
             on_prefill(cache)
+        for tok in forced:
+            out = model(input_ids=torch.tensor([[int(tok)]], device=device), cache=cache, use_cache=True)
         for step in range(max_new_tokens):
             tok = int(out.logits[0, -1].argmax())
             if eos_id is not None and tok == eos_id:

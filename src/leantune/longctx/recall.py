@@ -4,9 +4,12 @@ The prompts are the built-in ``recall`` task's (:func:`leantune.data.tasks.make_
 pairs scattered in filler, the keys queried at the end, the answers in query order. The first
 answer is computed by the prefill itself, over the whole prompt; every later one is decoded from the
 cache the policy kept, so eviction shows in the answers after the first (as in passkey retrieval,
-where the first digit comes from the prefill too). Answers are decoded greedily, one prompt at a
-time, and scored per query (the character at the query's place in the output) and per prompt (all
-answers right).
+where the first digit comes from the prefill too). With the queries in the prompt, the prefill can
+already fetch every answer into the query tokens, which a recent window keeps; ``late_queries``
+prefills only the filler and pairs (the policy evicts then, not knowing the question) and feeds the
+queried keys and ``=`` through the kept cache afterwards, so every answer depends on what was kept.
+Answers are decoded greedily, one prompt at a time, and scored per query (the character at the
+query's place in the output) and per prompt (all answers right).
 
 Lengths are in characters of the prompt, the token count under the built-in byte-level tokenizer
 (bos not counted); with another tokenizer the token count is measured and reported.
@@ -52,6 +55,8 @@ class RecallResult:
     from the kept cache)."""
     records: list[dict[str, Any]] = field(default_factory=list)
     """One per prompt: length, answer, output, correct answers, KV bytes, tokens."""
+    late_queries: bool = False
+    """The queries were fed after the prefill's eviction (see the module docstring)."""
 
     def accuracy(self) -> list[float]:
         """Share of answers right per length."""
@@ -63,7 +68,8 @@ class RecallResult:
 
     def format(self) -> str:
         """A plain-text table: length, tokens, answer accuracy, exact prompts, KV-cache bytes."""
-        lines = [f"recall ({self.policy}): {self.samples} prompts x {self.queries} queries per length",
+        when = ", queries after eviction" if self.late_queries else ""
+        lines = [f"recall ({self.policy}{when}): {self.samples} prompts x {self.queries} queries per length",
                  f"{'length':>8} {'tokens':>8} {'answers':>8} {'prompts':>8} {'kv bytes':>10}"]  # fmt: skip
         for i, length in enumerate(self.lengths):
             lines.append(
@@ -97,17 +103,23 @@ def _cache_bytes(cache: Any) -> int:
 
 @torch.no_grad()
 def greedy_with_cache_bytes(
-    model: torch.nn.Module, ids: list[int], max_new_tokens: int, eos_id: int | None, kv: Any = None
+    model: torch.nn.Module,
+    ids: list[int],
+    max_new_tokens: int,
+    eos_id: int | None,
+    kv: Any = None,
+    forced: Sequence[int] = (),
 ) -> tuple[list[int], int]:
     """Greedy continuation of ``ids`` (stopping at eos) under ``kv``, a
     :class:`leantune.kvcache.KVPolicy` (default: the full cache), and the bytes of the KV cache
-    right after the prefill: what the policy kept of the prompt."""
+    right after the prefill: what the policy kept of the prompt. ``forced`` tokens are fed after the
+    prefill (see :func:`leantune.kvcache.greedy_continue`)."""
     from leantune.kvcache import KVPolicy, greedy_continue
 
     sizes: list[int] = []
     new = greedy_continue(
         model, ids, max_new_tokens, eos_id, kv if kv is not None else KVPolicy(),
-        on_prefill=lambda cache: sizes.append(_cache_bytes(cache)),
+        on_prefill=lambda cache: sizes.append(_cache_bytes(cache)), forced=forced,
     )  # fmt: skip
     return new, sizes[0]
 
@@ -134,6 +146,7 @@ def evaluate_recall(
     pairs: int = RECALL_PAIRS,
     queries: int = RECALL_QUERIES,
     kv: Any = None,
+    late_queries: bool = False,
 ) -> RecallResult:
     """Recall accuracy of a causal LM at each prompt length, greedy decoding under ``kv``.
 
@@ -150,6 +163,9 @@ def evaluate_recall(
         pairs: key-value pairs per prompt.
         queries: keys queried per prompt.
         kv: a :class:`leantune.kvcache.KVPolicy` (default: the full cache).
+        late_queries: prefill the filler and pairs only (up to the newline), then feed the queried
+            keys and ``=`` through the kept cache: the policy evicts without knowing the question.
+            ``tokens`` and the budget are then those of the prefilled part.
 
     Raises:
         ValueError: an empty or non-positive length, a bad count, or a length too short for the pairs.
@@ -172,9 +188,15 @@ def evaluate_recall(
             b = t = 0
             for _ in range(samples):
                 item = make_recall(rng, length, pairs, queries)
-                ids = list(tokenizer(item.prompt)["input_ids"])
+                forced: list[int] = []
+                if late_queries:
+                    head, _, question = item.prompt.rpartition("\n")
+                    ids = list(tokenizer(head + "\n")["input_ids"])
+                    forced = list(tokenizer(question, add_special_tokens=False)["input_ids"])
+                else:
+                    ids = list(tokenizer(item.prompt)["input_ids"])
                 new, cache_bytes = greedy_with_cache_bytes(
-                    model, ids, len(item.response) + 1, tokenizer.eos_token_id, kv
+                    model, ids, len(item.response) + 1, tokenizer.eos_token_id, kv, forced
                 )
                 text = tokenizer.decode(new, skip_special_tokens=True)
                 hits = score_recall(text, item.response)
@@ -201,4 +223,4 @@ def evaluate_recall(
     finally:
         model.train(was_training)
     return RecallResult(_policy_name(kv), lengths, samples, queries, correct, exact, nbytes, tokens,
-                        by_query=by_query, records=records)  # fmt: skip
+                        by_query=by_query, records=records, late_queries=late_queries)  # fmt: skip
