@@ -186,10 +186,11 @@ HOLISTIC = {"ppl_ratio": 0.2, "word_ttr": 0.4, "pronoun_rate": 0.05, "connective
     ("change", "expected"),
     [
         ({}, "holistic"),
-        ({"ppl_ratio": 0.01}, "aggregated"),  # long context barely helps: independent pieces
+        ({"ppl_ratio": 0.005}, "aggregated"),  # long context barely helps: independent pieces
         ({"pronoun_rate": 0.0}, "aggregated"),  # no references back
         ({"ppl_ratio": -0.1}, "chaotic"),  # the long context hurts
         ({"word_ttr": 0.95}, "chaotic"),  # random strings
+        ({"word_ttr": 0.6}, "chaotic"),  # shuffled characters: most "words" are new
         ({"word_ttr": 0.01}, "chaotic"),  # one word repeated
         ({"ppl_ratio": math.nan}, "unscored"),  # shorter than one window
         ({"connective_rate": None}, "unscored"),
@@ -199,14 +200,31 @@ def test_default_rules_on_hand_made_documents(change, expected):
     assert load_rules().classify({**HOLISTIC, **change}) == expected
 
 
+@pytest.mark.parametrize(
+    ("ppl_ratio", "expected"),
+    [
+        (0.0, "aggregated"),  # the context neither helps nor hurts: not chaotic (InternLM2's <= 0 alone)
+        (-0.005, "aggregated"),  # scorer noise inside the dead band
+        (0.005, "aggregated"),
+        (-0.01, "chaotic"),  # the bounds are inclusive
+        (0.01, "holistic"),
+    ],
+)
+def test_the_default_coherence_rules_leave_a_dead_band_around_zero(ppl_ratio, expected):
+    assert load_rules().classify({**HOLISTIC, "ppl_ratio": ppl_ratio}) == expected
+    # without cohesion the same values make aggregated text, except where the context hurts
+    flat = {**HOLISTIC, "ppl_ratio": ppl_ratio, "pronoun_rate": 0.0, "connective_rate": 0.0}
+    assert load_rules().classify(flat) == ("chaotic" if expected == "chaotic" else "aggregated")
+
+
 def test_rules_from_yaml_replace_sections(tmp_path):
     path = tmp_path / "rules.yaml"
     path.write_text("holistic:\n  ttr: {min: 0.5, max: 0.7}\nupsample: {aggregated: 3}\n")
     rules = load_rules(path, known=["ttr", "ppl_ratio", "word_ttr"])
     assert rules.holistic.keys() == {"ttr"} and "ppl_ratio" in rules.chaotic  # chaotic kept
     assert rules.upsample["aggregated"] == 3 and rules.upsample["chaotic"] == 0  # merged, still dropped
-    assert rules.classify({"ttr": 0.6, "ppl_ratio": 0.1, "word_ttr": 0.5}) == "holistic"
-    assert rules.classify({"ttr": 0.8, "ppl_ratio": 0.1, "word_ttr": 0.5}) == "aggregated"
+    assert rules.classify({"ttr": 0.6, "ppl_ratio": 0.1, "word_ttr": 0.4}) == "holistic"
+    assert rules.classify({"ttr": 0.8, "ppl_ratio": 0.1, "word_ttr": 0.4}) == "aggregated"
 
 
 @pytest.mark.parametrize(

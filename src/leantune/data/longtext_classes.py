@@ -15,10 +15,24 @@ recipe); :func:`mixture` turns per-class files and token counts into ``data.trai
 
 Note:
     The paper's numeric thresholds, its AND/OR rule and its up-sampling ratio are not public: every
-    default in :data:`DEFAULT_RULES` is ours. Its ``ppl_ratio <= 0`` rule for chaotic follows
-    InternLM2's filter (drop a text when the long context makes its end *less* likely); the other
-    numbers were set on this project's synthetic benchmark (``benchmarks/longwanjuan.py``) and are
-    meant to be tuned per domain and per scoring model, as InternLM2 does.
+    default in :data:`DEFAULT_RULES` is ours, each with its reason beside it:
+
+    * ``ppl_ratio``: a dead band of +-1% around 0. Above it the long context helps (holistic, with
+      cohesion); below it the context hurts, InternLM2's rule for dropping a text (chaotic); inside
+      it, the context does not matter measurably (aggregated pieces). The margin is there because a
+      scorer's ``ppl_ratio`` on text whose context carries nothing is noise around 0 (within +-0.005
+      for the scorer of ``benchmarks/longwanjuan.py``): ``<= 0`` alone would call half of that text
+      chaotic.
+    * ``word_ttr`` (words and punctuation marks): below 0.02 one word repeats; at 0.5 or more most
+      "words" are new, which natural text long enough for a window does not do (this machine's
+      package documentation, cut to 3,000 characters: at most 0.42) and random or shuffled
+      characters do (0.6 to 1.0). The TTR falls with length: the bound is for documents of at least
+      a few thousand characters, as LongWanjuan's (32 KB and more) are.
+    * ``pronoun_rate`` and ``connective_rate``: cohesion, any real presence of references back and of
+      linked sentences.
+
+    The benchmark checks them on a second, held-out draw of its synthetic documents. They are meant
+    to be tuned per domain and per scoring model on documents near the thresholds, as InternLM2 does.
 """
 
 from __future__ import annotations
@@ -40,10 +54,17 @@ DEFAULT_RULES = """\
 # every value lies in its `holistic` range; otherwise aggregated. Ranges are inclusive; a metric may
 # take a list of ranges. Every number here is leantune's, not the paper's (it publishes none).
 chaotic:
-  ppl_ratio: {max: 0.0}             # the long context does not help (InternLM2's rule)
-  word_ttr: [{max: 0.02}, {min: 0.85}]  # degenerate repetition, or random strings
+  # The long context makes the end >= 1% less likely: InternLM2's rule (drop a text when the long
+  # context hurts), with a margin: without one, a scorer's noise around 0 would make half of all
+  # texts whose context neither helps nor hurts chaotic.
+  ppl_ratio: {max: -0.01}
+  # Complexity at an extreme: one word repeated, or strings that are not words (random letters,
+  # shuffled characters). Natural text long enough for one window has a word TTR well under 0.5
+  # (punctuation marks count as words); it falls with length, so raise 0.5 for documents of less
+  # than ~2,000 characters.
+  word_ttr: [{max: 0.02}, {min: 0.5}]
 holistic:
-  ppl_ratio: {min: 0.05}            # the long context lowers the window's perplexity by >= 5%
+  ppl_ratio: {min: 0.01}            # the long context lowers the window's perplexity by >= 1%
   pronoun_rate: {min: 0.01}         # pronouns refer back
   connective_rate: {min: 0.002}     # sentences are linked
 # Sampling weight per class relative to its token share: chaotic dropped, aggregated up-weighted.
