@@ -350,14 +350,12 @@ def main(argv: list[str] | None = None) -> int:
         args.out.with_suffix(".md").write_text(render(report))
         return 0
     run, train_s = args.run, None
-    train_args = list(TRAIN_ARGS)
     if run is None:
         run, train_s = train(args.work, args.train_steps)
-        train_args.append(f"train.max_steps={args.train_steps}")
     if train_s is None:
         summary = run / "summary.json"
         train_s = json.loads(summary.read_text()).get("train_seconds") if summary.is_file() else None
-        train_args = _run_args(run)
+    train_args = _run_args(run)
     results = measure(args, run)
     report = {
         "machine": benchlib.machine(),

@@ -14,8 +14,8 @@ __all__ = ["InBackward"]
 
 _STRUCTURAL_KEYS = ("params", "param_names")
 # Optimizers that count steps in their param group (pytorch_optimizer's Adan: group["step"]) keep
-# per-tensor state there, since every inner optimizer has one tensor; it is mirrored into the
-# tensor's state under this prefix so that state_dict / load_state_dict carry it.
+# per-tensor state there, since every inner optimizer has one tensor; each update copies it into the
+# tensor's state under this prefix (so state_dict carries it), and binding a state restores it.
 _GROUP_STATE = "inner_group."
 # torch.optim / pytorch_optimizer classes whose update is elementwise: exact on a shard.
 _ELEMENTWISE = ("AdamW", "Adam", "SGD", "Lion", "Adan")
@@ -116,30 +116,21 @@ class InBackward(FusedOptimizer):
             self._bind(*entry, state)
         return entry
 
+    def _group_counters(self, inner: torch.optim.Optimizer) -> dict[str, Any]:
+        """The inner param group's own entries (not the hyperparameters the outer groups give it),
+        e.g. Adan's step count."""
+        outer = set(_STRUCTURAL_KEYS).union(self.defaults, *self.param_groups)
+        return {k: v for k, v in inner.param_groups[0].items() if k not in outer}
+
     def _bind(self, inner: torch.optim.Optimizer, handle: Tensor, state: dict[str, Any]) -> None:
         """Make ``state`` the inner optimizer's state, its param group's own counters included."""
         inner.state[handle] = state
         group = inner.param_groups[0]
-        outer = set(_STRUCTURAL_KEYS).union(self.defaults, *self.param_groups)
-        for key in [k for k in group if k not in outer]:
+        for key in self._group_counters(inner):
             del group[key]
         for key, value in state.items():
             if isinstance(key, str) and key.startswith(_GROUP_STATE):
                 group[key[len(_GROUP_STATE) :]] = value.item() if torch.is_tensor(value) else value
-
-    def _save_group_state(
-        self, inner: torch.optim.Optimizer, outer: dict[str, Any], state: dict[str, Any]
-    ) -> None:
-        for key, value in inner.param_groups[0].items():
-            if (
-                key in outer
-                or key in _STRUCTURAL_KEYS
-                or isinstance(value, bool)
-                or not isinstance(value, (int, float))
-            ):
-                continue
-            dtype = torch.int64 if isinstance(value, int) else torch.float64
-            state[_GROUP_STATE + key] = torch.tensor(value, dtype=dtype)
 
     def _init_param_state(self, target: UpdateTarget, state: dict[str, Any]) -> None:
         # torch optimizers create their state inside step(): run one step with a zero gradient and
@@ -179,8 +170,7 @@ class InBackward(FusedOptimizer):
         inner, handle = self._inner_for(target, state)
         if target.key in self._fresh:
             self._fresh.discard(target.key)
-            for key in [k for k in state if not (isinstance(k, str) and k.startswith(_GROUP_STATE))]:
-                del state[key]
+            state.clear()
         inner_group = inner.param_groups[0]
         for key, value in group.items():
             if key not in _STRUCTURAL_KEYS:
@@ -198,4 +188,9 @@ class InBackward(FusedOptimizer):
             self.writer.apply(local, lambda w: w.copy_(handle.data), self._compensation(local, state))
         handle.grad = None
         handle.data = torch.empty(0, dtype=handle.dtype, device=handle.device)
-        self._save_group_state(inner, group, state)
+        # At every update, not only in state_dict: a segment's state is a fresh view each time, so
+        # _inner_for binds (and restores from) it at every update.
+        for key, value in self._group_counters(inner).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                dtype = torch.int64 if isinstance(value, int) else torch.float64
+                state[_GROUP_STATE + key] = torch.tensor(value, dtype=dtype)
