@@ -64,6 +64,7 @@ MODULES = {
         "tests/unit/test_optim_mutants_precision.py",
         "tests/unit/test_optim_mutants_adalomo.py",
         "tests/unit/test_optim_mutants_engine.py",
+        "tests/unit/test_competitors.py",
     ],
     "src/leantune/data/encode.py": ["tests/unit/test_data.py", "tests/unit/test_encode.py"],
     # (not test_security.py: it reads the source text, which holds every mutant)

@@ -71,6 +71,87 @@ def test_a_failed_write_leaves_the_old_directory_untouched_and_no_temporary(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 
+def test_a_target_several_missing_directories_deep_is_created(tmp_path):
+    target = tmp_path / "runs" / "a" / "checkpoints" / "step-000001"
+    ckpt.atomic_directory(target, _write_files({"a": b"x"}))
+    assert (target / "a").read_bytes() == b"x"
+    ckpt.verify_checkpoint(target)
+
+
+def test_an_existing_target_is_replaced_whole_and_the_old_copy_removed(tmp_path):
+    target = tmp_path / "final"
+    ckpt.atomic_directory(target, _write_files({"a": b"old", "only-old": b"o"}))
+    ckpt.atomic_directory(target, _write_files({"a": b"new"}))
+    assert sorted(p.name for p in target.iterdir()) == sorted(["a", ckpt.MANIFEST])
+    assert (target / "a").read_bytes() == b"new"
+    ckpt.verify_checkpoint(target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]  # no .final.old-<pid> left
+
+
+def test_a_leftover_of_this_process_is_replaced_and_a_live_writers_is_kept(tmp_path):
+    target = tmp_path / "final"
+    mine = tmp_path / f".final.tmp-{os.getpid()}"  # e.g. an export this process was interrupted in
+    (mine / "sub").mkdir(parents=True)
+    (mine / "sub" / "half").write_bytes(b"h")
+    live = tmp_path / f".final.tmp-{os.getppid()}"  # another writer that is still running
+    live.mkdir()
+    ckpt.atomic_directory(target, _write_files({"a": b"x"}))
+    assert sorted(p.name for p in target.iterdir()) == sorted(["a", ckpt.MANIFEST])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["final", live.name])
+
+
+@pytest.mark.parametrize("stage", ["manifest", "rename"])
+def test_a_failure_after_the_write_is_raised_and_leaves_the_old_target(tmp_path, monkeypatch, stage):
+    target = tmp_path / "final"
+    ckpt.atomic_directory(target, _write_files({"a": b"old"}))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError(f"{stage} failed")
+
+    if stage == "manifest":
+        monkeypatch.setattr(ckpt, "write_manifest", boom)
+    else:
+        monkeypatch.setattr(ckpt, "_fsync_dir", boom)  # after the rename: the save is not durable
+    with pytest.raises(RuntimeError, match=f"{stage} failed"):
+        ckpt.atomic_directory(target, _write_files({"a": b"new"}))
+    if stage == "manifest":
+        assert (target / "a").read_bytes() == b"old"
+        ckpt.verify_checkpoint(target)
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def _rmtree_failing_on(monkeypatch, marker):
+    """shutil.rmtree that cannot remove directories named with ``marker`` (e.g. a busy NFS file)."""
+    real = ckpt.shutil.rmtree
+
+    def rmtree(path, ignore_errors=False, **kwargs):
+        if marker in str(path):
+            if ignore_errors:
+                return
+            raise OSError(16, "Device or resource busy", str(path))
+        return real(path, ignore_errors=ignore_errors, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", rmtree)
+
+
+def test_an_old_copy_that_cannot_be_removed_does_not_fail_the_save(tmp_path, monkeypatch):
+    target = tmp_path / "final"
+    ckpt.atomic_directory(target, _write_files({"a": b"old"}))
+    _rmtree_failing_on(monkeypatch, ".old-")
+    ckpt.atomic_directory(target, _write_files({"a": b"new"}))
+    assert (target / "a").read_bytes() == b"new"
+
+
+def test_a_temporary_that_cannot_be_removed_does_not_hide_the_error(tmp_path, monkeypatch):
+    _rmtree_failing_on(monkeypatch, ".tmp-")
+
+    def fails(tmp):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        ckpt.atomic_directory(tmp_path / "final", fails)
+
+
 def _corrupt_missing_manifest(d):
     (d / ckpt.MANIFEST).unlink()
 
