@@ -65,8 +65,13 @@ MODULES = {
         "tests/unit/test_optim_mutants_adalomo.py",
         "tests/unit/test_optim_mutants_engine.py",
         "tests/unit/test_competitors.py",
+        "tests/unit/test_micro_batches.py",
     ],
-    "src/leantune/data/encode.py": ["tests/unit/test_data.py", "tests/unit/test_encode.py"],
+    "src/leantune/data/encode.py": [
+        "tests/unit/test_data.py",
+        "tests/unit/test_encode.py",
+        "tests/unit/test_preference.py",
+    ],
     # (not test_security.py: it reads the source text, which holds every mutant)
     "src/leantune/checkpoint.py": [
         "tests/reliability/test_checkpoints.py",
@@ -80,6 +85,8 @@ MODULES = {
     "src/leantune/estimate.py": [
         "tests/unit/test_estimate.py",
         "tests/unit/test_estimate_model.py",
+        "tests/unit/test_estimate_parallel.py",
+        "tests/unit/test_estimate_mutants.py",
         "tests/unit/test_footprint.py",
     ],
 }

@@ -517,15 +517,28 @@ def test_loss_scaler_state_round_trips_every_field():
 
 
 @pytest.mark.parametrize(
-    ("name", "dtype", "rounding"),
-    [("adalomo", torch.float32, "nearest"), ("adalomo", torch.bfloat16, "kahan"),
-     ("adamw_in_backward", torch.float32, None)],
-    ids=["adalomo", "adalomo-bf16-kahan", "adamw-in-backward"],
+    ("name", "dtype", "rounding", "fp64_default"),
+    [("adalomo", torch.float32, "nearest", False), ("adalomo", torch.bfloat16, "kahan", False),
+     ("adalomo", torch.float32, "nearest", True), ("adamw_in_backward", torch.float32, None, False),
+     ("adamw_in_backward", torch.bfloat16, "stochastic", False)],
+    ids=["adalomo", "adalomo-bf16-kahan", "adalomo-fp64-default", "adamw-in-backward",
+         "adamw-in-backward-bf16"],
 )  # fmt: skip
-def test_init_state_builds_what_the_first_update_starts_from(name, dtype, rounding, device):
-    """init_state (for checkpoint loaders that need the state's structure): the same keys, shapes
-    and dtypes as after a first update, zero-valued, weights untouched, segments included; it
+def test_init_state_builds_what_the_first_update_starts_from(name, dtype, rounding, fp64_default, device):
+    """init_state (for checkpoint loaders that need the state's structure): the same keys, types,
+    shapes and dtypes as after a first update (fp32 statistics for bf16 weights, also when torch's
+    default dtype is fp64), zero-valued, counters at 0, weights untouched, segments included; it
     never resets a state that exists."""
+    before_default = torch.get_default_dtype()
+    if fp64_default:
+        torch.set_default_dtype(torch.float64)
+    try:
+        _check_init_state(name, dtype, rounding, device)
+    finally:
+        torch.set_default_dtype(before_default)
+
+
+def _check_init_state(name, dtype, rounding, device):
     from leantune.optim import build_optimizer
     from leantune.optim.segments import Segment
 
@@ -549,10 +562,12 @@ def test_init_state_builds_what_the_first_update_starts_from(name, dtype, roundi
         st, want = opt.state[p], ref.state[ref_params[name_]]
         assert st.keys() == want.keys(), (name_, st.keys(), want.keys())
         for k, v in st.items():
+            assert type(v) is type(want[k]), (k, type(v), type(want[k]))
             if torch.is_tensor(v):
                 assert v.shape == want[k].shape and v.dtype == want[k].dtype, k
-                if v.is_floating_point():
-                    assert not v.any(), k  # zero: what the first update starts from
+                assert not v.any(), k  # zero: what the first update starts from (counters too)
+            elif isinstance(v, (int, float)):
+                assert v == 0, k
     up = dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"]
     assert any("|" in k for k in opt.state[up])  # the segment's own state
     opt.backward(loss_of(model, batch(0)))

@@ -253,3 +253,37 @@ def test_adan_in_backward_resumed_from_its_state_dict_equals_an_uninterrupted_ru
         resumed.backward(_loss(model, step))
     for p, r in zip(model.parameters(), _adan_reference(3)):
         torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
+
+
+class _CountingSGD(torch.optim.Optimizer):
+    """SGD whose lr decays with a per-parameter step count kept as a Python int (as some
+    third-party optimizers keep it), to test InBackward with a state that is not all tensors."""
+
+    def __init__(self, params, lr: float = 0.1) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                state["step"] = state.get("step", 0) + 1
+                p.add_(p.grad, alpha=-group["lr"] / state["step"])
+
+
+def test_init_state_zeroes_a_python_int_step_and_training_then_equals_the_plain_optimizer():
+    model, ref = _linear(), _linear()
+    opt = InBackward(_CountingSGD, model, lr=LR)
+    opt.init_state()
+    assert all(st == {"step": 0} and type(st["step"]) is int for st in opt.state.values())
+    ref_opt = _CountingSGD(ref.parameters(), lr=LR)
+    for step in range(3):
+        opt.backward(_loss(model, step))
+        _loss(ref, step).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    assert opt.state[model.weight]["step"] == 3
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)

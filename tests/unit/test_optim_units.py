@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from leantune.optim import LOMO, AdaLomo, LossScaler, Stepper, build_optimizer, optimizer_names
-from leantune.optim.factory import needs_create_graph
+from leantune.optim.factory import is_elementwise, needs_create_graph
 from leantune.optim.precision import NoiseTable, stochastic_round
 from leantune.optim.segments import LocalSegment, Segment, check_segments, index_tensor
 from tests.unit.test_rounding import ulp_above
@@ -183,6 +183,11 @@ def test_stepper_state_dict_round_trip_resumes_identically_with_the_scaler(devic
     assert resumed.loss_scaler.scale == stepper.loss_scaler.scale == 16.0
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_loss_scaler_shows_its_kind_and_current_scale():
+    assert repr(LossScaler(init_scale=2.0**16)) == "LossScaler(dynamic, scale=65536)"
+    assert repr(LossScaler(init_scale=0.5, dynamic=False)) == "LossScaler(static, scale=0.5)"
 
 
 def test_stepper_load_keeps_updating_the_scaler_object_it_was_given():
@@ -429,6 +434,32 @@ def test_every_in_backward_name_is_described_as_its_base_stepped_by_in_backward(
 def test_only_sophia_needs_the_graph_of_the_gradients():
     assert needs_create_graph("sophia") and needs_create_graph("Sophia")
     assert [n for n in optimizer_names() if needs_create_graph(n)] == ["sophia"]
+
+
+def _shard_matches_whole(name: str) -> bool:
+    """Two steps on a 4x6 tensor against the same steps on its two 2x6 halves as separate tensors."""
+    g = torch.Generator().manual_seed(3)
+    w0, grads = torch.randn(4, 6, generator=g), [torch.randn(4, 6, generator=g) for _ in range(2)]
+    whole = torch.nn.Parameter(w0.clone())
+    halves = [torch.nn.Parameter(w0[:2].clone()), torch.nn.Parameter(w0[2:].clone())]
+    opts = [build_optimizer(name, [whole], lr=0.01), build_optimizer(name, halves, lr=0.01)]
+    for grad in grads:
+        whole.grad, halves[0].grad, halves[1].grad = grad.clone(), grad[:2].clone(), grad[2:].clone()
+        for opt in opts:
+            opt.step()
+    return torch.allclose(whole.detach(), torch.cat([h.detach() for h in halves]), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd", "adafactor", "lion", "adan"])
+def test_is_elementwise_says_whether_a_shard_updates_as_its_part_of_the_whole(name):
+    measured = _shard_matches_whole(name)
+    assert is_elementwise(name) is measured and is_elementwise(f"{name}_in_backward") is measured
+    assert measured is (name != "adafactor")
+
+
+def test_of_the_fused_and_hessian_optimizers_only_lomo_is_elementwise():
+    assert is_elementwise("lomo") and is_elementwise("LOMO")
+    assert not is_elementwise("adalomo") and not is_elementwise("sophia") and not is_elementwise("galore")
 
 
 # ------------------------------------------------------------------- Collectives.import_state

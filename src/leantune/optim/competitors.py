@@ -26,7 +26,8 @@ Resuming: Adam-mini and torchao's optimizers keep their whole state in ``state_d
 exactly. GaLore's projectors are Python objects in its state (leantune's checkpoint loader refuses
 to unpickle them), APOLLO's random projector is rebuilt from a seed at a different step than where
 it left off, and BAdam keeps its block order and step count outside ``state_dict()``: the trainer
-refuses to resume these three (:func:`resumable`) instead of continuing a different run.
+refuses to resume these three (``Competitor.resume``, read by :func:`leantune.optim.resume_refusal`)
+instead of continuing a different run.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["COMPETITORS", "Competitor", "build_competitor", "resumable", "linear_weights"]
+__all__ = ["COMPETITORS", "Competitor", "build_competitor", "linear_weights"]
 
 
 @dataclass(frozen=True)
@@ -190,37 +191,54 @@ def _torchao(key: str, cls: str) -> Callable[[Any, dict[str, Any]], torch.optim.
 
 COMPETITORS: dict[str, Competitor] = {
     "galore": Competitor(
-        "galore-torch", "galore_torch", "GaLore AdamW (galore-torch): low-rank projected moments",
-        True, "GaLore keeps its projectors as Python objects in the state, which leantune will not unpickle",
+        "galore-torch",
+        "galore_torch",
+        "GaLore AdamW (galore-torch): low-rank projected moments",
+        True,
+        "GaLore keeps its projectors as Python objects in the state, which leantune will not unpickle",
         _galore,
     ),
     "apollo": Competitor(
-        "apollo-torch", "apollo_torch", "APOLLO AdamW (apollo-torch): random-projection scaling",
-        True, "APOLLO's random projector is rebuilt from a seed at the wrong step: not the same run", _apollo,
+        "apollo-torch",
+        "apollo_torch",
+        "APOLLO AdamW (apollo-torch): random-projection scaling",
+        True,
+        "APOLLO's random projector is rebuilt from a seed at the wrong step: not the same run",
+        _apollo,
     ),
     "adam_mini": Competitor(
-        "adam-mini", "adam_mini", "Adam-mini (adam-mini): one second moment per block", True, None,
+        "adam-mini",
+        "adam_mini",
+        "Adam-mini (adam-mini): one second moment per block",
+        True,
+        None,
         _adam_mini,
     ),
     "badam": Competitor(
-        "badam", "badam", "BAdam (badam): block coordinate AdamW, one block at a time", True,
-        "BAdam keeps its block order and step outside state_dict()", _badam,
+        "badam",
+        "badam",
+        "BAdam (badam): block coordinate AdamW, one block at a time",
+        True,
+        "BAdam keeps its block order and step outside state_dict()",
+        _badam,
     ),
     "adamw8bit": Competitor(
-        "torchao", "torchao.optim", "torchao AdamW8bit: moments quantised to 8 bits", False, None,
+        "torchao",
+        "torchao.optim",
+        "torchao AdamW8bit: moments quantised to 8 bits",
+        False,
+        None,
         _torchao("adamw8bit", "AdamW8bit"),
     ),
     "adamw4bit": Competitor(
-        "torchao", "torchao.optim", "torchao AdamW4bit: moments quantised to 4 bits", False, None,
+        "torchao",
+        "torchao.optim",
+        "torchao AdamW4bit: moments quantised to 4 bits",
+        False,
+        None,
         _torchao("adamw4bit", "AdamW4bit"),
     ),
 }
-
-
-def resumable(name: str) -> str | None:
-    """``None`` if a checkpoint of this optimizer resumes exactly, else why not."""
-    comp = COMPETITORS.get(name)
-    return None if comp is None else comp.resume
 
 
 def build_competitor(name: str, params: Any, **kwargs: Any) -> torch.optim.Optimizer:
