@@ -4,6 +4,7 @@ tensors they get, which options are checked, the messages), and the config's ref
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import pytest
 import torch
@@ -115,12 +116,16 @@ def test_badam_trains_one_block_and_switches():
         ("galore", {"rank": "8"}, "galore: rank must be an integer >= 1, got '8'"),
         ("galore", {"update_proj_gap": 0}, "galore: update_proj_gap must be an integer >= 1, got 0"),
         ("apollo", {"rank": 1.5}, "apollo: rank must be an integer >= 1, got 1.5"),
+        ("apollo", {"rank": True}, "apollo: rank must be an integer >= 1, got True"),
+        ("galore", {"update_proj_gap": True}, "galore: update_proj_gap must be an integer >= 1, got True"),
         ("apollo", {"proj": "pca"}, "apollo: proj must be random or svd and scale_type channel or tensor"),
         ("apollo", {"scale_type": "row"}, "got 'random' and 'row'"),
         ("badam", {"switch_block_every": 0}, "badam: switch_block_every must be an integer >= 1, got 0"),
+        ("badam", {"switch_block_every": True}, "switch_block_every must be an integer >= 1, got True"),
         ("badam", {"switch_mode": "zigzag"}, "badam: switch_mode must be random, descending, ascending"),
         ("adamw8bit", {"lr": 0.0}, "optimizer 'adamw8bit': lr must be > 0, got 0.0"),
         ("adam_mini", {"lr": -1e-3}, "optimizer 'adam_mini': lr must be > 0, got -0.001"),
+        ("adamw8bit", {"lr": True}, "optimizer 'adamw8bit': lr must be > 0, got True"),
         ("galore", {"clip_grad_norm": 1.0}, "galore is not fused into backward: pass clip_grad_norm to"),
         ("adamw4bit", {"rounding": "stochastic"}, "pass rounding to leantune.optim.Stepper"),
         ("galore", {"no_such_option": 1}, "optimizer 'galore': "),
@@ -200,3 +205,108 @@ def test_the_config_refuses_what_a_competitor_cannot_do(overrides, message):
 )
 def test_the_config_accepts_what_a_competitor_can_do(overrides):
     _cfg(*overrides)
+
+
+# ------------------------------------------------------------------- what the packages receive
+def test_linear_weights_of_a_model_without_an_output_head():
+    # a plain nn.Sequential has no get_output_embeddings: every Linear weight is projected, in order
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    assert [id(p) for p in linear_weights(model)] == [id(model[0].weight), id(model[2].weight)]
+
+
+def test_a_weight_shared_by_two_linears_is_listed_once():
+    first, second, third = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    second.weight = first.weight
+    model = torch.nn.Sequential(first, second, third)
+    assert [id(p) for p in linear_weights(model)] == [id(first.weight), id(third.weight)]
+
+
+@pytest.mark.parametrize("name", ["galore", "apollo"])
+def test_a_model_without_linear_layers_is_refused_with_what_is_needed(name):
+    model = torch.nn.Sequential(torch.nn.Embedding(8, 4), torch.nn.LayerNorm(4))
+    with pytest.raises(ValueError) as err:
+        build_optimizer(name, model, lr=1e-3)
+    assert str(err.value) == "found no nn.Linear weights to project (GaLore/APOLLO need linear layers)"
+
+
+def test_galore_defaults_are_the_papers():
+    # GaLore paper / README: rank 128, the projector refreshed every 200 steps, scale 0.25
+    opt = build_optimizer("galore", tiny_llama(), lr=1e-3)
+    proj = opt.param_groups[1]
+    assert {k: proj[k] for k in ("rank", "update_proj_gap", "scale", "proj_type")} == {
+        "rank": 128,
+        "update_proj_gap": 200,
+        "scale": 0.25,
+        "proj_type": "std",
+    }
+
+
+def test_apollo_defaults_are_its_readmes_and_the_options_reach_every_group():
+    # APOLLO README (LLaMA pre-training): rank 256, random projection, channel-wise scaling, scale 1
+    opt = build_optimizer("apollo", tiny_llama(), lr=0.02, betas=(0.8, 0.95), weight_decay=0.1)
+    rest, proj = opt.param_groups
+    assert {k: proj[k] for k in ("rank", "proj", "scale_type", "scale", "update_proj_gap", "proj_type")} == {
+        "rank": 256,
+        "proj": "random",
+        "scale_type": "channel",
+        "scale": 1.0,
+        "update_proj_gap": 200,
+        "proj_type": "std",
+    }
+    for group in (rest, proj):
+        assert (group["lr"], group["betas"], group["weight_decay"]) == (0.02, (0.8, 0.95), 0.1)
+
+
+@pytest.mark.parametrize("name", ["galore", "apollo"])
+def test_the_smallest_rank_and_projector_gap_are_accepted(name):
+    # rank 1 is APOLLO-Mini's; a gap of 1 re-projects every step
+    opt = build_optimizer(name, tiny_llama(), lr=1e-3, rank=1, update_proj_gap=1)
+    assert (opt.param_groups[1]["rank"], opt.param_groups[1]["update_proj_gap"]) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("options", "want"),
+    [({"proj": "svd"}, ("svd", "channel")), ({"scale_type": "tensor"}, ("random", "tensor"))],
+)
+def test_apollo_accepts_the_svd_projector_and_tensor_scaling(options, want):
+    opt = build_optimizer("apollo", tiny_llama(), lr=1e-3, rank=1, **options)
+    assert (opt.param_groups[1]["proj"], opt.param_groups[1]["scale_type"]) == want
+
+
+def test_galore_does_not_show_its_adamw_deprecation_warning_unless_asked():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_optimizer("galore", tiny_llama(), lr=1e-3, rank=4)
+    assert not [w for w in caught if "implementation of AdamW is deprecated" in str(w.message)]
+    with pytest.warns(FutureWarning, match="This implementation of AdamW is deprecated"):
+        build_optimizer("galore", tiny_llama(), lr=1e-3, rank=4, no_deprecation_warning=False)
+
+
+def test_adam_mini_is_quiet_and_takes_betas_from_any_iterable(capsys):
+    # betas from a config come as a list (or any iterable); adam_mini reads them as beta1, beta2
+    model = tiny_llama()
+    opt = build_optimizer("adam_mini", model, lr=1e-3, betas=iter([0.8, 0.95]))
+    assert all((g["beta1"], g["beta2"]) == (0.8, 0.95) for g in opt.param_groups)
+    opt.zero_grad()
+    loss_of(model, batch(0)).backward()
+    opt.step()
+    assert capsys.readouterr().out == ""  # adam_mini prints every block it finds when verbose
+
+
+@pytest.mark.parametrize(("name", "cls"), [("adamw8bit", "AdamW8bit"), ("adamw4bit", "AdamW4bit")])
+def test_torchao_builders_pass_params_and_options_with_betas_as_a_tuple(name, cls):
+    # through competitors._torchao itself (it runs at import, to fill COMPETITORS) and through the
+    # registry: the torchao class gets exactly the parameters, the options and betas as a tuple
+    import torchao.optim
+
+    from leantune.optim import competitors
+
+    params = [torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8))]
+    for build in (competitors._torchao(name, cls), COMPETITORS[name].build):
+        opt = build(params, {"lr": 0.02, "betas": [0.8, 0.95], "weight_decay": 0.1})
+        assert type(opt) is getattr(torchao.optim, cls)
+        (group,) = opt.param_groups
+        assert [id(p) for p in group["params"]] == [id(p) for p in params]
+        assert (group["lr"], group["betas"], group["weight_decay"]) == (0.02, (0.8, 0.95), 0.1)
+    opt = competitors._torchao(name, cls)(params, {"lr": 0.02})
+    assert opt.param_groups[0]["betas"] == (0.9, 0.999)  # torchao's default, untouched

@@ -239,20 +239,21 @@ def test_adan_in_backward_after_init_state_equals_plain_adan():
 
 def test_adan_in_backward_resumed_from_its_state_dict_equals_an_uninterrupted_run():
     """Adan's group step count travels in the state dict: a fresh optimizer loaded after step 1
-    continues its bias correction at step 2, as plain Adan does."""
+    continues its bias correction at step 2, as plain Adan does, and so does one resumed again
+    after step 2 (the restored count is saved again as it advances)."""
     from pytorch_optimizer import Adan
 
     model = _linear()
     opt = InBackward(Adan, model, lr=LR)
     opt.backward(_loss(model, 0))
-    saved = opt.state_dict()
-    opt.remove_hooks()
-    resumed = InBackward(Adan, model, lr=LR)
-    resumed.load_state_dict(saved)
     for step in (1, 2):
-        resumed.backward(_loss(model, step))
+        saved = opt.state_dict()
+        opt.remove_hooks()
+        opt = InBackward(Adan, model, lr=LR)
+        opt.load_state_dict(saved)
+        opt.backward(_loss(model, step))
     for p, r in zip(model.parameters(), _adan_reference(3)):
-        torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(p.detach(), r, rtol=0, atol=0)  # the same arithmetic: bitwise
 
 
 class _CountingSGD(torch.optim.Optimizer):
@@ -287,3 +288,68 @@ def test_init_state_zeroes_a_python_int_step_and_training_then_equals_the_plain_
     assert opt.state[model.weight]["step"] == 3
     for p, r in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+class _Built(torch.optim.Optimizer):
+    """SGD scaled by ``factor``, a constructor-only option (not a param-group default, as some
+    third-party optimizers keep theirs); counts how many instances were made."""
+
+    made = 0
+
+    def __init__(self, params, lr: float = 0.1, *, factor: float) -> None:
+        super().__init__(params, {"lr": lr})
+        self.factor = factor
+        type(self).made += 1
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"] * self.factor)
+
+
+def test_the_inner_optimizers_get_the_constructor_options_and_are_built_once_per_tensor(monkeypatch):
+    monkeypatch.setattr(_Built, "made", 0)
+    model, ref = _linear(), _linear()
+    opt = InBackward(_Built, model, lr=LR, factor=0.5)
+    made_by_probe = _Built.made
+    for step in range(3):
+        opt.backward(_loss(model, step))
+    assert _Built.made - made_by_probe == 2  # weight and bias, not one per update
+    for step in range(3):
+        grads = _grads(ref, step)
+        with torch.no_grad():
+            for p, g in zip(ref.parameters(), grads):
+                p.add_(g, alpha=-LR * 0.5)
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("dtype", "rounding"), [(torch.float64, "stochastic"), (torch.bfloat16, "nearest")])
+def test_weights_torch_can_update_exactly_are_updated_in_their_own_dtype(dtype, rounding):
+    """fp64 weights (any rounding) and bf16 weights with nearest rounding: the inner AdamW steps
+    the weight itself, bitwise as plain AdamW on that dtype, no fp32 detour (the effective gradient
+    is fp32 by design, so the reference rounds its gradient to fp32 too)."""
+    model, ref = _linear(dtype=dtype), _linear(dtype=dtype)
+    opt = InBackward(torch.optim.AdamW, model, lr=LR, rounding=rounding)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=LR)
+    for step in range(3):
+        opt.backward(_loss(model, step))
+        _loss(ref, step).backward()
+        for r in ref.parameters():
+            r.grad = r.grad.float().to(dtype)
+        ref_opt.step()
+        ref_opt.zero_grad()
+    for p, r in zip(model.parameters(), ref.parameters()):
+        assert p.dtype == dtype and torch.equal(p, r)
+
+
+def test_an_lr_schedulers_group_entries_are_not_saved_as_the_inner_optimizers_own():
+    model = _linear()
+    opt = InBackward(torch.optim.AdamW, model, lr=LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))  # adds initial_lr
+    opt.backward(_loss(model, 0))
+    sched.step()
+    opt.backward(_loss(model, 1))
+    assert all(set(st) == {"step", "exp_avg", "exp_avg_sq"} for st in opt.state.values())

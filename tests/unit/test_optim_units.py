@@ -384,6 +384,7 @@ def test_set_segments_leaves_unchanged_parameters_alone_and_goes_on_to_the_next(
     assert set(opt.state[w]) == set(state_w)
     assert all(torch.equal(torch.as_tensor(opt.state[w][k]), torch.as_tensor(state_w[k])) for k in state_w)
     assert opt.segments(v) == (Segment("top", rows=(range(0, 2),)),)
+    assert opt.segments(w) == ()  # no segments: an empty tuple, so callers can iterate it
     opt.set_segments({"v": [Segment("top", rows=(range(0, 2),))], "w": [Segment("b", rows=(range(5, 6),))]})
     assert opt.segments(w) == (Segment("b", rows=(range(5, 6),)),)
 

@@ -213,6 +213,8 @@ def test_overlap_is_any_shared_element_of_the_matrix_view():
         ({"name": "s", "rows": ()}, "segment 's': rows must be non-empty increasing ranges"),
         ({"name": "s", "cols": (range(2, 2),)}, "segment 's': cols must be non-empty increasing ranges"),
         ({"name": "s", "rows": (range(0, 4, -1),)}, "segment 's': rows must be non-empty increasing ranges"),
+        ({"name": "s", "rows": (range(4, 0, -1),)}, "segment 's': rows must be non-empty increasing ranges"),
+        ({"name": "s", "rows": (range(0, 4, 2), range(2, 3))}, "segment 's': rows must be non-empty"),
         ({"name": "s", "rows": (range(4, 6), range(0, 2))}, "segment 's': rows must be non-empty increasing"),
         ({"name": "s", "rows": (range(0, 6), range(3, 8))}, "segment 's': rows must be non-empty increasing"),
     ],

@@ -103,10 +103,14 @@ def _pop(kwargs: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
     return {k: kwargs.pop(k, v) for k, v in defaults.items()}
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)  # True is an int to Python, not a rank
+
+
 def _check_rank(name: str, rank: Any, gap: Any) -> None:
-    if not (isinstance(rank, int) and rank >= 1):
+    if not (_is_int(rank) and rank >= 1):
         raise ValueError(f"{name}: rank must be an integer >= 1, got {rank!r}")
-    if not (isinstance(gap, int) and gap >= 1):
+    if not (_is_int(gap) and gap >= 1):
         raise ValueError(f"{name}: update_proj_gap must be an integer >= 1, got {gap!r}")
 
 
@@ -166,7 +170,7 @@ def _badam(model: nn.Module, kwargs: dict[str, Any]) -> torch.optim.Optimizer:
         {"switch_block_every": 50, "switch_mode": "random", "include_embedding": False,
          "include_lm_head": False, "start_block": None},
     )  # fmt: skip
-    if not (isinstance(block["switch_block_every"], int) and block["switch_block_every"] >= 1):
+    if not (_is_int(block["switch_block_every"]) and block["switch_block_every"] >= 1):
         every = block["switch_block_every"]
         raise ValueError(f"badam: switch_block_every must be an integer >= 1, got {every!r}")
     if block["switch_mode"] not in ("random", "descending", "ascending", "fixed"):
@@ -251,6 +255,6 @@ def build_competitor(name: str, params: Any, **kwargs: Any) -> torch.optim.Optim
     if not comp.needs_model and isinstance(params, nn.Module):
         params = [p for p in params.parameters() if p.requires_grad]
     lr = kwargs.get("lr", 1e-3)
-    if not (isinstance(lr, (int, float)) and lr > 0):
+    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"optimizer {name!r}: lr must be > 0, got {lr!r}")
     return comp.build(params, dict(kwargs))
