@@ -5,6 +5,8 @@ device of an empty gradient's square sum and of loaded state ("meta") (survivors
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -316,3 +318,52 @@ def test_shards_made_trainable_after_building_are_found_at_the_first_backward():
     for norm, weights in run_ranks(2, rank_fn):
         assert norm == pytest.approx(float(g.norm()), rel=1e-6)
         torch.testing.assert_close(weights, expected, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------ norm shares (tensor-parallel replicas)
+class _Shares(Collectives):
+    """Identity collectives where ``shares`` (by parameter identity) weight a tensor's sum(g^2)
+    in the global norm, as for a tensor replicated beside tensor-parallel shards."""
+
+    def __init__(self, shares: dict[int, float]) -> None:
+        self.shares = shares
+
+    def norm_share(self, param: torch.Tensor) -> float:
+        return self.shares.get(id(param), 1.0)
+
+
+def _mean_grads(model, batches):
+    grads = [torch.zeros_like(p) for p in model.parameters()]
+    for x, y in batches:
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        for acc, g in zip(grads, torch.autograd.grad(loss, list(model.parameters()))):
+            acc += g / len(batches)
+    return grads
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_global_norm_weights_each_tensor_by_its_norm_share(accumulation):
+    """The reported norm is sqrt(sum_p share_p * |g_p|^2), with and without accumulation buffers."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 5, generator=g), torch.randn(4, 3, generator=g)) for _ in range(accumulation)]
+    grads = _mean_grads(model, batches)
+    opt = LOMO(model, lr=LR, clip_grad_norm=1e6, accumulation_steps=accumulation)
+    opt.collectives = _Shares({id(model.weight): 0.25})
+    for x, y in batches:
+        result = opt.backward(torch.nn.functional.mse_loss(model(x), y))
+    want = (0.25 * grads[0].square().sum() + grads[1].square().sum()).sqrt()
+    assert result.updated and result.grad_norm == pytest.approx(float(want), rel=1e-5)
+
+
+def test_an_inf_in_accumulated_gradients_skips_the_step_and_says_so():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = LOMO(model, lr=LR, clip_grad_norm=1.0, accumulation_steps=2)
+    x = torch.randn(4, 5)
+    opt.backward(model(x).sum())
+    result = opt.backward(model(x).sum() * float("inf"))
+    assert result.updated is False and result.skipped is True and not math.isfinite(result.grad_norm)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
