@@ -301,7 +301,10 @@ class ModelShape:
             FileNotFoundError: no such directory, or no ``config.json`` in it.
             ValueError: ``config.json`` is not JSON or not a decoder LM config.
         """
-        root = Path(path).expanduser()
+        try:
+            root = Path(path).expanduser()
+        except RuntimeError:  # "~nosuchuser/...": no such home directory
+            root = Path(path)
         if not root.is_dir():
             raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
         cfg_path = root / "config.json"
@@ -546,8 +549,12 @@ def _state_bytes(kind: _OptimModel, shape: tuple[int, ...], weight_bytes: int) -
     if kind.state == "moments":
         return kind.moments * n * weight_bytes
     if kind.state.startswith("factored"):
-        b = 4 if kind.state == "factored_fp32" else weight_bytes
-        return (n // shape[-1] + shape[-1]) * b if len(shape) >= 2 else n * b
+        if len(shape) < 2:
+            return n * (4 if kind.state == "factored_fp32" else weight_bytes)
+        if kind.state == "factored_fp32":  # AdaLomo: rows and columns of the (n / cols) x cols view
+            return (n // shape[-1] + shape[-1]) * 4
+        # torch's Adafactor: one row and one column statistic per matrix of a stack (E x R x C)
+        return (n // shape[-1] + n // shape[-2]) * weight_bytes
     return 0
 
 

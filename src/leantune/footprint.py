@@ -297,7 +297,8 @@ def _widths(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> tuple[int,
             if down is not None and down.dim() == 3:  # experts: (E, hidden, I), or transposed
                 inter = down.shape[2] if down.shape[1] == hidden else down.shape[1]
                 width = max(width, _experts_per_token(model) * inter)
-    return cast, width
+    # no projection back from another width: the feed-forward layers are as wide as the stream
+    return cast, width or hidden
 
 
 def _fit(b1: float, b2: float, l1: int, l2: int) -> tuple[float, float]:

@@ -65,3 +65,24 @@ def test_fsdp_in_one_process_without_torchrun_makes_a_one_rank_group(monkeypatch
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["no-group", "world-of-one"])
+def test_ddp_with_one_replica_leaves_the_model_unwrapped(group):
+    """One process (with or without torchrun's one-rank group): nothing to average, and a
+    DistributedDataParallel wrapper would hold a bucket copy of every gradient for nothing."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from leantune.distributed.strategy import wrap_model
+
+    model = torch.nn.Linear(4, 3)
+    if group:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        cfg = SimpleNamespace(tp=1)
+        assert wrap_model(model, "ddp", fused=False, device=torch.device("cpu"), dist_cfg=cfg) is model
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

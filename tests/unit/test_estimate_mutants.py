@@ -48,6 +48,11 @@ def test_a_missing_model_directory_is_named_in_the_error(tmp_path):
     assert str(err.value) == f"model directory {str(missing)!r} does not exist"
 
 
+def test_a_home_directory_of_no_such_user_is_a_missing_model_directory():
+    with pytest.raises(FileNotFoundError, match=r"^model directory '~nosuchuser-lt/x' does not exist$"):
+        ModelShape.resolve("~nosuchuser-lt/x")
+
+
 def test_a_directory_without_config_json_is_named_and_the_error_says_what_to_give(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         ModelShape.from_hf_dir(tmp_path)
@@ -157,6 +162,14 @@ def test_latent_attention_whose_kv_head_count_does_not_divide_the_heads_has_one_
 def test_a_family_mlp_one_unit_wide_is_read_as_one_wide():
     config = {"model_type": "llama", **LLAMA_FIELDS, "intermediate_size": 1}
     assert ModelShape.from_hf_config(config).intermediate_size == 1
+
+
+def test_a_family_mlp_as_wide_as_the_hidden_size_is_read_at_that_width():
+    # No projection comes back from another width, so the feed-forward width is the stream's.
+    from tests.families import COMMON, FAMILIES
+
+    config = {**COMMON, **FAMILIES["gpt2"], "model_type": "gpt2", "vocab_size": 100, "n_inner": 64}
+    assert ModelShape.from_hf_config(config).intermediate_size == COMMON["hidden_size"] == 64
 
 
 def test_a_family_config_class_without_tie_word_embeddings_is_read_as_untied():
@@ -278,6 +291,26 @@ def test_adalomo_state_of_3d_expert_tensors_equals_the_real_optimizers():
     real = stats + sum(b.numel() * 4 for b in opt._buffers.values())
     shape = ModelShape.from_hf_config(cfg.to_dict())
     assert estimate_memory(shape, TrainSetup(optimizer="adalomo", dtype="fp32")).optimizer_state == real
+
+
+def test_adafactor_state_of_3d_expert_tensors_equals_torchs():
+    """torch's Adafactor keeps ``(E, R, 1)`` and ``(E, 1, C)`` statistics for an ``E x R x C``
+    tensor (a row and a column statistic per expert matrix), not AdaLomo's flattened view."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.families import tiny_config
+
+    cfg = tiny_config("mixtral", vocab_size=96)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-3)
+    ids = torch.arange(16).remainder(96).unsqueeze(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    real = sum(t.numel() * 4 for s in opt.state.values() for k, t in s.items() if k != "step")
+    shape = ModelShape.from_hf_config(cfg.to_dict())
+    assert estimate_memory(shape, TrainSetup(optimizer="adafactor", dtype="fp32")).optimizer_state == real
 
 
 # ---------------------------------------------------------------------------- the peak moment

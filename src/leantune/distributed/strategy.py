@@ -111,6 +111,8 @@ def wrap_model(
         case "none":
             return model
         case "ddp":
+            if not dist.is_initialized() or dist.get_world_size() == 1:
+                return model  # one replica: DDP's buckets would only copy every gradient
             broadcast_parameters(model)
             if fused:
                 return model  # the optimizer's hooks average the gradients
