@@ -197,7 +197,7 @@ def _direct(param, grad, state, **kwargs):
     adalomo_update(param, GradientView(grad, None), state, **{**defaults, **kwargs})
 
 
-@pytest.mark.parametrize("chunk_elements", [6, 1 << 20], ids=["chunked", "whole"])
+@pytest.mark.parametrize("chunk_elements", [6, 9, 1 << 20], ids=["3-chunks", "2-chunks", "whole"])
 @pytest.mark.parametrize("shape", [(5, 3), (3,)])
 def test_adalomo_update_without_workspace_or_global_shape_is_the_papers(shape, chunk_elements):
     g = torch.Generator().manual_seed(3)
@@ -210,7 +210,7 @@ def test_adalomo_update_without_workspace_or_global_shape_is_the_papers(shape, c
     assert state["step"] == 2
 
 
-@pytest.mark.parametrize(("chunk_elements", "largest"), [(7, 6), (6, 6), (100, 15)])
+@pytest.mark.parametrize(("chunk_elements", "largest"), [(7, 6), (6, 6), (9, 9), (100, 15)])
 def test_the_workspace_is_asked_for_the_largest_chunk_on_the_parameters_device(chunk_elements, largest):
     """(5, 3) rows in chunks of chunk_elements // 3 rows: the largest chunk has that many x 3."""
     asked = []
@@ -240,3 +240,16 @@ def test_a_shard_without_rows_asks_for_no_workspace_and_stays_empty():
     assert asked == [] and p.shape == (0, 3) and state["step"] == 1
     assert state["row"].shape == (0,) and state["col"].shape == (3,)
     assert math.isfinite(float(state["col"].sum()))
+
+
+def test_one_workspace_of_the_largest_chunk_is_kept_and_reused_across_updates():
+    """The estimator counts one fp32 workspace of the largest update chunk per device, kept by the
+    optimizer between updates (a new one per update would churn the allocator)."""
+    ps = _params()
+    opt = AdaLomo(list(ps.items()), lr=0.05)
+    opt.backward(_loss(ps, 0))
+    largest = max(p.numel() for p in ps.values() if p.dim() >= 2)
+    ((device, buf),) = opt._buffers.items()
+    assert device == torch.device("cpu") and buf.dtype == torch.float32 and buf.numel() == largest
+    opt.backward(_loss(ps, 1))
+    assert list(opt._buffers) == [device] and opt._buffers[device] is buf

@@ -367,3 +367,22 @@ def test_an_inf_in_accumulated_gradients_skips_the_step_and_says_so():
     result = opt.backward(model(x).sum() * float("inf"))
     assert result.updated is False and result.skipped is True and not math.isfinite(result.grad_norm)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_state_dict_without_leantunes_entry_loads():
+    """A state dict another writer built (e.g. torch's own format, without leantune's seeds and
+    scaler) loads: the per-parameter state and groups are torch's."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    opt = AdaLomo(model, lr=LR)
+    opt.backward(model(torch.randn(4, 5)).square().sum())
+    saved = opt.state_dict()
+    assert "leantune" in saved
+    plain = {k: v for k, v in saved.items() if k != "leantune"}
+    opt.remove_hooks()
+    fresh = AdaLomo(model, lr=LR)
+    fresh.load_state_dict(plain)
+    for p in model.parameters():
+        assert fresh.state[p].keys() == opt.state[p].keys()
+        assert all(torch.equal(torch.as_tensor(fresh.state[p][k]), torch.as_tensor(opt.state[p][k]))
+                   for k in opt.state[p])  # fmt: skip

@@ -366,6 +366,14 @@ def test_segment_rows_may_touch_but_not_share_an_index():
 
 
 # --------------------------------------------------------------------------------- fused set_segments
+def test_a_segment_state_key_splits_at_the_end_of_the_segments_name():
+    from leantune.optim.segments import segment_key, split_segment_key
+
+    assert split_segment_key(segment_key("a", "exp_avg")) == ("a", "exp_avg")
+    assert split_segment_key(segment_key("a", "inner|count")) == ("a", "inner|count")  # an inner "|"
+    assert split_segment_key("exp_avg") == (None, "exp_avg")
+
+
 def test_set_segments_names_a_parameter_it_does_not_hold():
     opt = AdaLomo([torch.nn.Parameter(torch.zeros(3, 2))], lr=0.1)
     with pytest.raises(ValueError, match=r"^set_segments: a parameter that this optimizer does not hold$"):
@@ -402,6 +410,20 @@ def test_a_segment_given_new_indices_under_its_old_name_starts_afresh_on_the_new
     opt.backward((p * torch.randn(8, 4)).sum())
     assert torch.equal(p.detach()[:5], before[:5]) and not torch.equal(p.detach()[5:], before[5:])
     assert int(opt.state[p]["a|step"]) == 1
+
+
+def test_lomo_defaults_are_lr_1e_2_and_seed_0():
+    model = _linear()
+    opt = LOMO(model)
+    assert opt.defaults["lr"] == 1e-2 and opt.defaults["weight_decay"] == 0.0
+    # the default seed draws the same stochastic rounding as seed=0 and not as seed=1
+    runs = {}
+    for seed in (None, 0, 1):
+        m = _linear().to(torch.bfloat16)
+        o = LOMO(m, lr=1e-3, rounding="stochastic", **({} if seed is None else {"seed": seed}))
+        o.backward(m(torch.ones(2, m.in_features, dtype=torch.bfloat16)).float().square().sum())
+        runs[seed] = m.weight.detach().clone()
+    assert torch.equal(runs[None], runs[0]) and not torch.equal(runs[None], runs[1])
 
 
 # ------------------------------------------------------------------------------------------ factory

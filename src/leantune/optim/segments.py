@@ -173,9 +173,11 @@ def segment_key(segment: str, key: str) -> str:
 
 
 def split_segment_key(key: str) -> tuple[str | None, str]:
-    """``(segment, key)`` of an optimizer-state key (``segment`` is ``None`` for a whole tensor)."""
+    """``(segment, key)`` of an optimizer-state key (``segment`` is ``None`` for a whole tensor).
+
+    The first separator ends the segment's name (names cannot contain it); the key after it may."""
     if _SEP in key:
-        seg, _, rest = key.rpartition(_SEP)
+        seg, _, rest = key.partition(_SEP)
         return seg, rest
     return None, key
 
