@@ -66,6 +66,7 @@ MODULES = {
         "tests/unit/test_optim_mutants_engine.py",
         "tests/unit/test_competitors.py",
         "tests/unit/test_micro_batches.py",
+        "tests/unit/test_tensor_parallel.py",  # AdaLomo's statistics over DTensor meshes
     ],
     "src/leantune/data/encode.py": [
         "tests/unit/test_data.py",
@@ -215,6 +216,29 @@ def collect_all() -> list[dict[str, Any]]:
     return [r for _, rows in sorted(best.items()) for r in rows[1]]
 
 
+def carry_over(
+    rows: list[dict[str, Any]], patterns: list[str], previous_json: Path
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The rows of the modules no scratch copy has results for, taken from the report being
+    replaced (``previous_json``), each marked with the code it was measured on (``measured_on``):
+    a run of some modules re-renders the whole report without dropping the others.
+
+    Returns those rows and what they came from (the previous report's source and date), or
+    ``([], None)`` when nothing is carried."""
+    if not previous_json.is_file():
+        return [], None
+    old = json.loads(previous_json.read_text())
+    fresh = {r["module"] for r in rows}
+    src = old.get("source") or {}
+    stamp = f"{src.get('git_commit') or src.get('digest', 'unknown')} ({old.get('date', '?')[:10]})"
+    carried = [
+        {**r, "measured_on": r.get("measured_on", stamp)}
+        for r in old.get("rows", [])
+        if r["module"] not in fresh and any(fnmatch.fnmatch(r["module"], m) for m in patterns)
+    ]
+    return carried, ({"source": src, "date": old.get("date")} if carried else None)
+
+
 def _by_module(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -233,15 +257,23 @@ def load_notes() -> dict[str, dict[str, str]]:
     return {e["mutant"]: {**e, "status": NOTE_STATUS[t]} for t in NOTE_STATUS for e in data.get(t, [])}
 
 
+def _excused(row: dict[str, Any], notes: dict[str, dict[str, str]]) -> bool:
+    """Whether a note names this mutant with a line of its diff (so a stale note excuses nothing)."""
+    note = notes.get(row["mutant"])
+    return note is not None and note["diff"] in row.get("diff", "")
+
+
 def summarise(rows: list[dict[str, Any]], notes: dict[str, dict[str, str]]) -> dict[str, Any]:
     for row in rows:
-        note = notes.get(row["mutant"])
-        if row["status"] == "survived" and note and note["diff"] in row.get("diff", ""):
+        if row["status"] == "survived" and _excused(row, notes):
+            note = notes[row["mutant"]]
             row["status"], row["reason"] = note["status"], note["reason"]
     modules: dict[str, dict[str, int]] = {}
+    measured_on: dict[str, str] = {}
     for row in rows:
         counts = modules.setdefault(row["module"], {})
         counts[row["status"]] = counts.get(row["status"], 0) + 1
+        measured_on[row["module"]] = row.get("measured_on", "this run")
     total: dict[str, int] = {}
     for counts in modules.values():
         for k, v in counts.items():
@@ -252,7 +284,9 @@ def summarise(rows: list[dict[str, Any]], notes: dict[str, dict[str, str]]) -> d
         return (c.get("killed", 0) + c.get("timeout", 0)) / judged if judged else None
 
     return {
-        "modules": {m: {**c, "score": score(c)} for m, c in sorted(modules.items())},
+        "modules": {
+            m: {**c, "score": score(c), "measured_on": measured_on[m]} for m, c in sorted(modules.items())
+        },
         "total": {**total, "score": score(total)},
     }
 
@@ -270,15 +304,16 @@ def format_markdown(report: dict[str, Any]) -> str:
         "Score = (killed + timeout) / (killed + timeout + survived); mutants judged equivalent, those only",
         "a GPU or several processes could tell apart (`unreachable here`; reasons below, from",
         "`benchmarks/mutation_notes.toml`), those no in-process test reaches (`no tests`) and those the",
-        "run did not get to (`not checked`) are left out.",
+        "run did not get to (`not checked`) are left out. `measured on`: the code of this run, or, for",
+        "a module this run did not mutate, the commit of the earlier run its results are carried from.",
         "",
-        "| module | " + " | ".join(cols) + " | score |",
-        "|---|" + "--:|" * (len(cols) + 1),
+        "| module | " + " | ".join(cols) + " | score | measured on |",
+        "|---|" + "--:|" * (len(cols) + 1) + "---|",
     ]
     for module, c in [*s["modules"].items(), ("**all**", s["total"])]:
         cells = " | ".join(str(c.get(k, 0)) for k in cols)
         pct = None if c["score"] is None else c["score"] * 100
-        lines.append(f"| {module} | {cells} | {benchlib.fmt(pct, '.1f', '%')} |")
+        lines.append(f"| {module} | {cells} | {benchlib.fmt(pct, '.1f', '%')} | {c.get('measured_on', '')} |")
     survivors = [r for r in report["rows"] if r["status"] == "survived"]
     equivalent = [r for r in report["rows"] if r["status"] == "equivalent"]
     unreachable = [r for r in report["rows"] if r["status"] == "unreachable here"]
@@ -314,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--recheck needs --keep and an earlier run")
             _copy_tree(work)
             _write_config(work, args.modules)
-        names = [
+        notes = load_notes()
+        names = [  # survivors a note excuses need no new run
             r["mutant"]
             for r in (collect(work) if args.recheck else [])
-            if r["status"] == "survived" and any(fnmatch.fnmatch(r["module"], m) for m in args.modules)
+            if r["status"] == "survived"
+            and any(fnmatch.fnmatch(r["module"], m) for m in args.modules)
+            and not _excused(r, notes)
         ]
         if args.recheck and not names:
             print("no survivors to re-test in these modules", file=sys.stderr)
@@ -336,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no earlier run in {work}", file=sys.stderr)
         return 2
     rows = collect_all()
+    carried, previous = carry_over(rows, args.modules, args.out.with_suffix(".json"))
+    rows += carried
     version = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "--version"],
                              capture_output=True, text=True).stdout.split()[-1:]  # fmt: skip
     report = {
@@ -345,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": benchlib.machine(),
         "source": benchlib.source(),
         "modules": args.modules,
+        "carried_from": previous,
         "rows": rows,
     }
     report["summary"] = summarise(rows, load_notes())
