@@ -386,3 +386,98 @@ def test_a_state_dict_without_leantunes_entry_loads():
         assert fresh.state[p].keys() == opt.state[p].keys()
         assert all(torch.equal(torch.as_tensor(fresh.state[p][k]), torch.as_tensor(opt.state[p][k]))
                    for k in opt.state[p])  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ backward's contract
+def test_backward_frees_the_graph_unless_asked_to_keep_it():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    opt = LOMO(model, lr=LR)
+    loss = model(torch.randn(4, 5)).square().sum()
+    opt.backward(loss)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    kept = model(torch.randn(4, 5)).square().sum()
+    opt.backward(kept, retain_graph=True)
+    torch.autograd.grad(kept, [model.weight])  # still there
+
+
+def test_backward_refuses_a_non_scalar_loss_and_a_nested_call_with_the_messages():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3)
+    opt = LOMO(model, lr=LR)
+    with pytest.raises(ValueError, match=r"^loss must be a scalar, got shape \(4, 3\)$"):
+        opt.backward(model(torch.randn(4, 5)))
+    seen = []
+
+    def nested(grad):  # a hook that calls backward again while the first is running
+        try:
+            opt.backward(model(torch.randn(1, 5)).sum())
+        except RuntimeError as err:
+            seen.append(str(err))
+        return grad
+
+    handle = model.bias.register_hook(nested)
+    opt.backward(model(torch.randn(4, 5)).sum())
+    handle.remove()
+    assert seen == ["opt.backward() is not re-entrant"]
+
+
+def test_a_static_loss_scale_multiplies_the_loss_and_divides_the_gradient():
+    """LOMO (plain SGD, not invariant to the gradient's scale) with a static scale of 1024 on fp32:
+    the same update as torch SGD, so the scale reached both the loss and the gradient."""
+    torch.manual_seed(0)
+    model, ref = torch.nn.Linear(5, 3), torch.nn.Linear(5, 3)
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(4, 5)
+    opt = LOMO(model, lr=LR, loss_scale=1024.0)
+    result = opt.backward(model(x).square().mean())
+    assert result.loss_scale == 1024.0
+    sgd = torch.optim.SGD(ref.parameters(), lr=LR)
+    ref(x).square().mean().backward()
+    sgd.step()
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, rtol=1e-6, atol=1e-7)
+
+
+def test_the_scalar_a_rank_with_nothing_sends_is_fp32_under_an_fp64_default():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = torch.nn.Linear(5, 3).float()
+        opt = LOMO(model, lr=LR, clip_grad_norm=1.0)
+        zero = opt._scalar_zero()
+    finally:
+        torch.set_default_dtype(before)
+    assert zero.dtype == torch.float32 and zero.dim() == 0 and float(zero) == 0.0
+
+
+def test_nonfinite_is_found_chunk_by_chunk_not_by_a_sum_of_the_whole_that_overflows():
+    big = torch.finfo(torch.float32).max / 2
+    g = torch.tensor([[big], [big], [big]])  # finite; any two of them sum to inf in fp32
+    assert GradientView(g, None).has_nonfinite(1) is False
+    assert GradientView(torch.tensor([[1.0], [float("nan")], [2.0]]), None).has_nonfinite(1) is True
+
+
+def test_a_static_loss_scale_keeps_fp16_gradients_from_underflowing():
+    """Gradients of about 1e-9 are zero in fp16; scaled by 2^16 before backward they survive, and
+    the unscaled update matches fp32 SGD (to fp16's precision)."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(5, 3)
+    x = torch.randn(4, 5)
+
+    def loss_of(m):
+        return 1e-9 * m(x.to(m.weight.dtype)).float().square().mean()
+
+    updated = {}
+    for scale in (None, 2.0**16):
+        model = torch.nn.Linear(5, 3).half()
+        model.load_state_dict(ref.state_dict())
+        LOMO(model, lr=1e9, loss_scale=scale).backward(loss_of(model))
+        updated[scale] = model.weight.detach().float()
+    assert torch.equal(updated[None], ref.weight.detach().half().float())  # underflowed: no update
+    sgd = torch.optim.SGD(ref.parameters(), lr=1e9)
+    loss_of(ref).backward()
+    sgd.step()
+    assert (ref.weight.detach() - updated[None]).abs().max() > 0.05  # a visible update
+    torch.testing.assert_close(updated[2.0**16], ref.weight.detach(), rtol=2e-2, atol=2e-3)

@@ -60,3 +60,9 @@ def test_a_type_error_that_is_not_about_a_keyword_stays_a_type_error(name):
     """A learning rate of the wrong type fails inside torch's comparison: not a keyword problem."""
     with pytest.raises(TypeError, match=re.escape("'<=' not supported")):
         build_optimizer(name, _linear(), lr="0.1")
+
+
+def test_a_type_error_other_than_an_unknown_option_is_raised_as_it_is():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(TypeError, match="not subscriptable"):
+        build_optimizer("adamw", model, betas=1.0)

@@ -184,10 +184,12 @@ def test_a_parameter_frozen_and_trainable_again_restarts_from_fresh_adamw_state(
         torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-7)
 
 
-def test_adan_in_backward_on_two_segments_equals_one_adan_per_segment():
+@pytest.mark.parametrize("init_state", [False, True], ids=["", "after-init-state"])
+def test_adan_in_backward_on_two_segments_equals_one_adan_per_segment(init_state):
     """Each segment is a tensor of its own, with its own inner optimizer: pytorch_optimizer's Adan
     counts its steps in the param group (for bias correction), so one Adan over both segments would
-    count two steps per update. The oracle: one plain Adan per block of rows."""
+    count two steps per update; after init_state each segment starts afresh at its own first update
+    (Adan takes its first gradient as the previous one). The oracle: one plain Adan per block."""
     from pytorch_optimizer import Adan
 
     from leantune.optim.segments import Segment
@@ -200,6 +202,8 @@ def test_adan_in_backward_on_two_segments_equals_one_adan_per_segment():
     blocks = [torch.nn.Parameter(p.detach()[rows].clone()) for rows in (slice(0, 2), slice(2, 4))]
     opt = InBackward(Adan, [p], lr=LR)
     opt.set_segments({p: [Segment("a", rows=(range(0, 2),)), Segment("b", rows=(range(2, 4),))]})
+    if init_state:
+        opt.init_state()
     refs = [Adan([b], lr=LR) for b in blocks]
     for step in range(3):
         t = targets(step)

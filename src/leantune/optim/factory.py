@@ -165,6 +165,6 @@ def build_optimizer(name: str, params: ParamsLike, **kwargs: Any) -> torch.optim
             return cls(params, **kwargs)
         return cls(_trainable(params), **kwargs)
     except TypeError as err:
-        if "unexpected keyword" in str(err) or "got an unexpected" in str(err):
+        if "unexpected keyword argument" in str(err):  # a misspelt option: say which optimizer
             raise ValueError(f"optimizer {name!r}: {err}") from err
         raise
