@@ -481,3 +481,13 @@ def test_a_static_loss_scale_keeps_fp16_gradients_from_underflowing():
     sgd.step()
     assert (ref.weight.detach() - updated[None]).abs().max() > 0.05  # a visible update
     torch.testing.assert_close(updated[2.0**16], ref.weight.detach(), rtol=2e-2, atol=2e-3)
+
+
+def test_the_accumulation_buffer_of_bf16_weights_is_fp32():
+    """Micro-batch gradients of bf16 weights are summed in fp32 (the documented 4 bytes per
+    parameter), not in bf16, where small micro-batch gradients would be lost in the sum."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(5, 3).to(torch.bfloat16)
+    opt = LOMO(model, lr=LR, accumulation_steps=2)
+    opt.backward(model(torch.randn(4, 5, dtype=torch.bfloat16)).float().square().mean())
+    assert {opt.state[p]["grad_acc"].dtype for p in model.parameters()} == {torch.float32}
