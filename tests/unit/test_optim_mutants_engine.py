@@ -6,6 +6,7 @@ device of an empty gradient's square sum and of loaded state ("meta") (survivors
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -491,3 +492,94 @@ def test_the_accumulation_buffer_of_bf16_weights_is_fp32():
     opt = LOMO(model, lr=LR, accumulation_steps=2)
     opt.backward(model(torch.randn(4, 5, dtype=torch.bfloat16)).float().square().mean())
     assert {opt.state[p]["grad_acc"].dtype for p in model.parameters()} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------ what a user is told
+@pytest.mark.parametrize(
+    ("make", "error", "message"),
+    [
+        (lambda: LOMO(torch.nn.Module()), ValueError, "the model has no parameters"),
+        (lambda: LOMO(torch.zeros(2, requires_grad=True)), TypeError,
+         "params must be a model or an iterable of tensors, not a single tensor"),
+        (lambda: LOMO([]), ValueError, "optimizer got an empty parameter list"),
+        (lambda: LOMO(torch.nn.Linear(2, 2), clip_grad_norm=0.0), ValueError,
+         "Invalid clip_grad_norm: 0.0 (must be a number > 0 or None)"),
+        (lambda: LOMO(torch.nn.Linear(2, 2), clip_grad_value=True), ValueError,
+         "Invalid clip_grad_value: True (must be a number > 0 or None)"),
+    ],
+    ids=["no-parameters", "one-tensor", "empty-list", "clip-norm-0", "clip-value-true"],
+)  # fmt: skip
+def test_bad_parameters_and_options_are_refused_with_the_whole_message(make, error, message):
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        make()
+
+
+def test_the_positive_check_without_none_says_so():
+    from leantune.optim.engine import _check_positive
+
+    with pytest.raises(ValueError, match=r"^Invalid n: None \(must be a number > 0\)$"):
+        _check_positive("n", None, allow_none=False)
+    _check_positive("n", 0.5, allow_none=False)
+
+
+def test_a_model_inside_ddp_or_fsdp1_is_refused_with_what_to_do_instead():
+    import torch.distributed as dist
+
+    model = torch.nn.Linear(2, 2)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError) as info:
+            LOMO(wrapped)
+    finally:
+        dist.destroy_process_group()
+    assert str(info.value) == (
+        "a fused optimizer cannot run inside DistributedDataParallel: its hooks update each parameter "
+        "as soon as its gradient is complete, possibly before DDP has averaged it over the ranks. "
+        "Build the optimizer on the model itself (ddp.module) with collectives='replicated', which "
+        "averages each gradient inside its hook, and do not wrap the model in DDP; or shard it with "
+        "torch.distributed.fsdp.fully_shard (FSDP2)"
+    )
+    flat = torch.nn.Linear(2, 2)
+    flat.weight._is_flat_param = True  # what FSDP1 leaves on its flattened parameters
+    with pytest.raises(ValueError, match=r"^a fused optimizer cannot update FSDP1 .*finds the shards"):
+        LOMO(flat)
+
+
+def test_a_gradient_view_needs_a_gradient_or_a_buffer():
+    with pytest.raises(ValueError, match=r"^GradientView needs a gradient or an accumulation buffer$"):
+        GradientView(None, None)
+
+
+def test_a_plain_backward_names_the_optimizer_and_what_to_call():
+    model = torch.nn.Linear(2, 2)
+    LOMO(model, lr=LR)
+    with pytest.raises(RuntimeError, match=r"^LOMO: a gradient arrived outside opt\.backward\(loss\)"):
+        model(torch.ones(1, 2)).sum().backward()
+
+
+def test_a_parameter_group_added_later_is_updated_inside_backward():
+    model, extra = torch.nn.Linear(2, 2), torch.nn.Parameter(torch.ones(3))
+    opt = LOMO(list(model.parameters()), lr=LR)
+    opt.add_param_group({"params": [extra]})
+    opt.backward(model(torch.ones(1, 2)).sum() + (extra * torch.arange(3.0)).sum())
+    assert torch.equal(extra.detach(), torch.ones(3) - LR * torch.arange(3.0))
+
+
+def test_a_second_optimizer_on_the_same_parameters_is_refused_until_the_first_lets_go():
+    model = torch.nn.Linear(2, 2)
+    first = LOMO(model, lr=LR)
+    with pytest.raises(ValueError, match=r"^a parameter is already managed by another fused optimizer; call "
+                       r"remove_hooks\(\) on the old optimizer before creating a new one$"):  # fmt: skip
+        AdaLomo(model, lr=LR)
+    first.remove_hooks()
+    AdaLomo(model, lr=LR)
+
+
+def test_freezing_a_parameter_that_never_had_state_is_fine():
+    model = torch.nn.Linear(2, 2)
+    opt = LOMO(model, lr=LR)
+    model.bias.requires_grad_(False)
+    opt.refresh_hooks()
+    opt.backward(model(torch.ones(1, 2)).sum())
+    assert model.bias not in opt.state or not opt.state[model.bias]

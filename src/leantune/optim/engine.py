@@ -155,7 +155,6 @@ class GradientView:
         self.clip_value = clip_value
         self.clip_coef = clip_coef
         self.shape = as_rows(ref).shape
-        self.numel = ref.numel()
 
     @property
     def n_rows(self) -> int:
