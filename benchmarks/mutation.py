@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no earlier run in {work}", file=sys.stderr)
         return 2
     rows = collect_all()
-    carried, previous = carry_over(rows, args.modules, args.out.with_suffix(".json"))
+    carried, previous = carry_over(rows, list(MODULES), args.out.with_suffix(".json"))
     rows += carried
     version = subprocess.run([str(Path(sys.executable).with_name("mutmut")), "--version"],
                              capture_output=True, text=True).stdout.split()[-1:]  # fmt: skip
