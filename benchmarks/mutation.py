@@ -82,6 +82,7 @@ MODULES = {
         "tests/unit/test_segments.py",
         "tests/unit/test_dist_runtime.py",
         "tests/unit/test_collectives_threads.py",
+        "tests/unit/test_tensor_parallel.py",  # MeshCollectives: tensor parallel on threaded ranks
     ],
     "src/leantune/estimate.py": [
         "tests/unit/test_estimate.py",
