@@ -24,14 +24,7 @@ from leantune.estimate import (
     estimate_memory,
     format_bytes,
 )
-
-LLAMA_FIELDS = {
-    "hidden_size": 64,
-    "intermediate_size": 160,
-    "num_hidden_layers": 3,
-    "num_attention_heads": 4,
-    "vocab_size": 100,
-}
+from tests.unit.test_estimate_model import LLAMA_FIELDS
 
 
 def _model_dir(path: Path, config: object) -> Path:

@@ -9,6 +9,7 @@ import torch
 
 from leantune.optim import LOMO, AdaLomo, BackwardResult, LossScaler, Segment
 from tests.threaded import run_ranks
+from tests.unit.test_optim_mutants_engine import MULTI_RANK_MESSAGE
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
@@ -293,15 +294,6 @@ def test_adalomo_segment_state_over_micro_batches_equals_its_own_accumulation():
     assert any(k.startswith("q|") for k in opt.state[ours[0].weight])
     for p, q in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-
-
-MULTI_RANK_MESSAGE = (
-    "LOMO: this process is one of 2 ranks and the parameters are plain (replicated) tensors, so each "
-    "rank would update its own copy. Choose: collectives='replicated' to average every gradient over "
-    "the ranks inside its hook (data parallelism: do not also wrap the model in "
-    "DistributedDataParallel), or collectives='local' to train each rank on its own; or shard the "
-    "model with torch.distributed.fsdp.fully_shard before building the optimizer"
-)
 
 
 def test_plain_parameters_on_two_ranks_are_refused_at_begin_micro_batches():
