@@ -83,6 +83,7 @@ MODULES = {
         "tests/unit/test_dist_runtime.py",
         "tests/unit/test_collectives_threads.py",
         "tests/unit/test_tensor_parallel.py",  # MeshCollectives: tensor parallel on threaded ranks
+        "tests/unit/test_collectives_groups.py",
     ],
     "src/leantune/estimate.py": [
         "tests/unit/test_estimate.py",

@@ -209,7 +209,7 @@ def test_without_checksums_only_sizes_are_checked(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(
-    bool(os.environ.get("MUTANT_UNDER_TEST")), reason="mutmut's trampolines add a frame to the stack"
+    "MUTANT_UNDER_TEST" in os.environ, reason="mutmut's trampolines add a frame to the stack"
 )
 def test_the_skip_warning_points_at_the_caller(tmp_path):
     root = tmp_path / "checkpoints"

@@ -251,6 +251,12 @@ class MeshCollectives(Collectives):
         self.replicated = self.dp_size > 1
         self.norm_group = norm_group
         self.norm_size = dist.get_world_size(norm_group)
+        # each stage holds its own ranks of the norm group (a tensor's copies are counted per stage)
+        if isinstance(stages, bool) or not isinstance(stages, int) or stages < 1 or self.norm_size % stages:
+            raise ValueError(
+                "stages must be a positive number of pipeline stages that divides the norm group's "
+                f"{self.norm_size} ranks, got {stages!r}"
+            )
         self.stages = stages
         self.spans_pipeline = stages > 1  # leantune.distributed.pipeline.pipeline_step accepts it
 
