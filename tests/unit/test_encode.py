@@ -286,3 +286,148 @@ def test_identical_and_truncated_away_pairs_are_counted_and_dropped(llama3):
         encode_preference(recs[:3], where[:3], llama3, max_length=64)
     pairs, stats = encode_preference(recs[2:], where[2:], llama3, max_length=64, overlong="drop")
     assert len(pairs) == 1 and stats.extra["dropped_overlong"] == 1
+
+
+# --- the survivors of the second mutation run (benchmarks/results/mutation.md) ---
+
+TOOLS_TEMPLATE = (  # the byte tokenizer's template with a tools preamble, as Llama 3.1's has
+    "{% if tools is not none %}{{ '<|system|>tools:' }}{% for t in tools %}{{ t['name'] + ';' }}{% endfor %}"
+    "{{ '\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def with_tools(tok):
+    import copy
+
+    from leantune.data.tokenizer import CHAT_TEMPLATE
+
+    out = copy.deepcopy(tok)
+    out.chat_template = TOOLS_TEMPLATE + CHAT_TEMPLATE
+    return out
+
+
+def test_a_conversations_tools_reach_the_chat_template(with_tools):
+    from leantune.data.formats import prepare_records
+
+    msgs = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": "sunny"}]
+    tools = [{"name": "w", "description": "weather"}, {"name": "t"}]
+    recs, fmt = prepare_records([{"messages": msgs, "tools": tools}, {"messages": msgs, "tools": []},
+                                 {"messages": msgs}], ["f:1", "f:2", "f:3"])  # fmt: skip
+    samples, _ = encode_records(recs, ["f:1", "f:2", "f:3"], fmt, with_tools, max_length=256)
+    whole = with_tools.apply_chat_template(msgs, tools=tools, tokenize=False)
+    assert whole.startswith("<|system|>tools:w;t;\n")
+    assert samples[0].input_ids == ids(with_tools, whole)
+    assert with_tools.decode([t for t in samples[0].labels if t != IGNORE_INDEX]) == "sunny</s>"
+    # an empty list is no tools: the template is not handed one (it would write an empty preamble)
+    bare = ids(with_tools, with_tools.apply_chat_template(msgs, tokenize=False))
+    assert samples[1].input_ids == samples[2].input_ids == bare
+
+
+def test_a_template_that_refuses_a_conversation_is_named_with_its_place(tok):
+    import copy
+
+    strict = copy.deepcopy(tok)
+    strict.chat_template = "{{ raise_exception('no tool role') }}"
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(DataError) as err:
+        encode_records([{"messages": msgs}], ["f.jsonl:7"], "chat", strict, max_length=64)
+    assert str(err.value) == (
+        "f.jsonl:7: the tokenizer's chat template refuses this conversation: no tool role"
+    )
+    from leantune.data import encode_preference
+
+    recs, where = _pref([{"prompt": [{"role": "user", "content": "a"}],
+                          "chosen": [{"role": "assistant", "content": "b"}],
+                          "rejected": [{"role": "assistant", "content": "c"}]}])  # fmt: skip
+    with pytest.raises(DataError) as err:
+        encode_preference(recs, where, strict, max_length=64)
+    assert str(err.value) == (
+        "p.jsonl:1 (chosen): the tokenizer's chat template refuses this conversation: no tool role"
+    )
+
+
+def test_preference_records_are_refused_for_supervised_fine_tuning_naming_the_first_record(tok):
+    recs, where = _pref([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 2)
+    rest = (
+        ": prompt/chosen/rejected records are preference data, for a preference objective; supervised "
+        "fine-tuning needs text, instruction or chat records (data.columns={messages: chosen} trains on "
+        "the chosen conversations when they hold the prompt)"
+    )
+    for records, places, named in ((recs, where, "p.jsonl:1"), ([], [], "data")):
+        with pytest.raises(DataError) as err:
+            encode_records(records, places, "preference", tok, max_length=64)
+        assert str(err.value) == named + rest
+
+
+def test_preference_counts_every_dropped_pair_and_keeps_the_task(llama3):
+    from leantune.data import encode_preference
+
+    long_prompt = "x " * 200
+    call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    recs, where = _pref(
+        [
+            {"prompt": "a", "chosen": "b", "rejected": "b"},
+            {"prompt": "d", "chosen": "e", "rejected": "e"},  # two identical
+            {"prompt": "a", "chosen": "", "rejected": "c"},
+            {"prompt": "a", "chosen": "b", "rejected": ""},  # two empty
+            {"prompt": long_prompt, "chosen": "b", "rejected": "c"},
+            {"prompt": long_prompt, "chosen": "d", "rejected": "c"},  # two with no completion left
+            {"prompt": "a", "chosen": "b", "rejected": "c", "task": "sort"},
+            # a reply that is only a tool call is not empty
+            {"prompt": [{"role": "user", "content": "call f"}],
+             "chosen": [{"role": "assistant", "content": None, "tool_calls": call}],
+             "rejected": [{"role": "assistant", "content": "no"}]},
+        ]
+    )  # fmt: skip
+    pairs, stats = encode_preference(recs, where, llama3, max_length=64)
+    assert stats.extra == {
+        "dropped_empty": 2, "dropped_identical": 2, "dropped_no_completion": 2, "dropped_overlong": 0
+    }  # fmt: skip
+    assert [(p.chosen.task, p.rejected.task) for p in pairs] == [("sort", "sort"), (None, None)]
+    # finish()'s per-side counters are reported per pair in ``extra`` only
+    assert (stats.dropped_overlong, stats.dropped_no_labels, stats.truncated) == (0, 0, 2)
+    with pytest.raises(DataError) as err:
+        encode_preference(recs[:6], where[:6], llama3, max_length=64)
+    assert str(err.value) == (
+        "p.jsonl: no usable preference pairs out of 6 (2 empty, 2 identical, 2 no completion); "
+        "raise data.max_length or check the data"
+    )
+    _, dropped = encode_preference(recs[4:7], where[4:7], llama3, max_length=64, overlong="drop")
+    assert dropped.extra["dropped_overlong"] == 2 and dropped.dropped_overlong == 0
+    with pytest.raises(DataError) as err:
+        encode_preference([], [], llama3, max_length=64)
+    assert str(err.value) == (
+        "data: no usable preference pairs out of 0 (no records); raise data.max_length or check the data"
+    )
+
+
+def test_an_instruction_prompt_one_token_short_of_max_length_keeps_its_eval_fields(tok):
+    # prompt of max_length - 1 tokens: one label left (the first response token), so it is trained
+    # and evaluated; a prompt of max_length tokens leaves none and is dropped
+    n = 16
+    prompt = "p" * (n - 2)  # bos + 14 bytes = 15 tokens
+    assert len(ids(tok, prompt)) == n - 1
+    record = {"prompt": prompt, "response": "ab"}
+    (s,), stats = encode_records([record], ["f:1"], "instruction", tok, max_length=n)
+    assert s.prompt_ids == ids(tok, prompt) and s.answer == "ab" and stats.truncated == 1
+    with pytest.raises(DataError, match="1 had every label masked"):
+        record = {"prompt": prompt + "p", "response": "ab"}
+        encode_records([record], ["f:1"], "instruction", tok, max_length=n)
+
+
+def test_overlong_is_truncate_by_default_and_anything_but_truncate_or_drop_is_refused(tok, llama3):
+    from leantune.data import encode_preference
+
+    (s,), stats = encode_records([{"text": "x" * 40}], ["f:1"], "text", tok, max_length=16, pack=False)
+    assert len(s.input_ids) == 16 and stats.truncated == 1
+    recs, where = _pref([{"prompt": "x " * 200, "chosen": "b", "rejected": "c"},
+                         {"prompt": "a", "chosen": "b", "rejected": "c"}])  # fmt: skip
+    _, stats = encode_preference(recs, where, llama3, max_length=64)
+    assert stats.truncated == 1 and stats.extra["dropped_no_completion"] == 1
+    for call in (
+        lambda: encode_records([{"text": "x"}], ["f:1"], "text", tok, max_length=16, overlong="cut"),
+        lambda: encode_preference(recs, where, llama3, max_length=64, overlong="Drop"),
+    ):
+        with pytest.raises(ValueError, match=r"^overlong must be 'truncate' or 'drop', got '(cut|Drop)'$"):
+            call()

@@ -84,6 +84,8 @@ class EncodeStats:
 
 class _Encoder:
     def __init__(self, tokenizer: Any, max_length: int, overlong: str) -> None:
+        if overlong not in ("truncate", "drop"):
+            raise ValueError(f"overlong must be 'truncate' or 'drop', got {overlong!r}")
         self.tok = tokenizer
         self.max_length = max_length
         self.overlong = overlong
@@ -226,16 +228,8 @@ def encode_records(
             out = enc.finish(ids, labels, stats)
             if out is None:
                 continue
-            fits = prompt_ids is not None and len(prompt_ids) < max_length
-            samples.append(
-                Sample(
-                    out[0],
-                    out[1],
-                    task=rec.get("task"),
-                    prompt_ids=prompt_ids if fits else None,
-                    answer=answer if fits else None,
-                )
-            )
+            # (an instruction prompt of max_length tokens or more leaves no label: dropped above)
+            samples.append(Sample(out[0], out[1], task=rec.get("task"), prompt_ids=prompt_ids, answer=answer))
     if not samples:
         causes = []
         if stats.dropped_no_labels:
