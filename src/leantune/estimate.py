@@ -267,6 +267,11 @@ class ModelShape:
     def _from_transformers(cls, config: dict[str, Any], cfg: Any, name: str) -> ModelShape:
         """A family transformers knows: its config's attributes (``attribute_map`` reads GPT-2's
         ``n_embd`` as ``hidden_size``), the parameters and widths of its fake model."""
+        if not getattr(cfg, "num_attention_heads", None):  # e.g. Mamba: no attention to count
+            raise ValueError(
+                f"{name}: a {cfg.model_type} config has no num_attention_heads; the estimate counts "
+                "transformer decoders (attention and feed-forward blocks)"
+            )
         try:
             fp = _params_footprint(json.dumps(config, sort_keys=True))
         except Exception as err:  # any failure of the family's own constructor, said plainly

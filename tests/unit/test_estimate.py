@@ -314,6 +314,16 @@ def test_hf_config_nested_text_config_and_errors(tmp_path):
         ValueError, match="broken: transformers cannot build a causal LM .bert. from this config"
     ):
         ModelShape.from_hf_dir(broken)
+    # a family transformers knows but without attention (a state-space model) is named as such,
+    # not taken for something its layers resemble (Mamba's 3-D conv weights for MoE experts)
+    mamba = _write_config(tmp_path / "ssm", model_type="mamba", hidden_size=64, num_hidden_layers=2,
+                          vocab_size=100)  # fmt: skip
+    with pytest.raises(ValueError) as err:
+        ModelShape.from_hf_dir(mamba)
+    assert str(err.value) == (
+        f"{mamba}: a mamba config has no num_attention_heads; the estimate counts transformer decoders "
+        "(attention and feed-forward blocks)"
+    )
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
