@@ -194,7 +194,8 @@ def _direct(param, grad, state, **kwargs):
         writer=WriteBack("nearest"),
         chunk_elements=1 << 20,
     )
-    adalomo_update(param, GradientView(grad, None), state, **{**defaults, **kwargs})
+    view = grad if isinstance(grad, GradientView) else GradientView(grad, None)
+    adalomo_update(param, view, state, **{**defaults, **kwargs})
 
 
 @pytest.mark.parametrize("chunk_elements", [6, 9, 1 << 20], ids=["3-chunks", "2-chunks", "whole"])
@@ -253,3 +254,81 @@ def test_one_workspace_of_the_largest_chunk_is_kept_and_reused_across_updates():
     assert device == torch.device("cpu") and buf.dtype == torch.float32 and buf.numel() == largest
     opt.backward(_loss(ps, 1))
     assert list(opt._buffers) == [device] and opt._buffers[device] is buf
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """The element counts of the tensors each op creates (outputs that share no storage with an
+    input or an ``out=`` argument): what a step allocates beyond what it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[tuple[str, int]] = []
+        self.ops: list[tuple[str, int]] = []  # every op with the size of its first output
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        given = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        outs = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        for t in outs:
+            if t.untyped_storage().data_ptr() not in given:
+                self.sizes.append((str(func), t.numel()))
+        self.ops.append((str(func), outs[0].numel() if outs else 0))
+        return out
+
+
+@pytest.mark.parametrize("chunk_elements", [12, 1 << 20], ids=["3-chunks", "whole"])
+def test_a_matrix_update_allocates_nothing_of_a_chunks_size_beyond_its_workspace(chunk_elements):
+    """(9, 4) in chunks of 3 rows (or whole): the squares (passes 1-2) and the scaled gradient (pass
+    3) are written into the one workspace; every other temporary is a row or column vector."""
+    g = torch.Generator().manual_seed(5)
+    p, grad = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
+    buffers = []
+
+    def workspace(n, device):  # AdaLomo keeps one between updates
+        if not buffers:
+            buffers.append(torch.empty(n, device=device))
+        return buffers[0]
+
+    state = {}
+    _direct(p, grad, state, chunk_elements=chunk_elements, workspace=workspace)  # allocates the state
+    expected = p.clone()
+    ref_state = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+    _direct(expected, grad, ref_state, chunk_elements=chunk_elements)  # the same step, no workspace
+    with _Allocations() as seen:
+        _direct(p, grad, state, chunk_elements=chunk_elements, workspace=workspace)
+    torch.testing.assert_close(p, expected, rtol=0, atol=0)
+    rows = min(9, chunk_elements // 4)
+    assert [n for n in buffers[0].shape] == [rows * 4]
+    assert max(n for _, n in seen.sizes) == 9  # a row statistic
+    assert [(op, n) for op, n in seen.sizes if n >= rows * 4] == []
+
+
+@pytest.mark.parametrize(
+    ("chunk_elements", "size", "built", "squared"), [(12, 12, 9, 6), (1 << 20, 36, 1, 1)], ids=["3-chunks", "whole"]
+)
+def test_a_single_chunk_builds_and_squares_its_gradient_once(chunk_elements, size, built, squared):
+    """A clipped gradient (clip_coef 0.5) is built chunk by chunk (GradientView.chunk copies it).
+    Several chunks are rebuilt in each of the three passes and squared in two (nothing chunk-sized
+    is kept between passes); one chunk is built and squared once and kept for the passes after."""
+    g = torch.Generator().manual_seed(6)
+    p, grad = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
+    buffers = []
+
+    def workspace(n, device):
+        if not buffers:
+            buffers.append(torch.empty(n, device=device))
+        return buffers[0]
+
+    expected, ref_state = paper_update(p.clone(), grad * 0.5, {}, lr=0.05, wd=0.1), {}
+    view = GradientView(grad, None, clip_coef=0.5)
+    with _Allocations() as seen:
+        _direct(p, view, ref_state, chunk_elements=chunk_elements, workspace=workspace)
+    torch.testing.assert_close(p, expected.float(), rtol=1e-5, atol=1e-6)
+    copies = [op for op, n in seen.sizes if n == size and op != "aten.empty.memory_format"]
+    assert copies == ["aten._to_copy.default"] * built
+    assert sum(1 for op, n in seen.ops if n == size and op.startswith("aten.pow")) == squared
