@@ -309,7 +309,9 @@ def test_a_matrix_update_allocates_nothing_of_a_chunks_size_beyond_its_workspace
 
 
 @pytest.mark.parametrize(
-    ("chunk_elements", "size", "built", "squared"), [(12, 12, 9, 6), (1 << 20, 36, 1, 1)], ids=["3-chunks", "whole"]
+    ("chunk_elements", "size", "built", "squared"),
+    [(12, 12, 9, 6), (1 << 20, 36, 1, 1)],
+    ids=["3-chunks", "whole"],
 )
 def test_a_single_chunk_builds_and_squares_its_gradient_once(chunk_elements, size, built, squared):
     """A clipped gradient (clip_coef 0.5) is built chunk by chunk (GradientView.chunk copies it).
