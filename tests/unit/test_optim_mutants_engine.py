@@ -583,3 +583,55 @@ def test_freezing_a_parameter_that_never_had_state_is_fine():
     opt.refresh_hooks()
     opt.backward(model(torch.ones(1, 2)).sum())
     assert model.bias not in opt.state or not opt.state[model.bias]
+
+
+@pytest.mark.parametrize("loss_scale", [None, 8.0])
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_replicated_clipping_averages_each_gradient_once(loss_scale, accumulation_steps):
+    """Replicated averaging with active norm clipping: the norm is measured on the averaged
+    gradient and the update applies it once (the measuring pass must not average or unscale the
+    gradient in place, or the update would see it twice) = SGD + clip_grad_norm_ on the mean."""
+    a, b = _two_layers()
+    ra, rb = _two_layers()
+    opt = LOMO([*a.parameters(), *b.parameters()], lr=LR, clip_grad_norm=0.05, loss_scale=loss_scale,
+               accumulation_steps=accumulation_steps, collectives=_HalvingCollectives())  # fmt: skip
+    ref = torch.optim.SGD([ra.weight, rb.weight], lr=LR)
+    for step in range(2):
+        gen = torch.Generator().manual_seed(10 + step)
+        xs = [torch.randn(4, 3, generator=gen) for _ in range(accumulation_steps)]
+        for x in xs:
+            result = opt.backward(_micro_loss(a, b, x, use_b=True))
+        ref.zero_grad()
+        for x in xs:
+            (_micro_loss(ra, rb, x, use_b=True) * 0.5 / accumulation_steps).backward()  # the halved mean
+        norm = torch.nn.utils.clip_grad_norm_([ra.weight, rb.weight], 0.05)
+        assert norm > 0.05  # clipping is active
+        torch.testing.assert_close(torch.as_tensor(result.grad_norm), norm, rtol=1e-5, atol=0)
+        ref.step()
+    torch.testing.assert_close(a.weight, ra.weight, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(b.weight, rb.weight, rtol=1e-5, atol=1e-7)
+
+
+def test_replicated_averaging_sums_an_fp32_copy_of_a_bf16_gradient():
+    """gloo/NCCL sums in the tensor's dtype: bf16 gradients are averaged as fp32 copies (the
+    accumulated fp32 buffer added to them exactly), never in bf16 or in place in the gradient."""
+    seen = []
+
+    class Recording(Collectives):
+        replicated = True
+
+        def average_gradient(self, grad):
+            seen.append((grad.dtype, grad.clone()))
+            return grad
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3, bias=False).to(torch.bfloat16)
+    opt = LOMO(model, lr=LR, accumulation_steps=2, collectives=Recording())
+    xs = [torch.randn(5, 4, generator=torch.Generator().manual_seed(i)).bfloat16() for i in range(2)]
+    grads = [torch.autograd.grad((model(x).float() ** 2).mean(), model.weight)[0] for x in xs]
+    for x in xs:
+        opt.backward((model(x).float() ** 2).mean())
+    ((dtype, total),) = seen
+    assert dtype == torch.float32
+    # the last micro-batch's bf16 gradient plus the fp32 buffer of the first, each over 2 micro-batches
+    torch.testing.assert_close(total, (grads[0].float() + grads[1].float()) / 2, rtol=0, atol=0)
