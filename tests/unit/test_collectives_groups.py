@@ -172,3 +172,38 @@ def test_shard_axis_of_each_placement():
     assert _shard_axis(Shard(0), 2) == "rows"
     assert _shard_axis(Shard(0), 1) == "rows"  # a vector has rows only
     assert _shard_axis(Replicate(), 2) is None
+
+
+def test_mesh_collectives_export_each_state_with_its_axis_layout_and_refuse_the_rest():
+    """A (4, 6) weight split by columns over 2 ranks (RowwiseParallel's Shard(1)): a moment keeps
+    the weight's layout, a row statistic (one per row, summed over the column shards) is
+    replicated, a column statistic is split like the columns; anything else is refused."""
+
+    def rank_fn(rank):
+        mesh = init_device_mesh("cpu", (2,))
+        param = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 6), mesh, [Shard(1)]))
+        c = MeshCollectives()
+        moment = c.export_state(param, "exp_avg", torch.full((4, 3), float(rank)))
+        row = c.export_state(param, "row", torch.arange(4.0))
+        col = c.export_state(param, "col", torch.full((3,), float(rank)))
+        layouts = [(tuple(t.placements), tuple(t.shape), t.stride()) for t in (moment, row, col)]
+        errors = []
+        for args in ((param, "foo", torch.zeros(2)), (param, "a|row", torch.zeros(4), object())):
+            with pytest.raises(ValueError) as err:
+                c.export_state(*args)
+            errors.append(str(err.value))
+        return layouts, [t.full_tensor() for t in (moment, row, col)], errors
+
+    for layouts, (moment, row, col), errors in run_ranks(2, rank_fn):
+        assert layouts == [
+            ((Shard(1),), (4, 6), (6, 1)),
+            ((Replicate(),), (4,), (1,)),
+            ((Shard(0),), (6,), (1,)),
+        ]
+        assert torch.equal(moment, torch.tensor([[0.0] * 3 + [1.0] * 3] * 4))
+        assert torch.equal(row, torch.arange(4.0))
+        assert torch.equal(col, torch.tensor([0.0] * 3 + [1.0] * 3))
+        assert errors == [
+            "optimizer state 'foo' of shape (2,) has no tensor-parallel layout (parameter (4, 6), local (4, 3))",
+            "segments (half fine-tuning) are not supported on tensor-parallel parameters",
+        ]
