@@ -204,6 +204,7 @@ def test_mesh_collectives_export_each_state_with_its_axis_layout_and_refuse_the_
         assert torch.equal(row, torch.arange(4.0))
         assert torch.equal(col, torch.tensor([0.0] * 3 + [1.0] * 3))
         assert errors == [
-            "optimizer state 'foo' of shape (2,) has no tensor-parallel layout (parameter (4, 6), local (4, 3))",
+            "optimizer state 'foo' of shape (2,) has no tensor-parallel layout "
+            "(parameter (4, 6), local (4, 3))",
             "segments (half fine-tuning) are not supported on tensor-parallel parameters",
         ]
