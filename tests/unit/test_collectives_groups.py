@@ -208,3 +208,17 @@ def test_mesh_collectives_export_each_state_with_its_axis_layout_and_refuse_the_
             "(parameter (4, 6), local (4, 3))",
             "segments (half fine-tuning) are not supported on tensor-parallel parameters",
         ]
+
+
+def test_mesh_collectives_shard_sum_adds_over_every_dimension_that_splits_the_tensor():
+    # 4 ranks as 2 x 2: a tensor split by rows over ``a`` and by columns over ``b`` is summed over
+    # both; one replicated over ``a`` and split over ``b`` only over ``b``; a plain tensor not at all
+    def rank_fn(rank):
+        mesh = _mesh()
+        both = distribute_tensor(torch.zeros(4, 4), mesh, [Shard(0), Shard(1)])
+        half = distribute_tensor(torch.zeros(4, 4), mesh, [Replicate(), Shard(1)])
+        c = MeshCollectives()
+        return [c.shard_sum(p, torch.tensor([float(rank + 1)])).item() for p in (both, half, torch.zeros(2))]
+
+    # ranks 0..3 at mesh positions (0,0), (0,1), (1,0), (1,1); ``b`` groups {0,1} and {2,3}
+    assert run_ranks(4, rank_fn) == [[10.0, 3.0, 1.0], [10.0, 3.0, 2.0], [10.0, 7.0, 3.0], [10.0, 7.0, 4.0]]
