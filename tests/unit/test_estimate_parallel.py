@@ -318,3 +318,106 @@ def test_pp_last_stage_has_the_loss_and_stage0_the_embedding():
     stage0, stage1 = (_estimate_part(shape, run, p, _activations(shape, run)) for p in (first, last))
     assert stage0.logits == 0 and stage1.moment == "log-softmax backward"
     assert estimate_memory(shape, setup).stage_totals == [stage0.total, stage1.total]
+
+
+# ------------------------------------------------------------------ the table, line by line
+def _stages_line(totals) -> str:
+    return "  stages (GiB)" + " " * 8 + " " * 9 + "  " + ", ".join(f"{t / 2**30:.2f}" for t in totals)
+
+
+def _comm_lines(sent: dict, where: str) -> list[str]:
+    notes = {
+        "tp activations": "all-reduces of activations: 2 forward (+2 recomputed), 2 backward per layer",
+        "tp statistics": "AdaLomo's row/column sums of split matrices (all-reduces)",
+        "pp activations": "point to point: outputs forward, input gradients backward, per micro-batch",
+        "ddp gradients": "all-reduce of every gradient",
+        "fsdp weights/grads": "all-gather in forward and backward, reduce-scatter, per micro-batch",
+        "fsdp statistics": "AdaLomo's sums over the shards (all-reduces)",
+    }
+    rows = [f"  {k:<20}{v / 2**30:>9.3f}  {notes[k]}" for k, v in sent.items() if v]
+    total = f"  {'total sent':<20}{sum(sent.values()) / 2**30:>9.3f}"
+    return ["", f"  communication per optimizer step, bytes sent by {where}:", *rows, total]
+
+
+_SPLIT = "tp 2: attention/MLP matrices and their activations / 2, embeddings, head, norms whole"
+_PP_RUNS = "leantune train runs it (dist.pp; every rank also holds all the weights, not counted here)"
+
+
+_PP = "pp 2 ({}): stage = contiguous layers"
+_ON_PAPER = "on paper: leantune train runs pipeline stages (dist.pp) with tp and ddp, not fsdp"
+
+
+@pytest.mark.parametrize(
+    ("layout", "header", "note"),
+    [
+        (dict(tp=2, world_size=2), "4 accumulation steps, tp 2 x pp 1 x dp 1 = 2 devices",
+         f"{_SPLIT}; leantune train runs it (dist.tp)"),
+        (dict(tp=2, pp=2, world_size=8, strategy="ddp"),
+         "tp 2 x pp 2 x dp 2 (ddp) = 8 devices, 1f1b over 4 micro-batches",
+         f"{_SPLIT}; {_PP.format('1f1b')}; {_PP_RUNS}"),
+        (dict(pp=2, world_size=2, schedule="gpipe"),
+         "tp 1 x pp 2 x dp 1 = 2 devices, gpipe over 4 micro-batches", f"{_PP.format('gpipe')}; {_PP_RUNS}"),
+        (dict(pp=2, world_size=4, strategy="fsdp"),
+         "tp 1 x pp 2 x dp 2 (fsdp) = 4 devices, 1f1b over 4 micro-batches",
+         f"{_PP.format('1f1b')}; {_ON_PAPER}"),
+        # fsdp over one replica shards nothing: what dist.pp runs
+        (dict(pp=2, world_size=2, strategy="fsdp"),
+         "tp 1 x pp 2 x dp 1 = 2 devices, 1f1b over 4 micro-batches", f"{_PP.format('1f1b')}; {_PP_RUNS}"),
+    ],
+)  # fmt: skip
+def test_the_table_of_a_parallel_layout_line_by_line(layout, header, note):
+    shape = _shapes()["formulas"]
+    setup = TrainSetup(
+        optimizer="adalomo", dtype="bf16", seq_len=32, batch_size=2, accumulation_steps=4, **layout
+    )
+    est = estimate_memory(shape, setup)
+    lines = est.format().splitlines()
+    assert lines[0].endswith(f"seq 32 x batch 2, cpu, {header}")
+    busiest = max(range(setup.pp), key=lambda i: sum(communication_per_step(shape, setup, i).values()))
+    where = f"one device of stage {busiest}" if setup.pp > 1 else "one device"
+    comm = _comm_lines(communication_per_step(shape, setup, busiest if setup.pp > 1 else None), where)
+    start = lines.index(comm[1]) - 1
+    assert lines[start : start + len(comm)] == comm
+    assert lines[start + len(comm) : start + len(comm) + 2] == ["", f"  layout: {note}"]
+    data = est.to_dict()
+    if setup.pp > 1:
+        assert _stages_line(est.stage_totals) in lines
+        assert data["stage"] == est.stage and data["stage_totals"] == est.stage_totals
+    else:
+        assert not any(line.startswith("  stages (GiB)") for line in lines)
+        assert "stage" not in data and "stage_totals" not in data
+
+
+def test_communication_with_four_tensor_parallel_ranks_and_fp32_pipeline_activations():
+    """tp 4 (ring factor 2 * 3 / 4 = 1.5: tp 2's factor is 1, which hides a wrong factor), and
+    mixed precision, whose pipeline sends fp32 hidden states."""
+    shape = _shapes(num_key_value_heads=4)["formulas"]
+    h, tokens, n = shape.hidden_size, 2 * 32, 4
+    base = dict(optimizer="adalomo", dtype="bf16", seq_len=32, batch_size=2, accumulation_steps=n)
+    c = communication_per_step(shape, TrainSetup(**base, tp=4, world_size=4))
+    assert c["tp activations"] == int(n * 5 * 4 * tokens * h * 2 * 1.5)
+    per_layer = 5 * (h + 3) + 2 * (h + 2)
+    assert c["tp statistics"] == int(4 * 5 * per_layer * 1.5)
+    mixed = TrainSetup(**{**base, "dtype": "mixed"}, pp=3, world_size=3)
+    assert [communication_per_step(shape, mixed, i)["pp activations"] for i in range(3)] == [
+        n * tokens * h * 4, 2 * n * tokens * h * 4, n * tokens * h * 4,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["formulas", "family"])
+def test_tp_statistics_count_the_biases_of_split_layers_only(how):
+    """Biases of q/k/v/gate/up are split with their rows (AdaLomo sums their update and weight
+    squares: 2 floats each); o/down keep their bias whole on every rank (nothing to sum)."""
+    shape = _shapes(attention_bias=True, mlp_bias=True)[how]
+    h = shape.hidden_size
+    setup = TrainSetup(optimizer="adalomo", dtype="bf16", seq_len=32, batch_size=2, tp=2, world_size=2)
+    per_layer = 5 * (h + 3) + 2 * (h + 2) + 5 * 2
+    assert communication_per_step(shape, setup)["tp statistics"] == 4 * 5 * per_layer
+
+
+def test_ddp_gradients_of_a_tied_model_count_the_shared_matrix_once():
+    shape = _shapes(tie_word_embeddings=True)["formulas"]
+    setup = TrainSetup(
+        optimizer="adalomo", dtype="bf16", seq_len=32, batch_size=2, world_size=4, strategy="ddp"
+    )
+    assert communication_per_step(shape, setup) == {"ddp gradients": int(4 * shape.parameters * 2 * 3 / 4)}
