@@ -421,3 +421,78 @@ def test_ddp_gradients_of_a_tied_model_count_the_shared_matrix_once():
         optimizer="adalomo", dtype="bf16", seq_len=32, batch_size=2, world_size=4, strategy="ddp"
     )
     assert communication_per_step(shape, setup) == {"ddp gradients": int(4 * shape.parameters * 2 * 3 / 4)}
+
+
+def test_tp_checks_apply_to_tp_only_and_name_the_model_and_its_tensors():
+    """A family without q/k/v/o projections (GPT-2) or with MoE experts (Mixtral) is refused for
+    tp > 1 by name, but pipelines fine (pp 2, tp 1); a tied model splits by tp but not by pp."""
+    from tests.families import tiny_config
+
+    untied = tiny_config("gpt2", vocab_size=96, tie_word_embeddings=False)
+    gpt2 = ModelShape.from_hf_config(untied.to_dict(), name="gpt2-tiny")
+    moe = ModelShape.from_hf_config(tiny_config("mixtral", vocab_size=96).to_dict(), name="moe-tiny")
+    for shape in (gpt2, moe):
+        assert estimate_memory(shape, TrainSetup(pp=2, world_size=2)).stage_totals
+    names = ", ".join(n for n, _ in gpt2.layer_tensors()[:3])
+    messages = []
+    for shape in (gpt2, moe):
+        with pytest.raises(ValueError) as err:
+            estimate_memory(shape, TrainSetup(tp=2, world_size=2))
+        messages.append(str(err.value))
+    assert messages == [
+        "tp=2: the estimate splits LLaMA-style q/k/v/o and gate/up/down projections, and gpt2-tiny's "
+        f"layers have none ({names}, ...)",
+        "tp=2: moe-tiny has MoE experts, which dist.tp does not split",
+    ]
+    assert len(gpt2.layer_tensors()) > 3 and names.count(",") == 2
+    tied = ModelShape.from_hf_config({**CONFIG, "tie_word_embeddings": True})
+    assert estimate_memory(tied, TrainSetup(tp=2, world_size=2)).total > 0
+    with pytest.raises(ValueError) as err:
+        estimate_memory(tied, TrainSetup(pp=2, world_size=2))
+    assert str(err.value) == (
+        "pp > 1: the model ties its input and output embeddings, which would live on the first and the "
+        "last stage; leantune.distributed.pipeline refuses that (untie them first)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "style"),
+    [
+        ("q_proj", ("colwise", False)),
+        ("q_proj.weight", ("colwise", False)),
+        ("self_attn.k_proj.bias", ("colwise", True)),
+        ("v_bias", ("colwise", True)),
+        ("mlp.down_proj.weight", ("rowwise", False)),
+        ("o_bias", ("rowwise", True)),
+        ("input_layernorm.weight", (None, False)),
+        ("mlp.experts.gate_up_proj", (None, False)),
+    ],
+)
+def test_tp_style_reads_the_module_from_a_layer_tensors_name(name, style):
+    from leantune.estimate import _tp_style
+
+    assert _tp_style(name) == style
+
+
+def test_fsdp_communication_with_mixed_precision_and_3d_experts():
+    """Mixed precision all-gathers and reduce-scatters bf16 (FSDP2's MixedPrecisionPolicy), whatever
+    the fp32 weights; AdaLomo's shard sums are one per column of each (rows, cols) view, plus 3, of
+    every matrix, 2 per vector, counted on the real model's parameters (3-D experts included)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.families import tiny_config
+
+    cfg = tiny_config("mixtral", vocab_size=96)
+    torch.manual_seed(0)
+    params = list(AutoModelForCausalLM.from_config(cfg).parameters())
+    assert any(p.dim() == 3 and p.shape[1] != p.shape[-1] for p in params)
+    shape = ModelShape.from_hf_config(cfg.to_dict())
+    n = sum(p.numel() for p in params)
+    setup = TrainSetup(optimizer="adalomo", dtype="mixed", seq_len=32, batch_size=2, accumulation_steps=2,
+                       world_size=4, strategy="fsdp")  # fmt: skip
+    floats = sum(p.shape[-1] + 3 if p.dim() >= 2 else 2 for p in params)
+    assert communication_per_step(shape, setup) == {
+        "fsdp weights/grads": int(3 * 2 * n * 2 * 3 / 4),
+        "fsdp statistics": int(4 * floats * 2 * 3 / 4),
+    }
