@@ -496,3 +496,45 @@ def test_fsdp_communication_with_mixed_precision_and_3d_experts():
         "fsdp weights/grads": int(3 * 2 * n * 2 * 3 / 4),
         "fsdp statistics": int(4 * floats * 2 * 3 / 4),
     }
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_tp_activations_of_the_family_count_equal_the_formulas_padded_or_not(padded):
+    """LLaMA counted on transformers' code and by the formulas agree byte for byte on one device;
+    with tp 2 the family's layers lose exactly what the formulas split, for padded batches too
+    (where k/v are repeated to every head and the mask is an L x L tensor)."""
+    from leantune.estimate import _activations
+
+    shapes = _shapes()
+    setup = TrainSetup(optimizer="floor", dtype="bf16", seq_len=32, batch_size=1, padded=padded, tp=2,
+                       world_size=2)  # fmt: skip
+    (family, *_), (formulas, *_) = (_activations(shapes[k], setup) for k in ("family", "formulas"))
+    assert family[1:] == formulas[1:]
+    # the family counts RoPE's cos/sin (bf16, 32 x head_dim 16 each) in layer 0, the formulas beside
+    assert family[0] - formulas[0] == 2 * 32 * 16 * 2
+
+
+def test_fsdp_stages_hold_two_unsharded_layers_and_only_the_last_the_head():
+    """pp 2 x fsdp 2: a stage's weights are its shard plus, unsharded, the two layers FSDP gathers
+    at once, and on the last stage the head it gathers around the loss."""
+    shape = _shapes()["formulas"]
+    setup = TrainSetup(optimizer="adalomo", dtype="bf16", pp=2, world_size=4, strategy="fsdp", seq_len=64)
+    run = replace(setup, loss_chunk=0)
+    first, last = parts_of(shape, setup)
+    stage0, stage1 = (_estimate_part(shape, run, p, _activations(shape, run)) for p in (first, last))
+    layer, head = first.layer_parameters, shape.vocab_size * shape.hidden_size
+    assert stage0.weights == first.parameters * 2 / 2 + 2 * layer * 2 / 2
+    assert stage1.weights == last.parameters * 2 / 2 + (head + 2 * layer) * 2 / 2
+    assert stage0.notes["weights"].endswith(" / 2 ranks + 2 layers unsharded")
+    assert stage1.notes["weights"].endswith(" / 2 ranks + 2 layers and the head unsharded")
+
+
+def test_ddp_with_one_replica_keeps_no_bucket_copy_of_the_gradients():
+    """leantune does not wrap a single replica in DistributedDataParallel (nothing to average)."""
+    shape = _shapes()["formulas"]
+    base = dict(optimizer="adamw", dtype="bf16", seq_len=32)
+    one = estimate_memory(shape, TrainSetup(**base, strategy="ddp", world_size=1))
+    plain = estimate_memory(shape, TrainSetup(**base))
+    assert one.gradients == plain.gradients and one.total == plain.total
+    two = estimate_memory(shape, TrainSetup(**base, strategy="ddp", world_size=2))
+    assert two.gradients > plain.gradients
