@@ -341,8 +341,6 @@ def _comm_lines(sent: dict, where: str) -> list[str]:
 
 _SPLIT = "tp 2: attention/MLP matrices and their activations / 2, embeddings, head, norms whole"
 _PP_RUNS = "leantune train runs it (dist.pp; every rank also holds all the weights, not counted here)"
-
-
 _PP = "pp 2 ({}): stage = contiguous layers"
 _ON_PAPER = "on paper: leantune train runs pipeline stages (dist.pp) with tp and ddp, not fsdp"
 
@@ -373,9 +371,10 @@ def test_the_table_of_a_parallel_layout_line_by_line(layout, header, note):
     est = estimate_memory(shape, setup)
     lines = est.format().splitlines()
     assert lines[0].endswith(f"seq 32 x batch 2, cpu, {header}")
-    busiest = max(range(setup.pp), key=lambda i: sum(communication_per_step(shape, setup, i).values()))
+    sent = [communication_per_step(shape, setup, i) for i in range(setup.pp)]
+    busiest = max(range(setup.pp), key=lambda i: sum(sent[i].values()))
     where = f"one device of stage {busiest}" if setup.pp > 1 else "one device"
-    comm = _comm_lines(communication_per_step(shape, setup, busiest if setup.pp > 1 else None), where)
+    comm = _comm_lines(sent[busiest], where)
     start = lines.index(comm[1]) - 1
     assert lines[start : start + len(comm)] == comm
     assert lines[start + len(comm) : start + len(comm) + 2] == ["", f"  layout: {note}"]

@@ -281,19 +281,20 @@ class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
+def _kept_workspace():
+    """AdaLomo's own workspace (one buffer per device, kept between updates) and its buffers, from
+    an optimizer over a dummy parameter."""
+    opt = AdaLomo([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    return opt._workspace, opt._buffers
+
+
 @pytest.mark.parametrize("chunk_elements", [12, 1 << 20], ids=["3-chunks", "whole"])
 def test_a_matrix_update_allocates_nothing_of_a_chunks_size_beyond_its_workspace(chunk_elements):
     """(9, 4) in chunks of 3 rows (or whole): the squares (passes 1-2) and the scaled gradient (pass
     3) are written into the one workspace; every other temporary is a row or column vector."""
     g = torch.Generator().manual_seed(5)
     p, grad = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
-    buffers = []
-
-    def workspace(n, device):  # AdaLomo keeps one between updates
-        if not buffers:
-            buffers.append(torch.empty(n, device=device))
-        return buffers[0]
-
+    workspace, buffers = _kept_workspace()
     state = {}
     _direct(p, grad, state, chunk_elements=chunk_elements, workspace=workspace)  # allocates the state
     expected = p.clone()
@@ -303,7 +304,7 @@ def test_a_matrix_update_allocates_nothing_of_a_chunks_size_beyond_its_workspace
         _direct(p, grad, state, chunk_elements=chunk_elements, workspace=workspace)
     torch.testing.assert_close(p, expected, rtol=0, atol=0)
     rows = min(9, chunk_elements // 4)
-    assert [n for n in buffers[0].shape] == [rows * 4]
+    assert list(buffers[torch.device("cpu")].shape) == [rows * 4]
     assert max(n for _, n in seen.sizes) == 9  # a row statistic
     assert [(op, n) for op, n in seen.sizes if n >= rows * 4] == []
 
@@ -319,17 +320,11 @@ def test_a_single_chunk_builds_and_squares_its_gradient_once(chunk_elements, siz
     is kept between passes); one chunk is built and squared once and kept for the passes after."""
     g = torch.Generator().manual_seed(6)
     p, grad = torch.randn(9, 4, generator=g), torch.randn(9, 4, generator=g)
-    buffers = []
-
-    def workspace(n, device):
-        if not buffers:
-            buffers.append(torch.empty(n, device=device))
-        return buffers[0]
-
-    expected, ref_state = paper_update(p.clone(), grad * 0.5, {}, lr=0.05, wd=0.1), {}
+    workspace, _ = _kept_workspace()
+    expected = paper_update(p.clone(), grad * 0.5, {}, lr=0.05, wd=0.1)
     view = GradientView(grad, None, clip_coef=0.5)
     with _Allocations() as seen:
-        _direct(p, view, ref_state, chunk_elements=chunk_elements, workspace=workspace)
+        _direct(p, view, {}, chunk_elements=chunk_elements, workspace=workspace)
     torch.testing.assert_close(p, expected.float(), rtol=1e-5, atol=1e-6)
     copies = [op for op, n in seen.sizes if n == size and op != "aten.empty.memory_format"]
     assert copies == ["aten._to_copy.default"] * built
